@@ -1,0 +1,108 @@
+"""Publish a live model's parameters to other processes, without copying them.
+
+The export directory holds, per tensor-parallel rank r:
+
+* ``rank{r}.handles`` — a ``ForkingPickler`` pickle of ``{vllm_name: tensor}``. For CUDA
+  tensors it carries CUDA IPC handles; for CPU tensors (moved to shared memory under the
+  ``file_system`` sharing strategy) the shared-memory file names. Plain ``pickle`` would copy
+  the bytes instead, and the reader's writes would never reach the owner.
+* ``rank{r}.json`` — the manifest, written last and atomically (temp file + rename), so a
+  reader that sees it also sees complete handles.
+
+The reader side lives in ``weight_mapping.export_reader``; the format is the contract
+between the two (docs/architecture.md). This module is also used by stand-in owners (tests,
+bench/gpu_check.sh), so it depends on torch only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import json
+import os
+from collections.abc import Iterable
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+
+import torch
+import torch.multiprocessing  # registers the tensor reductions ForkingPickler uses
+from torch import nn
+
+FORMAT_VERSION = 1
+
+
+def manifest_path(export_dir: str | os.PathLike, rank: int) -> Path:
+    return Path(export_dir) / f"rank{rank}.json"
+
+
+def handles_path(export_dir: str | os.PathLike, rank: int) -> Path:
+    return Path(export_dir) / f"rank{rank}.handles"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def share_cpu_tensors(params: Iterable[torch.Tensor]) -> None:
+    """Move CPU tensors' storages into shared memory, in place (the module keeps using them)."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    for p in params:
+        if p.device.type == "cpu" and not p.is_shared():
+            p.data.share_memory_()
+
+
+def export_parameters(
+    named_params: dict[str, torch.Tensor],
+    export_dir: str | os.PathLike,
+    *,
+    model_path: str,
+    rank: int = 0,
+    world_size: int = 1,
+    extra: dict | None = None,
+) -> Path:
+    """Write handles and manifest for `named_params`; returns the manifest's path.
+
+    CPU tensors are moved to shared memory first. The files are removed at interpreter exit.
+    """
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    share_cpu_tensors(named_params.values())
+
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump({name: t.data for name, t in named_params.items()})
+    hpath, mpath = handles_path(export_dir, rank), manifest_path(export_dir, rank)
+    _atomic_write(hpath, buf.getvalue())
+    manifest = {
+        "format": FORMAT_VERSION,
+        "model_path": str(model_path),
+        "rank": rank,
+        "world_size": world_size,
+        "pid": os.getpid(),
+        "handles": hpath.name,
+        "params": [
+            {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+             "device": str(t.device)}
+            for name, t in named_params.items()
+        ],
+        **(extra or {}),
+    }
+    _atomic_write(mpath, json.dumps(manifest, indent=1).encode())
+    atexit.register(remove_export, export_dir, rank)
+    return mpath
+
+
+def remove_export(export_dir: str | os.PathLike, rank: int) -> None:
+    for path in (manifest_path(export_dir, rank), handles_path(export_dir, rank)):
+        path.unlink(missing_ok=True)
+
+
+def export_module(model: nn.Module, export_dir: str | os.PathLike, *, model_path: str,
+                  rank: int = 0, world_size: int = 1) -> Path:
+    """Export every parameter of `model` (tied parameters once, under their first name)."""
+    return export_parameters(dict(model.named_parameters()), export_dir, model_path=model_path,
+                             rank=rank, world_size=world_size)

@@ -1,0 +1,70 @@
+"""Worker-side patches: keep CPU linear weights trainable and export them after load."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from hooks.export import export_module
+
+logger = logging.getLogger("vllm_apollo.hooks")
+
+
+def _keep_weight_gemm(original):
+    """Replace vLLM's CPU GEMM dispatch for 2-D weights by F.linear on the original weight.
+
+    vLLM's CPU backend repacks linear weights into an opaque layout at load time and empties
+    ``layer.weight``; nothing could then train them in place. Computing with the original
+    tensor keeps one copy that both serving and training see (for tied embeddings too: the
+    embedding lookup and the logits then read the same tensor).
+    """
+
+    @functools.wraps(original)
+    def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
+        if layer.weight.is_meta or layer.weight.ndim != 2:
+            return original(layer, remove_weight)
+        layer.cpu_linear = torch.nn.functional.linear
+
+    dispatch.__apollo_patched__ = True
+    return dispatch
+
+
+def _exporting_load_model(original, export_dir: str):
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        model = self.model_runner.model
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        rank = get_tensor_model_parallel_rank()
+        path = export_module(model, export_dir, model_path=self.model_config.model, rank=rank,
+                             world_size=get_tensor_model_parallel_world_size())
+        logger.info("apollo: exported %d live parameters to %s",
+                    sum(1 for _ in model.parameters()), path)
+        return result
+
+    load_model.__apollo_patched__ = True
+    return load_model
+
+
+def install(export_dir: str) -> None:
+    """Patch vLLM in this process (idempotent: register() runs once per plugin load)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.model_executor.layers import utils
+
+        if not getattr(utils.dispatch_cpu_unquantized_gemm, "__apollo_patched__", False):
+            utils.dispatch_cpu_unquantized_gemm = _keep_weight_gemm(
+                utils.dispatch_cpu_unquantized_gemm)
+
+    # CPUWorker inherits load_model from the GPU Worker: one patch covers both.
+    from vllm.v1.worker.gpu_worker import Worker
+
+    if not getattr(Worker.load_model, "__apollo_patched__", False):
+        Worker.load_model = _exporting_load_model(Worker.load_model, export_dir)

@@ -1,0 +1,230 @@
+"""APOLLO and APOLLO-Mini (Zhu et al., arXiv:2412.05270), as a torch.optim.Optimizer.
+
+APOLLO keeps Adam's moments only for a random rank-r projection of each matrix's gradient and
+uses them to derive a per-channel (or, for Mini, per-tensor) scaling of the *raw* gradient.
+State per m x n matrix is 2 * max(m, n) * r + 2 numbers instead of AdamW's 2 * m * n.
+
+The math follows the authors' reference code (apollo-torch 1.0.3) step for step, so that the
+two can be compared number for number (tests/test_optimizer_reference.py):
+
+* projection P ~ N(0, 1/r), regenerated from a per-parameter seed (never stored); the seed of
+  parameter i (1-based, counted over all groups) starts at i and advances with `next_seed`
+  every `update_proj_gap` steps;
+* Adam moments on the projected gradient R, bias correction folded into the step size;
+* scaling s = ||M / (sqrt(V) + eps)|| / (||R|| + 1e-8), per channel of the larger dimension
+  ("channel") or per tensor ("tensor");
+* update = sqrt(scale) * G * s, clipped by the norm-growth limiter (gamma = 1.01);
+* W -= lr_t * update, then W -= lr * weight_decay * W.
+
+Parameters that are not matrices, and matrices in a group with ``apollo=False`` (embeddings,
+LM head), get AdamW with the same betas, eps and bias correction.
+
+bf16/fp16 weights: an in-place ``W -= lr * u`` at lr 1e-5 rounds most elements back to where
+they were. With ``stochastic_rounding=True`` (default) the new value is computed in fp32 and
+rounded up or down at random, in proportion to the distance, so small updates survive on
+average.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+NORM_GROWTH_LIMIT = 1.01
+SCALE_EPS = 1e-8
+
+
+def next_seed(seed: int, adv: int = 0xF) -> int:
+    """The reference's seed advance: the last of `adv` int64 draws from a CPU generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (adv,), generator=gen)[-1])
+
+
+def projection(shape: tuple[int, int], rank: int, seed: int, device, dtype=torch.float32) -> Tensor:
+    """The rank-r Gaussian projection for a gradient of `shape`, from its seed.
+
+    m >= n: P is r x n and R = G @ P.T; m < n: P is m x r and R = P.T @ G.
+    """
+    m, n = shape
+    pshape = (rank, n) if m >= n else (m, rank)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(pshape, generator=gen, device=device, dtype=dtype) / math.sqrt(rank)
+
+
+def project(grad: Tensor, proj: Tensor) -> Tensor:
+    m, n = grad.shape
+    return grad @ proj.t() if m >= n else proj.t() @ grad
+
+
+def copy_stochastic_(target: Tensor, source: Tensor) -> None:
+    """Round fp32 `source` into bf16 `target`, up or down at random (unbiased)."""
+    noise = torch.randint_like(source, 0, 1 << 16, dtype=torch.int32)
+    noise.add_(source.view(torch.int32)).bitwise_and_(-65536)
+    target.copy_(noise.view(torch.float32))
+
+
+def _write(param: Tensor, new_value_fp32: Tensor, stochastic: bool) -> None:
+    if stochastic and param.dtype == torch.bfloat16:
+        copy_stochastic_(param, new_value_fp32)
+    else:
+        param.copy_(new_value_fp32)
+
+
+def apollo_update(
+    grad: Tensor, state: dict[str, Any], *, rank: int, scale: float, scale_type: str,
+    update_proj_gap: int, beta1: float, beta2: float, eps: float,
+) -> Tensor:
+    """One APOLLO direction for a matrix gradient (fp32); advances `state` in place."""
+    step = state["step"]
+    if step % update_proj_gap == 0:  # refresh: a new seed, hence a new projection
+        state["proj_seed"] = state["seed"] if step == 0 else next_seed(state["proj_seed"])
+    proj = projection(tuple(grad.shape), rank, state["proj_seed"], grad.device)
+    low = project(grad, proj)
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(low)
+        state["exp_avg_sq"] = torch.zeros_like(low)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+    normed = exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+    if scale_type == "channel":
+        norm_dim = 0 if grad.shape[0] < grad.shape[1] else 1
+        factor = normed.norm(dim=norm_dim) / (low.norm(dim=norm_dim) + SCALE_EPS)
+        if norm_dim == 1:
+            factor = factor.unsqueeze(1)
+    elif scale_type == "tensor":
+        factor = normed.norm() / (low.norm() + SCALE_EPS)
+    else:
+        raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}")
+
+    update = grad * factor
+    # Norm-growth limiter (Fira): ||u_t|| <= gamma * ||u_{t-1}||, kept on device (no sync).
+    norm = update.norm()
+    if "update_norm" in state:
+        limiter = (norm / (state["update_norm"] + SCALE_EPS)).clamp(min=NORM_GROWTH_LIMIT)
+        limiter = limiter / NORM_GROWTH_LIMIT
+        update = update / limiter
+        state["update_norm"] = norm / limiter
+    else:
+        state["update_norm"] = norm
+    return update.mul_(math.sqrt(scale))
+
+
+def adam_update(grad: Tensor, state: dict[str, Any], *, beta1: float, beta2: float,
+                eps: float) -> Tensor:
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(grad)
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
+class Apollo(Optimizer):
+    """APOLLO for matrices, AdamW for everything else.
+
+    Defaults are the paper's / reference code's: betas (0.9, 0.999), eps 1e-6, rank 256,
+    channel-wise scaling, scale 1, projection refreshed every 200 steps.
+
+    A group with ``apollo=False`` is plain AdamW (put embeddings and the LM head there, as the
+    paper does). A step with a non-finite gradient anywhere changes nothing and is counted in
+    ``skipped_steps``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        rank: int = 256,
+        scale: float = 1.0,
+        scale_type: str = "channel",
+        update_proj_gap: int = 200,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        stochastic_rounding: bool = True,
+        apollo: bool = True,
+    ):
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if rank < 1:
+            raise ValueError(f"Invalid rank: {rank}")
+        if scale_type not in ("channel", "tensor"):
+            raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas: {betas}")
+        defaults = dict(lr=lr, rank=rank, scale=scale, scale_type=scale_type,
+                        update_proj_gap=update_proj_gap, betas=betas, eps=eps,
+                        weight_decay=weight_decay, stochastic_rounding=stochastic_rounding,
+                        apollo=apollo)
+        super().__init__(params, defaults)
+        self.skipped_steps = 0
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+                if p.requires_grad:
+                    self.state[p]["seed"] = index
+
+    @staticmethod
+    def _uses_apollo(group: dict[str, Any], p: Tensor) -> bool:
+        return bool(group["apollo"]) and p.dim() == 2
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return loss
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if not bool(finite):  # one host sync per step: nothing is touched on a bad step
+            self.skipped_steps += 1
+            return loss
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                self._step_param(p, group, beta1, beta2)
+        return loss
+
+    def _step_param(self, p: Tensor, group: dict[str, Any], beta1: float, beta2: float) -> None:
+        state = self.state[p]
+        state.setdefault("step", 0)
+        state.setdefault("seed", 0)
+        grad = p.grad.float()
+        if self._uses_apollo(group, p):
+            update = apollo_update(
+                grad, state, rank=group["rank"], scale=group["scale"],
+                scale_type=group["scale_type"], update_proj_gap=group["update_proj_gap"],
+                beta1=beta1, beta2=beta2, eps=group["eps"])
+        else:
+            update = adam_update(grad, state, beta1=beta1, beta2=beta2, eps=group["eps"])
+        state["step"] += 1
+        t = state["step"]
+        lr = group["lr"]
+        step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        new = p.float().add_(update, alpha=-step_size)
+        if group["weight_decay"] > 0:
+            new.mul_(1 - lr * group["weight_decay"])
+        _write(p, new, group["stochastic_rounding"])
+
+
+class ApolloMini(Apollo):
+    """APOLLO-Mini: rank 1, one scaling factor per tensor, scale 128 (alpha = sqrt(128))."""
+
+    def __init__(self, params, lr: float = 1e-3, **kwargs):
+        kwargs.setdefault("rank", 1)
+        kwargs.setdefault("scale", 128.0)
+        kwargs.setdefault("scale_type", "tensor")
+        super().__init__(params, lr=lr, **kwargs)

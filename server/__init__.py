@@ -1,0 +1,1 @@
+"""Training server: accepts examples over HTTP and trains vLLM's live weights in place."""

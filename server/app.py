@@ -1,0 +1,127 @@
+"""The FastAPI application: routes, auth, lifespan."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from server.config import Settings
+from server.runtime import Runtime, load_runtime
+from server.schemas import (
+    ChatExample,
+    ExampleState,
+    PromptExample,
+    Status,
+    TrainRequest,
+    TrainResponse,
+)
+from server.tokenization import ExampleError, encode
+from server.trainer import QueueFull, Trainer
+
+router = APIRouter()
+
+
+def require_token(request: Request) -> None:
+    key = request.app.state.settings.api_key
+    if not key:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+        raise HTTPException(401, "missing or invalid bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+def get_trainer(request: Request) -> Trainer:
+    return request.app.state.trainer
+
+
+TrainerDep = Annotated[Trainer, Depends(get_trainer)]
+
+
+@router.get("/health")
+def health(request: Request) -> dict:
+    export = request.app.state.runtime.export
+    if export is not None and not export.owner_alive():
+        raise HTTPException(503, "the vLLM process that owns the weights has exited")
+    return {"status": "ok"}
+
+
+@router.get("/status", response_model=Status)
+def status(request: Request, trainer: TrainerDep) -> Status:
+    s = trainer.stats
+    return Status(optimizer_steps=s.optimizer_steps, last_loss=s.last_loss,
+                  examples_queued=trainer.queued, examples_trained=s.trained,
+                  examples_failed=s.failed,
+                  skipped_steps=getattr(trainer.optimizer, "skipped_steps", 0),
+                  trained_tokens=s.trained_tokens,
+                  model_path=request.app.state.runtime.model_path)
+
+
+@router.post("/train", response_model=TrainResponse, status_code=202,
+             dependencies=[Depends(require_token)])
+def train(body: TrainRequest, request: Request,
+          trainer: TrainerDep) -> TrainResponse:
+    """Validate and tokenize every example first: a request is queued whole or not at all."""
+    settings: Settings = request.app.state.settings
+    examples = body if isinstance(body, list) else [body]
+    if not examples:
+        raise HTTPException(422, "no examples in request")
+    if len(examples) > settings.max_examples_per_request:
+        raise HTTPException(413, f"{len(examples)} examples exceed the limit of "
+                                 f"{settings.max_examples_per_request} per request")
+    tokenizer = request.app.state.runtime.tokenizer
+    encoded = []
+    for i, ex in enumerate(examples):
+        chat = ex.to_chat() if isinstance(ex, PromptExample) else ex
+        assert isinstance(chat, ChatExample)
+        try:
+            encoded.append(encode(chat, tokenizer, settings.max_tokens_per_example))
+        except ExampleError as exc:
+            raise HTTPException(422, f"example {i}: {exc}") from None
+    try:
+        ids = trainer.submit(encoded)
+    except QueueFull as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": "5"}) from None
+    return TrainResponse(ids=ids, queued=trainer.queued)
+
+
+@router.get("/examples/{example_id}", response_model=ExampleState,
+            dependencies=[Depends(require_token)])
+def example_state(example_id: str, trainer: TrainerDep) -> ExampleState:
+    rec = trainer.records.get(example_id)
+    if rec is None:
+        raise HTTPException(404, f"no example with id {example_id!r}")
+    return ExampleState(id=rec.id, state=rec.state, step=rec.step, reason=rec.reason)
+
+
+def create_app(settings: Settings,
+               runtime_factory: Callable[[Settings], Runtime] = load_runtime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime = runtime_factory(settings)
+        trainer = Trainer(runtime.model, runtime.optimizer,
+                          pad_id=runtime.tokenizer.pad_token_id or 0,
+                          batch_size=settings.batch_size,
+                          steps_per_batch=settings.steps_per_batch,
+                          max_queue=settings.max_queue)
+        app.state.runtime, app.state.trainer = runtime, trainer
+        trainer.start()
+        yield
+        trainer.stop()
+
+    app = FastAPI(title="vLLM live co-training", lifespan=lifespan)
+    app.state.settings = settings
+    app.include_router(router)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
+                            headers=exc.headers)
+
+    return app

@@ -1,0 +1,78 @@
+"""Request and response models of the training API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Message(BaseModel):
+    """One chat turn; as in OpenAI's fine-tuning format, `weight` 0 excludes an assistant
+    turn from the loss (default: assistant turns are targets, other turns never are)."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str
+    weight: Literal[0, 1] | None = None
+
+    @model_validator(mode="after")
+    def _weight_only_on_assistant(self) -> Message:
+        if self.weight == 1 and self.role != "assistant":
+            raise ValueError(f"weight 1 is only allowed on assistant messages, not {self.role}")
+        return self
+
+    @property
+    def is_target(self) -> bool:
+        return self.role == "assistant" and self.weight != 0
+
+
+class ChatExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _has_target(self) -> ChatExample:
+        if not any(m.is_target for m in self.messages):
+            raise ValueError("example has no target: at least one assistant message with "
+                             "weight 1 (the default) is required")
+        return self
+
+
+class PromptExample(BaseModel):
+    """Rendered as a one-turn chat (user: prompt, assistant: completion) by the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    completion: str = Field(min_length=1)
+
+    def to_chat(self) -> ChatExample:
+        return ChatExample(messages=[Message(role="user", content=self.prompt),
+                                     Message(role="assistant", content=self.completion)])
+
+
+Example = Annotated[ChatExample | PromptExample, Field(union_mode="left_to_right")]
+TrainRequest = Example | list[Example]
+
+
+class TrainResponse(BaseModel):
+    ids: list[str]
+    queued: int
+
+
+class ExampleState(BaseModel):
+    id: str
+    state: Literal["queued", "trained", "failed"]
+    step: int | None = None
+    reason: str | None = None
+
+
+class Status(BaseModel):
+    optimizer_steps: int
+    last_loss: float | None
+    examples_queued: int
+    examples_trained: int
+    examples_failed: int
+    skipped_steps: int
+    trained_tokens: int
+    model_path: str

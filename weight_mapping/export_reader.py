@@ -1,0 +1,73 @@
+"""Attach to the live tensors that hooks/ exported (the reader side of hooks/export.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.multiprocessing  # noqa: F401  (registers the rebuild functions handles refer to)
+
+SUPPORTED_FORMAT = 1
+
+
+@dataclass
+class Export:
+    """One rank's exported parameters: vLLM names to tensors that alias vLLM's memory."""
+
+    manifest: dict
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def model_path(self) -> str:
+        return self.manifest["model_path"]
+
+    @property
+    def owner_pid(self) -> int:
+        return int(self.manifest["pid"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def owner_alive(self) -> bool:
+        try:
+            os.kill(self.owner_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def wait_for_manifest(export_dir: str | os.PathLike, rank: int = 0, timeout: float = 600.0,
+                      poll: float = 0.2) -> Path:
+    path = Path(export_dir) / f"rank{rank}.json"
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no export manifest at {path} after {timeout:.0f} s")
+        time.sleep(poll)
+    return path
+
+
+def attach(export_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -> Export:
+    """Map rank `rank`'s exported tensors into this process (no copy)."""
+    mpath = wait_for_manifest(export_dir, rank, timeout) if timeout else \
+        Path(export_dir) / f"rank{rank}.json"
+    if not mpath.exists():
+        raise FileNotFoundError(f"no export manifest at {mpath}: is vLLM running with the hook?")
+    manifest = json.loads(mpath.read_text())
+    if manifest.get("format") != SUPPORTED_FORMAT:
+        raise ValueError(f"export format {manifest.get('format')} is not {SUPPORTED_FORMAT}")
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    with open(mpath.parent / manifest["handles"], "rb") as f:
+        tensors = pickle.load(f)  # noqa: S301  (our own export, written by the serving process)
+    missing = {p["name"] for p in manifest["params"]} - tensors.keys()
+    if missing:
+        raise ValueError(f"export handles lack parameters: {sorted(missing)[:5]}")
+    return Export(manifest=manifest, tensors=tensors)
