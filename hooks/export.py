@@ -29,6 +29,7 @@ import torch.multiprocessing  # registers the tensor reductions ForkingPickler u
 from torch import nn
 
 FORMAT_VERSION = 1
+SHM_ROOT = "/dev/shm"
 
 
 def manifest_path(export_dir: str | os.PathLike, rank: int) -> Path:
@@ -48,12 +49,22 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def share_cpu_tensors(params: Iterable[torch.Tensor]) -> None:
-    """Move CPU tensors' storages into shared memory, in place (the module keeps using them)."""
+def share_cpu_tensors(params: Iterable[torch.Tensor]) -> list[str]:
+    """Move CPU tensors' storages into shared memory, in place (the module keeps using them).
+
+    Returns the shared-memory file paths. torch never unlinks them itself (measured: they
+    outlive every process), so the manifest lists them for remove_export / the launcher.
+    """
     torch.multiprocessing.set_sharing_strategy("file_system")
+    files = []
     for p in params:
-        if p.device.type == "cpu" and not p.is_shared():
+        if p.device.type != "cpu":
+            continue
+        if not p.is_shared():
             p.data.share_memory_()
+        name = p.untyped_storage()._share_filename_cpu_()[1].decode()
+        files.append(SHM_ROOT + name)
+    return sorted(set(files))
 
 
 def export_parameters(
@@ -71,7 +82,7 @@ def export_parameters(
     """
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
-    share_cpu_tensors(named_params.values())
+    shm_files = share_cpu_tensors(named_params.values())
 
     buf = io.BytesIO()
     ForkingPickler(buf).dump({name: t.data for name, t in named_params.items()})
@@ -84,6 +95,7 @@ def export_parameters(
         "world_size": world_size,
         "pid": os.getpid(),
         "handles": hpath.name,
+        "shm_files": shm_files,
         "params": [
             {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
              "device": str(t.device)}
@@ -97,8 +109,23 @@ def export_parameters(
 
 
 def remove_export(export_dir: str | os.PathLike, rank: int) -> None:
-    for path in (manifest_path(export_dir, rank), handles_path(export_dir, rank)):
-        path.unlink(missing_ok=True)
+    """Remove one rank's export and unlink its shared memory (mappings stay valid)."""
+    mpath = manifest_path(export_dir, rank)
+    try:
+        shm_files = json.loads(mpath.read_text()).get("shm_files", [])
+    except (OSError, ValueError):
+        shm_files = []
+    for path in [*map(Path, shm_files), mpath, handles_path(export_dir, rank)]:
+        if path.parent == Path(SHM_ROOT) or path.parent == Path(export_dir):
+            path.unlink(missing_ok=True)
+
+
+def remove_all_exports(export_dir: str | os.PathLike) -> int:
+    """Clean up every rank's export in `export_dir` (after the owner exited, even by kill -9)."""
+    ranks = [int(p.stem.removeprefix("rank")) for p in Path(export_dir).glob("rank*.json")]
+    for rank in ranks:
+        remove_export(export_dir, rank)
+    return len(ranks)
 
 
 def export_module(model: nn.Module, export_dir: str | os.PathLike, *, model_path: str,

