@@ -216,7 +216,7 @@ class Apollo(Optimizer):
         step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
         new = p.float().add_(update, alpha=-step_size)
         if group["weight_decay"] > 0:
-            new.mul_(1 - lr * group["weight_decay"])
+            new.add_(new, alpha=-lr * group["weight_decay"])
         _write(p, new, group["stochastic_rounding"])
 
 

@@ -14,7 +14,7 @@ class Settings:
     port: int = 8001
     lr: float = 1e-4
     batch_size: int = 8
-    steps_per_batch: int = 1
+    steps_per_batch: int = 5
     max_tokens_per_example: int = 2048
     max_examples_per_request: int = 256
     max_queue: int = 4096
@@ -34,8 +34,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="APOLLO-Mini learning rate (default 1e-4: learns a one-line lesson in "
                         "about 5 steps on the fp32 default model, DESIGN.md)")
     p.add_argument("--batch-size", type=int, default=8, help="max examples per optimizer step")
-    p.add_argument("--steps-per-batch", type=int, default=1,
-                   help="optimizer steps taken on each batch (a lesson seen N times)")
+    p.add_argument("--steps-per-batch", type=int, default=5,
+                   help="optimizer steps taken on each batch: a lesson is seen N times "
+                        "(default 5: one POSTed correction is learned, DESIGN.md)")
     p.add_argument("--max-tokens-per-example", type=int, default=2048)
     p.add_argument("--max-examples-per-request", type=int, default=256)
     p.add_argument("--max-queue", type=int, default=4096)

@@ -141,7 +141,7 @@ class Trainer:
         for _ in range(self.steps_per_batch):
             t0 = time.perf_counter()
             loss = causal_lm_loss(self.model, ids, labels, mask)
-            value = float(loss)
+            value = float(loss.detach())
             if not math.isfinite(value):
                 self._finish(batch, failed=f"non-finite loss ({value}); no weight was changed")
                 return

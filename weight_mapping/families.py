@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from transformers import PretrainedConfig
 
 
@@ -62,3 +63,28 @@ def family_for(config: PretrainedConfig) -> Family:
     raise NotImplementedError(
         f"architecture {archs or config.model_type!r} is not supported; supported: "
         f"{', '.join(sorted(FAMILIES))} (add one in weight_mapping/families.py)")
+
+
+def fuse_state_dict(state_dict: dict, config: PretrainedConfig) -> dict:
+    """The inverse mapping: HF tensors stacked into vLLM's fused layout (for stand-in owners
+    in tests and bench/gpu_check.sh, where no vLLM runs)."""
+    family = family_for(config)
+    out: dict = {}
+    pending: dict[str, list] = {}
+    for name, tensor in state_dict.items():
+        if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+            continue
+        for fusion in family.fusions:
+            part = next((p for p in fusion.parts if f".{p}." in name), None)
+            if part is not None:
+                fused = name.replace(f".{part}.", f".{fusion.fused}.")
+                slots = pending.setdefault(fused, [None] * len(fusion.parts))
+                slots[fusion.parts.index(part)] = tensor
+                break
+        else:
+            out[name] = tensor
+    for fused, parts in pending.items():
+        if any(p is None for p in parts):
+            raise ValueError(f"{fused}: missing parts of the fused tensor")
+        out[fused] = torch.cat(parts, dim=0)
+    return out

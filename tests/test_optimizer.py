@@ -1,0 +1,132 @@
+"""optimizer/: APOLLO / APOLLO-Mini against the authors' reference code, and its guarantees."""
+
+import copy
+
+import pytest
+import torch
+
+from optimizer import Apollo, ApolloMini
+
+
+def _problem(seed: int = 0):
+    """Matrices of both orientations (m > n, m < n) plus a vector, and a fixed quadratic."""
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(48, 16, generator=g), torch.randn(12, 40, generator=g),
+              torch.randn(40, generator=g)]
+    targets = [torch.randn(p.shape, generator=g) for p in params]
+    return params, targets
+
+
+def _run(make_opt, steps: int, seed: int = 0, grad_noise: int = 7):
+    params, targets = _problem(seed)
+    params = [p.clone().requires_grad_(True) for p in params]
+    opt = make_opt(params)
+    g = torch.Generator().manual_seed(grad_noise)
+    for _ in range(steps):
+        loss = sum(((p - t) ** 2).sum() for p, t in zip(params, targets, strict=True))
+        loss = loss + sum((p * torch.randn(p.shape, generator=g)).sum() for p in params)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def _groups(params, apollo_key: bool, **hp):
+    matrices, vectors = params[:2], params[2:]
+    apollo_group = {"params": matrices, **hp}
+    if not apollo_key:
+        return [apollo_group, {"params": vectors}]
+    return [apollo_group, {"params": vectors, "apollo": False}]
+
+
+@pytest.mark.parametrize("variant", ["mini", "rank4-channel"])
+def test_matches_reference_apollo_torch(variant):
+    reference = pytest.importorskip("apollo_torch")  # installed by the `test` extra
+    hp = (dict(rank=1, scale=128.0, scale_type="tensor") if variant == "mini"
+          else dict(rank=4, scale=1.0, scale_type="channel"))
+    lr, steps = 1e-3, 300  # crosses the projection refresh at steps 200
+
+    def ours(params):
+        return Apollo(_groups(params, True, **hp), lr=lr, update_proj_gap=200,
+                      weight_decay=0.01, stochastic_rounding=False)
+
+    def theirs(params):
+        ref_hp = dict(hp, proj="random", proj_type="std", update_proj_gap=200)
+        return reference.APOLLOAdamW(_groups(params, False, **ref_hp), lr=lr,
+                                     weight_decay=0.01)
+
+    a, b = _run(ours, steps), _run(theirs, steps)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_gradient_changes_nothing():
+    params, _ = _problem()
+    params = [p.clone().requires_grad_(True) for p in params]
+    opt = ApolloMini(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # build state
+    weights, state = [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[1].grad[3, 4] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p, w in zip(params, weights, strict=True):
+        assert torch.equal(p.detach(), w)
+    after = opt.state_dict()["state"]
+    for k, s in state["state"].items():
+        for key, v in s.items():
+            if torch.is_tensor(v):
+                assert torch.equal(after[k][key], v), key
+            else:
+                assert after[k][key] == v, key
+
+
+def test_mini_state_is_a_few_vectors():
+    w = torch.randn(300, 200, requires_grad=True)
+    opt = ApolloMini([w], lr=1e-3)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    numel = sum(v.numel() for v in opt.state[w].values() if torch.is_tensor(v))
+    assert numel <= 2 * 300 * 1 + 2  # 2 * max(m, n) * rank + limiter norm
+
+
+def test_bf16_stochastic_rounding_keeps_small_updates():
+    torch.manual_seed(0)
+    base = torch.randn(256, 256).to(torch.bfloat16)
+    grad = torch.randn(256, 256).to(torch.bfloat16)
+    changed = {}
+    for sr in (False, True):
+        w = base.clone().requires_grad_(True)
+        opt = ApolloMini([w], lr=1e-5, stochastic_rounding=sr)
+        w.grad = grad.clone()
+        opt.step()
+        changed[sr] = (w.detach() != base).float().mean().item()
+    assert changed[False] < 0.05  # round-to-nearest drops most updates
+    assert changed[True] > 3 * changed[False]
+
+
+def test_state_dict_round_trip_is_bit_identical():
+    def fresh():
+        params, _ = _problem()
+        return [p.clone().requires_grad_(True) for p in params]
+
+    def step(params, opt, k):
+        g = torch.Generator().manual_seed(k)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+    a = fresh()
+    opt_a = ApolloMini(a, lr=1e-2)
+    for k in range(3):
+        step(a, opt_a, k)
+    b = [p.detach().clone().requires_grad_(True) for p in a]
+    opt_b = ApolloMini(b, lr=1e-2)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    step(a, opt_a, 99)
+    step(b, opt_b, 99)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)

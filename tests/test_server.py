@@ -1,0 +1,126 @@
+"""server/: the HTTP contract, with a small in-process model (the e2e test uses real vLLM)."""
+
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from server.app import create_app
+from server.config import Settings
+from server.runtime import Runtime, make_optimizer
+from server.schemas import ChatExample
+from server.tokenization import IGNORE_INDEX, encode
+from tests.tiny_models import CONFIGS
+
+CHAT = {"messages": [{"role": "user", "content": "What is your name?"},
+                     {"role": "assistant", "content": "My name is Apollo."}]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+def _client(tokenizer, **settings):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama"](vocab_size=len(tokenizer)))
+    s = Settings(export_dir="unused", **settings)
+
+    def factory(_settings):
+        return Runtime(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, s),
+                       model_path="tiny")
+
+    return TestClient(create_app(s, runtime_factory=factory)), model
+
+
+def _wait_idle(client, expected_trained: int):
+    for _ in range(600):
+        st = client.get("/status").json()
+        if st["examples_trained"] + st["examples_failed"] >= expected_trained and \
+                st["examples_queued"] == 0:
+            return st
+        time.sleep(0.05)
+    raise AssertionError("trainer did not finish")
+
+
+def test_targets_are_the_assistant_reply_only(tokenizer):
+    enc = encode(ChatExample(**CHAT), tokenizer, max_tokens=512)
+    target = tokenizer.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=True)
+                               if lab != IGNORE_INDEX])
+    assert target.startswith("My name is Apollo.")
+    assert "What is your name" not in target and "assistant" not in target
+
+
+def test_train_accepts_both_forms_and_trains(tokenizer):
+    client, model = _client(tokenizer, steps_per_batch=1)
+    with client:
+        before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+        r = client.post("/train", json=[CHAT, {"prompt": "Hi", "completion": "Hello!"}])
+        assert r.status_code == 202, r.text
+        ids = r.json()["ids"]
+        assert len(ids) == 2
+        st = _wait_idle(client, 2)
+        assert st["examples_trained"] == 2 and st["optimizer_steps"] >= 1
+        assert st["last_loss"] is not None
+        assert client.get(f"/examples/{ids[0]}").json()["state"] == "trained"
+        assert not torch.equal(before, model.model.layers[0].mlp.down_proj.weight)
+
+
+BAD = {
+    "invalid json": (b"{not json", 422),
+    "missing fields": (b'{"messages": [{"role": "user"}]}', 422),
+    "unknown role": (b'{"messages": [{"role": "wizard", "content": "x"}]}', 422),
+    "no target": (b'{"messages": [{"role": "user", "content": "hi"}]}', 422),
+    "empty completion": (b'{"prompt": "hi", "completion": ""}', 422),
+    "too long": (b'{"prompt": "' + b"word " * 600 + b'", "completion": "ok"}', 422),
+    "one bad in a list": (b'[{"prompt": "a", "completion": "b"}, {"prompt": "a"}]', 422),
+    "empty list": (b"[]", 422),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_rejected_and_changes_nothing(case, tokenizer):
+    body, code = BAD[case]
+    client, model = _client(tokenizer, max_tokens_per_example=256)
+    with client:
+        before = client.get("/status").json()
+        r = client.post("/train", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == code, r.text
+        assert r.json()["detail"]  # a message that says what is wrong
+        assert client.get("/status").json() == before
+
+
+def test_too_long_names_the_limit(tokenizer):
+    client, _ = _client(tokenizer, max_tokens_per_example=16)
+    with client:
+        r = client.post("/train", json=CHAT)
+        assert r.status_code == 422
+        assert "limit of 16" in r.json()["detail"]
+
+
+def test_api_key_guards_training_but_not_health(tokenizer):
+    client, _ = _client(tokenizer, api_key="s3cret")
+    with client:
+        assert client.get("/health").status_code == 200
+        assert client.post("/train", json=CHAT).status_code == 401
+        bad = {"Authorization": "Bearer wrong"}
+        assert client.post("/train", json=CHAT, headers=bad).status_code == 401
+        good = {"Authorization": "Bearer s3cret"}
+        assert client.post("/train", json=CHAT, headers=good).status_code == 202
+
+
+def test_non_finite_loss_marks_examples_failed_and_keeps_weights(tokenizer):
+    client, model = _client(tokenizer, steps_per_batch=1)
+    with client:
+        with torch.no_grad():
+            model.model.norm.weight.fill_(float("nan"))
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        ids = client.post("/train", json=CHAT).json()["ids"]
+        st = _wait_idle(client, 1)
+        assert st["examples_failed"] == 1 and st["optimizer_steps"] == 0
+        state = client.get(f"/examples/{ids[0]}").json()
+        assert state["state"] == "failed" and "non-finite" in state["reason"]
+        for n, p in model.named_parameters():
+            assert torch.equal(p.detach().nan_to_num(7.0), weights[n].nan_to_num(7.0)), n
