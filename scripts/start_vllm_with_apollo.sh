@@ -32,6 +32,8 @@ else
   case " $* " in *" --dtype"*) ;; *) VLLM_EXTRA+=(--dtype float32) ;; esac
 fi
 VLLM_EXTRA+=("$@")
+# Finish or undo a checkpoint sync that a crash interrupted, before vLLM reads the files.
+"$PY" -m checkpoint recover "$MODEL_DIR" >&2
 # vLLM's CPU backend reserves a fraction of RAM unless the KV cache size is given (GiB).
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 

@@ -11,6 +11,7 @@ import psutil
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from server.checkpointing import CheckpointService
 from server.config import Settings
 from server.runtime import Runtime, load_runtime
 from server.schemas import (
@@ -62,7 +63,8 @@ def status(request: Request, trainer: TrainerDep) -> Status:
                   examples_failed=s.failed,
                   skipped_steps=getattr(trainer.optimizer, "skipped_steps", 0),
                   trained_tokens=s.trained_tokens,
-                  model_path=request.app.state.runtime.model_path)
+                  model_path=request.app.state.runtime.model_path,
+                  last_checkpoint=getattr(request.app.state.checkpoints, "last", None))
 
 
 @router.get("/memory")
@@ -106,6 +108,15 @@ def train(body: TrainRequest, request: Request,
     return TrainResponse(ids=ids, queued=trainer.queued)
 
 
+@router.post("/checkpoint", dependencies=[Depends(require_token)])
+def checkpoint(request: Request) -> dict:
+    """Write the changed weights into the model's safetensors files, all or nothing."""
+    service = request.app.state.checkpoints
+    if service is None:
+        raise HTTPException(409, "checkpointing is not available for this model")
+    return service.sync()
+
+
 @router.get("/examples/{example_id}", response_model=ExampleState,
             dependencies=[Depends(require_token)])
 def example_state(example_id: str, trainer: TrainerDep) -> ExampleState:
@@ -126,6 +137,13 @@ def create_app(settings: Settings,
                           steps_per_batch=settings.steps_per_batch,
                           max_queue=settings.max_queue)
         app.state.runtime, app.state.trainer = runtime, trainer
+        app.state.checkpoints = None
+        if runtime.checkpointer is not None:
+            service = CheckpointService(runtime.checkpointer, trainer,
+                                        settings.checkpoint_every_steps,
+                                        settings.checkpoint_every_seconds)
+            trainer.after_batch.append(service.maybe_sync)
+            app.state.checkpoints = service
         trainer.start()
         yield
         trainer.stop()

@@ -22,6 +22,8 @@ class Settings:
     threads: int = 0
     attach_timeout: float = 600.0
     api_key: str | None = None
+    checkpoint_every_steps: int = 0
+    checkpoint_every_seconds: float = 0.0
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -47,5 +49,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--api-key", default=os.environ.get("VLLM_APOLLO_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on endpoints that change the model "
                         "(env VLLM_APOLLO_API_KEY)")
+    p.add_argument("--checkpoint-every-steps", type=int, default=0,
+                   help="sync the live weights into the model files every N optimizer steps")
+    p.add_argument("--checkpoint-every-seconds", type=float, default=0.0,
+                   help="... or when T seconds passed since the last sync (checked per batch)")
     a = p.parse_args(argv)
     return Settings(**vars(a))

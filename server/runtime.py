@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from checkpoint import Checkpointer
 from optimizer import ApolloMini
 from server.config import Settings
 from weight_mapping import Export, attach, build_model, load_config
@@ -23,6 +24,7 @@ class Runtime:
     optimizer: torch.optim.Optimizer
     model_path: str
     export: Export | None = None
+    checkpointer: Checkpointer | None = None
 
 
 def param_groups(model: nn.Module, lr: float, train_embeddings: bool) -> list[dict]:
@@ -56,5 +58,7 @@ def load_runtime(settings: Settings) -> Runtime:
     tokenizer = AutoTokenizer.from_pretrained(export.model_path)
     log.info("attached to %s: %d parameters mapped onto vLLM's tensors",
              export.model_path, sum(1 for _ in model.parameters()))
+    checkpointer = Checkpointer(export.model_path,
+                                dict(model.named_parameters(remove_duplicate=False)))
     return Runtime(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, settings),
-                   model_path=export.model_path, export=export)
+                   model_path=export.model_path, export=export, checkpointer=checkpointer)

@@ -76,3 +76,4 @@ class Status(BaseModel):
     skipped_steps: int
     trained_tokens: int
     model_path: str
+    last_checkpoint: dict | None = None

@@ -78,6 +78,10 @@ class Trainer:
         self._stop = False
         self._in_flight = 0  # examples taken from the queue, not yet finished
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
+        # Held while weights change (optimizer step) and while a checkpoint reads them, so a
+        # checkpoint is a snapshot between two steps.
+        self.weights_lock = threading.Lock()
+        self.after_batch: list = []  # callables run by the worker thread after each batch
 
     # --- producer side (HTTP handlers) ---
     def submit(self, examples: list[Encoded]) -> list[str]:
@@ -135,6 +139,11 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._cond:
                     self._in_flight = 0
+            for hook in self.after_batch:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("after-batch hook failed")
 
     def _train(self, batch: list[Record]) -> None:
         ids, labels, mask = collate([r.encoded for r in batch], self.pad_id, self.device)
@@ -147,7 +156,8 @@ class Trainer:
                 return
             loss.backward()
             skipped = getattr(self.optimizer, "skipped_steps", 0)
-            self.optimizer.step()
+            with self.weights_lock:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if getattr(self.optimizer, "skipped_steps", 0) != skipped:
                 self._finish(batch, failed="non-finite gradient; no weight was changed")

@@ -1,0 +1,43 @@
+"""When and how the server syncs the live weights to disk (on request and periodically)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict
+
+from checkpoint import Checkpointer
+from server.trainer import Trainer
+
+log = logging.getLogger("vllm_apollo.checkpoint")
+
+
+class CheckpointService:
+    def __init__(self, checkpointer: Checkpointer, trainer: Trainer, every_steps: int = 0,
+                 every_seconds: float = 0.0):
+        self.checkpointer = checkpointer
+        self.trainer = trainer
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.last: dict | None = None
+        self._synced_step = trainer.stats.optimizer_steps
+        self._synced_at = time.monotonic()
+        self._lock = threading.Lock()  # one sync at a time (HTTP and the worker's schedule)
+
+    def sync(self) -> dict:
+        with self._lock, self.trainer.weights_lock:
+            step = self.trainer.stats.optimizer_steps
+            result = self.checkpointer.sync()
+        self._synced_step, self._synced_at = step, time.monotonic()
+        self.last = {**asdict(result), "optimizer_step": step, "at": time.time()}
+        return self.last
+
+    def maybe_sync(self) -> None:
+        steps = self.trainer.stats.optimizer_steps - self._synced_step
+        if steps <= 0:
+            return
+        due_steps = self.every_steps and steps >= self.every_steps
+        due_time = self.every_seconds and time.monotonic() - self._synced_at >= self.every_seconds
+        if due_steps or due_time:
+            self.sync()
