@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 
 class Stack:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, model_dir: Path | None = None):
         self.run_dir = run_dir
         self.vllm = f"http://127.0.0.1:{_free_port()}"
         self.train = f"http://127.0.0.1:{_free_port()}"
@@ -39,8 +39,9 @@ class Stack:
         self.log = open(run_dir / "launcher.log", "w")  # noqa: SIM115
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [str(ROOT / "scripts/start_vllm_with_apollo.sh"), "--enforce-eager",
-             "--max-model-len", "1024"],
+            [str(ROOT / "scripts/start_vllm_with_apollo.sh"),
+             *([str(model_dir), "--dtype", "float32"] if model_dir else []),
+             "--enforce-eager", "--max-model-len", "1024"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.seconds_to_healthy = self._wait_healthy(900)
 
