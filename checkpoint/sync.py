@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +90,9 @@ class Checkpointer:
     """Syncs `live` (HF name -> tensor, e.g. the mapped model's views) into `model_dir`."""
 
     def __init__(self, model_dir: str | os.PathLike, live: dict[str, torch.Tensor],
-                 chunk_bytes: int = CHUNK_BYTES):
+                 chunk_bytes: int = CHUNK_BYTES, durable: bool = True):
         self.model_dir = Path(model_dir)
+        self.durable = durable  # fsync (survives OS crashes) or not (survives process crashes)
         self.chunk_bytes = chunk_bytes
         with dir_lock(self.model_dir):
             outcome = journal.recover(self.model_dir)
@@ -124,30 +125,36 @@ class Checkpointer:
         t = self.live[name].detach()
         return t.to(self.slots[name].dtype).contiguous()  # a save's conversion, if any
 
-    def sync(self) -> SyncResult:
-        """Write the changed chunks, all or nothing. The caller keeps the weights still."""
+    def sync(self, candidates: Iterable[str] | None = None) -> SyncResult:
+        """Write the changed chunks, all or nothing. The caller keeps the weights still.
+
+        `candidates`: the names that may have changed (e.g. those the optimizer stepped);
+        only they are checksummed. None checks every tensor.
+        """
         start = time.perf_counter()
         writes: list[journal.Write] = []
         new_sums: dict[str, torch.Tensor] = {}
-        for name in self.live:
+        names = self.live if candidates is None else [n for n in candidates if n in self.live]
+        for name in names:
             saved = self._as_saved(name)
             sums = chunk_checksums(saved, self.chunk_bytes)
             changed = (sums != self.baseline[name]).any(dim=1).nonzero().flatten().tolist()
             if not changed:
                 continue
             new_sums[name] = sums
-            raw = _words(saved).view(torch.uint8)
+            # CPU: views of the live bytes (the caller holds the weights still); CUDA: a host
+            # copy of the changed chunks only.
+            raw = memoryview(_words(saved).view(torch.uint8).cpu().numpy())
             slot = self.slots[name]
             for c in changed:
                 lo, hi = c * self.chunk_bytes, min((c + 1) * self.chunk_bytes, slot.nbytes)
-                writes.append(journal.Write(slot.file.name, slot.offset + lo,
-                                            raw[lo:hi].cpu().numpy().tobytes()))
+                writes.append(journal.Write(slot.file.name, slot.offset + lo, raw[lo:hi]))
         journal_bytes = 0
         if writes:
             with dir_lock(self.model_dir):
-                journal_bytes = journal.commit(self.model_dir, writes)
-                journal.apply(self.model_dir, writes)
-                journal.finish(self.model_dir)
+                journal_bytes = journal.commit(self.model_dir, writes, self.durable)
+                journal.apply(self.model_dir, writes, self.durable)
+                journal.finish(self.model_dir, self.durable)
             self.baseline.update(new_sums)
         self.last = SyncResult(tensors=len(new_sums), chunks=len(writes),
                                bytes_written=sum(len(w.data) for w in writes),

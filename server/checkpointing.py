@@ -16,6 +16,10 @@ log = logging.getLogger("vllm_apollo.checkpoint")
 class CheckpointService:
     def __init__(self, checkpointer: Checkpointer, trainer: Trainer, every_steps: int = 0,
                  every_seconds: float = 0.0):
+        # The optimizer's record of what it stepped narrows what the sync checksums.
+        self._names_of: dict[int, list[str]] = {}
+        for name, p in trainer.model.named_parameters(remove_duplicate=False):
+            self._names_of.setdefault(id(p), []).append(name)
         self.checkpointer = checkpointer
         self.trainer = trainer
         self.every_steps = every_steps
@@ -28,7 +32,9 @@ class CheckpointService:
     def sync(self) -> dict:
         with self._lock, self.trainer.weights_lock:
             step = self.trainer.stats.optimizer_steps
-            result = self.checkpointer.sync()
+            names = [n for pid in self.trainer.stepped for n in self._names_of.get(pid, [])]
+            result = self.checkpointer.sync(names)
+            self.trainer.stepped.clear()
         self._synced_step, self._synced_at = step, time.monotonic()
         self.last = {**asdict(result), "optimizer_step": step, "at": time.time()}
         return self.last

@@ -82,6 +82,7 @@ class Trainer:
         # checkpoint is a snapshot between two steps.
         self.weights_lock = threading.Lock()
         self.after_batch: list = []  # callables run by the worker thread after each batch
+        self.stepped: set[int] = set()  # id() of parameters stepped since the last checkpoint
 
     # --- producer side (HTTP handlers) ---
     def submit(self, examples: list[Encoded]) -> list[str]:
@@ -158,6 +159,8 @@ class Trainer:
             skipped = getattr(self.optimizer, "skipped_steps", 0)
             with self.weights_lock:
                 self.optimizer.step()
+                self.stepped.update(id(p) for g in self.optimizer.param_groups
+                                    for p in g["params"] if p.grad is not None)
             self.optimizer.zero_grad(set_to_none=True)
             if getattr(self.optimizer, "skipped_steps", 0) != skipped:
                 self._finish(batch, failed="non-finite gradient; no weight was changed")

@@ -115,5 +115,6 @@ def test_kill_9_during_syncs_never_leaves_a_mix(tmp_path):
         if begun:
             assert state in (begun[-1] - 1, begun[-1])
             outcomes["after" if state == begun[-1] else "before"] += 1
+    print(f"\nkill -9 outcomes: {outcomes}")
     assert outcomes["before"] + outcomes["after"] >= 20  # most kills landed during work
     assert checkpoint_cli(["verify", str(model_dir)]) == 0
