@@ -7,6 +7,7 @@ import torch
 from fastapi.testclient import TestClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from checkpoint import Checkpointer
 from server.app import create_app
 from server.config import Settings
 from server.runtime import Runtime, make_optimizer
@@ -23,14 +24,18 @@ def tokenizer(default_model_dir):
     return AutoTokenizer.from_pretrained(default_model_dir)
 
 
-def _client(tokenizer, **settings):
+def _client(tokenizer, model_dir=None, **settings):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(CONFIGS["llama"](vocab_size=len(tokenizer)))
     s = Settings(export_dir="unused", **settings)
+    checkpointer = None
+    if model_dir is not None:
+        model.save_pretrained(model_dir)
+        checkpointer = Checkpointer(model_dir, dict(model.named_parameters()))
 
     def factory(_settings):
         return Runtime(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, s),
-                       model_path="tiny")
+                       model_path=str(model_dir), checkpointer=checkpointer)
 
     return TestClient(create_app(s, runtime_factory=factory)), model
 
@@ -124,3 +129,23 @@ def test_non_finite_loss_marks_examples_failed_and_keeps_weights(tokenizer):
         assert state["state"] == "failed" and "non-finite" in state["reason"]
         for n, p in model.named_parameters():
             assert torch.equal(p.detach().nan_to_num(7.0), weights[n].nan_to_num(7.0)), n
+
+
+def test_periodic_checkpoint_writes_what_was_trained(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    client, model = _client(tokenizer, model_dir=tmp_path, steps_per_batch=1,
+                            checkpoint_every_steps=1)
+    with client:
+        client.post("/train", json=CHAT)
+        _wait_idle(client, 1)
+        for _ in range(200):
+            last = client.get("/status").json()["last_checkpoint"]
+            if last:
+                break
+            time.sleep(0.05)
+        assert last and last["bytes_written"] > 0 and last["optimizer_step"] == 1
+        on_disk = load_file(tmp_path / "model.safetensors")
+        params = dict(model.named_parameters())
+        assert all(torch.equal(t, params[n].detach()) for n, t in on_disk.items())
+        assert client.post("/checkpoint").json()["bytes_written"] == 0  # nothing new
