@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from hooks.consistency import StepLock, UpdateCounter
 from hooks.export import export_module
 
 logger = logging.getLogger("vllm_apollo.hooks")
@@ -42,6 +43,8 @@ def _exporting_load_model(original, export_dir: str):
         )
 
         rank = get_tensor_model_parallel_rank()
+        self._apollo_lock = StepLock(export_dir, rank)
+        self._apollo_cuda = next(model.parameters()).is_cuda
         path = export_module(model, export_dir, model_path=self.model_config.model, rank=rank,
                              world_size=get_tensor_model_parallel_world_size())
         logger.info("apollo: exported %d live parameters to %s",
@@ -50,6 +53,69 @@ def _exporting_load_model(original, export_dir: str):
 
     load_model.__apollo_patched__ = True
     return load_model
+
+
+def _release(worker) -> None:
+    if worker._apollo_cuda:  # the step's kernels must finish before a writer may start
+        torch.cuda.current_stream().synchronize()
+    worker._apollo_held = False
+    worker._apollo_lock.release_step()
+
+
+def _locked_execute_model(original):
+    """Hold the step lock from execute_model until the step's tokens are sampled."""
+
+    @functools.wraps(original)
+    def execute_model(self, *args, **kwargs):
+        lock = getattr(self, "_apollo_lock", None)
+        if lock is None:
+            return original(self, *args, **kwargs)
+        if not getattr(self, "_apollo_held", False):
+            lock.acquire_step()
+            self._apollo_held = True
+        try:
+            out = original(self, *args, **kwargs)
+        except BaseException:
+            _release(self)
+            raise
+        if out is not None:  # finished here; otherwise sample_tokens completes the step
+            _release(self)
+        return out
+
+    execute_model.__apollo_patched__ = True
+    return execute_model
+
+
+def _locked_sample_tokens(original):
+    @functools.wraps(original)
+    def sample_tokens(self, *args, **kwargs):
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            if getattr(self, "_apollo_held", False):
+                _release(self)
+
+    sample_tokens.__apollo_patched__ = True
+    return sample_tokens
+
+
+def _resetting_schedule(original, export_dir: str):
+    """Drop the prefix cache once the trainer signals applied updates (UpdateCounter)."""
+
+    @functools.wraps(original)
+    def schedule(self, *args, **kwargs):
+        counter = getattr(self, "_apollo_counter", None)
+        if counter is None:
+            counter = self._apollo_counter = UpdateCounter(export_dir)
+            self._apollo_seen = counter.read()
+        current = counter.read()
+        # Fails (returns False) while running requests hold blocks: retried next schedule().
+        if current != self._apollo_seen and self.reset_prefix_cache():
+            self._apollo_seen = current
+        return original(self, *args, **kwargs)
+
+    schedule.__apollo_patched__ = True
+    return schedule
 
 
 def install(export_dir: str) -> None:
@@ -68,3 +134,10 @@ def install(export_dir: str) -> None:
 
     if not getattr(Worker.load_model, "__apollo_patched__", False):
         Worker.load_model = _exporting_load_model(Worker.load_model, export_dir)
+        Worker.execute_model = _locked_execute_model(Worker.execute_model)
+        Worker.sample_tokens = _locked_sample_tokens(Worker.sample_tokens)
+
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    if not getattr(Scheduler.schedule, "__apollo_patched__", False):
+        Scheduler.schedule = _resetting_schedule(Scheduler.schedule, export_dir)

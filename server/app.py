@@ -5,14 +5,16 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated
 
 import psutil
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from server.checkpointing import CheckpointService
 from server.config import Settings
+from server.journal import Journal
 from server.runtime import Runtime, load_runtime
 from server.schemas import (
     ChatExample,
@@ -64,7 +66,38 @@ def status(request: Request, trainer: TrainerDep) -> Status:
                   skipped_steps=getattr(trainer.optimizer, "skipped_steps", 0),
                   trained_tokens=s.trained_tokens,
                   model_path=request.app.state.runtime.model_path,
+                  applied_steps=trainer.live.applied_steps(),
+                  last_step_seconds=s.last_step_seconds,
+                  last_write_seconds=s.last_write_seconds,
+                  serving_stall_seconds=s.stall_seconds,
                   last_checkpoint=getattr(request.app.state.checkpoints, "last", None))
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(request: Request, trainer: TrainerDep) -> str:
+    """Prometheus text format."""
+    s = trainer.stats
+    ckpt = getattr(request.app.state.checkpoints, "last", None) or {}
+    rows = [
+        ("examples_accepted_total", "counter", s.accepted),
+        ("examples_trained_total", "counter", s.trained),
+        ("examples_failed_total", "counter", s.failed),
+        ("examples_queued", "gauge", trainer.queued),
+        ("optimizer_steps_total", "counter", s.optimizer_steps),
+        ("optimizer_skipped_steps_total", "counter",
+         getattr(trainer.optimizer, "skipped_steps", 0)),
+        ("loss", "gauge", s.last_loss if s.last_loss is not None else float("nan")),
+        ("trained_tokens_total", "counter", s.trained_tokens),
+        ("trained_tokens_per_second", "gauge",
+         s.trained_tokens / s.train_seconds if s.train_seconds else 0.0),
+        ("step_seconds", "gauge", s.last_step_seconds or 0.0),
+        ("write_seconds", "gauge", s.last_write_seconds or 0.0),
+        ("serving_stall_seconds_total", "counter", s.stall_seconds),
+        ("last_checkpoint_timestamp_seconds", "gauge", ckpt.get("at", 0.0)),
+        ("last_checkpoint_bytes", "gauge", ckpt.get("bytes_written", 0)),
+    ]
+    return "".join(f"# TYPE vllm_apollo_{n} {t}\nvllm_apollo_{n} {float(v)!r}\n"
+                   for n, t, v in rows)
 
 
 @router.get("/memory")
@@ -131,11 +164,16 @@ def create_app(settings: Settings,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         runtime = runtime_factory(settings)
+        journal = None
+        if settings.journal != "off" and (settings.journal != "auto" or runtime.export):
+            path = settings.journal if settings.journal != "auto" else \
+                Path(runtime.model_path) / ".apollo" / "examples.jsonl"
+            journal = Journal(path)
         trainer = Trainer(runtime.model, runtime.optimizer,
                           pad_id=runtime.tokenizer.pad_token_id or 0,
                           batch_size=settings.batch_size,
                           steps_per_batch=settings.steps_per_batch,
-                          max_queue=settings.max_queue)
+                          max_queue=settings.max_queue, journal=journal, live=runtime.live)
         app.state.runtime, app.state.trainer = runtime, trainer
         app.state.checkpoints = None
         if runtime.checkpointer is not None:
@@ -147,10 +185,21 @@ def create_app(settings: Settings,
         trainer.start()
         yield
         trainer.stop()
+        if journal is not None:
+            journal.close()
 
     app = FastAPI(title="vLLM live co-training", lifespan=lifespan)
     app.state.settings = settings
     app.include_router(router)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
+            return JSONResponse({"detail": f"request body of {length} bytes exceeds the limit "
+                                           f"of {settings.max_body_bytes} (--max-body-bytes)"},
+                                status_code=413)
+        return await call_next(request)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException):

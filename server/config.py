@@ -24,6 +24,10 @@ class Settings:
     api_key: str | None = None
     checkpoint_every_steps: int = 0
     checkpoint_every_seconds: float = 0.0
+    journal: str = "auto"
+    consistency: str = "step"
+    prefix_cache_reset: str = "always"
+    max_body_bytes: int = 4 << 20
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -53,5 +57,20 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="sync the live weights into the model files every N optimizer steps")
     p.add_argument("--checkpoint-every-seconds", type=float, default=0.0,
                    help="... or when T seconds passed since the last sync (checked per batch)")
+    p.add_argument("--journal", default="auto",
+                   help="durable example journal: a path, 'auto' (MODEL_DIR/.apollo/"
+                        "examples.jsonl) or 'off'")
+    p.add_argument("--consistency", choices=["step", "none"], default="step",
+                   help="step: no vLLM engine step sees a partly applied optimizer step (the "
+                        "write excludes engine steps); none: no exclusion (unsafe; for tests)")
+    p.add_argument("--prefix-cache-reset", default="always",
+                   help="drop vLLM's prefix cache after updates: always, never, or SECONDS "
+                        "(at most once per interval)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
     a = p.parse_args(argv)
+    if a.prefix_cache_reset not in ("always", "never"):
+        try:
+            float(a.prefix_cache_reset)
+        except ValueError:
+            p.error("--prefix-cache-reset must be always, never or a number of seconds")
     return Settings(**vars(a))

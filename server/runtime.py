@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from checkpoint import Checkpointer
 from optimizer import ApolloMini
 from server.config import Settings
+from server.live import ExportedWeights, LocalWeights
 from weight_mapping import Export, attach, build_model, load_config
 
 log = logging.getLogger("vllm_apollo.runtime")
@@ -25,6 +26,7 @@ class Runtime:
     model_path: str
     export: Export | None = None
     checkpointer: Checkpointer | None = None
+    live: LocalWeights = field(default_factory=LocalWeights)
 
 
 def param_groups(model: nn.Module, lr: float, train_embeddings: bool) -> list[dict]:
@@ -60,5 +62,7 @@ def load_runtime(settings: Settings) -> Runtime:
              export.model_path, sum(1 for _ in model.parameters()))
     checkpointer = Checkpointer(export.model_path,
                                 dict(model.named_parameters(remove_duplicate=False)))
+    live = ExportedWeights(export, settings.consistency, settings.prefix_cache_reset)
     return Runtime(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, settings),
-                   model_path=export.model_path, export=export, checkpointer=checkpointer)
+                   model_path=export.model_path, export=export, checkpointer=checkpointer,
+                   live=live)

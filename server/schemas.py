@@ -76,4 +76,8 @@ class Status(BaseModel):
     skipped_steps: int
     trained_tokens: int
     model_path: str
+    applied_steps: int = 0
+    last_step_seconds: float | None = None
+    last_write_seconds: float | None = None
+    serving_stall_seconds: float = 0.0
     last_checkpoint: dict | None = None

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from server.journal import Journal
+from server.live import LocalWeights
 from server.tokenization import IGNORE_INDEX, Encoded
 
 log = logging.getLogger("vllm_apollo.trainer")
@@ -31,11 +33,20 @@ class Record:
 class TrainerStats:
     optimizer_steps: int = 0
     last_loss: float | None = None
+    accepted: int = 0
     trained: int = 0
     failed: int = 0
     trained_tokens: int = 0
+    train_seconds: float = 0.0
     last_step_seconds: float | None = None
+    last_write_seconds: float | None = None
+    stall_seconds: float = 0.0  # total time vLLM's engine steps were excluded by writes
     started: float = field(default_factory=time.monotonic)
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, queued: int, limit: int):
+        super().__init__(f"training queue is full ({queued} of {limit} queued); retry later")
 
 
 def collate(batch: list[Encoded], pad_id: int, device: torch.device):
@@ -60,20 +71,28 @@ def causal_lm_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
 
 
 class Trainer:
-    """Owns the queue and the one thread that runs forward, backward and optimizer steps."""
+    """Owns the queue and the one thread that runs forward, backward and optimizer steps.
+
+    Forward and backward run without any lock; only optimizer.step() — the in-place write —
+    runs inside `live.write()`, which excludes vLLM's engine steps.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, pad_id: int,
-                 batch_size: int = 8, steps_per_batch: int = 1, max_queue: int = 1024):
+                 batch_size: int = 8, steps_per_batch: int = 1, max_queue: int = 1024,
+                 journal: Journal | None = None, live: LocalWeights | None = None):
         self.model = model
         self.optimizer = optimizer
         self.pad_id = pad_id
         self.batch_size = batch_size
         self.steps_per_batch = steps_per_batch
         self.max_queue = max_queue
+        self.journal = journal
+        self.live = live or LocalWeights()
         self.device = next(model.parameters()).device
         self.stats = TrainerStats()
         self.records: dict[str, Record] = {}
         self._queue: deque[Record] = deque()
+        self._resume: tuple[list[Record], int] | None = None  # batch cut short by a crash
         self._cond = threading.Condition()
         self._stop = False
         self._in_flight = 0  # examples taken from the queue, not yet finished
@@ -83,30 +102,51 @@ class Trainer:
         self.weights_lock = threading.Lock()
         self.after_batch: list = []  # callables run by the worker thread after each batch
         self.stepped: set[int] = set()  # id() of parameters stepped since the last checkpoint
+        if journal is not None:
+            self._restore(journal)
+
+    def _restore(self, journal: Journal) -> None:
+        state = journal.replay(self.live.applied_steps())
+        for i, enc in state.accepted.items():
+            rec = self.records[i] = Record(i, enc)
+            if i in state.trained:
+                rec.state, rec.step = "trained", state.trained[i]
+            elif i in state.failed:
+                rec.state, rec.reason = "failed", state.failed[i]
+        self.stats.accepted = len(state.accepted)
+        self.stats.trained, self.stats.failed = len(state.trained), len(state.failed)
+        if state.unfinished is not None:
+            ids, remaining = state.unfinished
+            if remaining:
+                self._resume = ([self.records[i] for i in ids], remaining)
+            else:  # every step of it was applied before the crash
+                self._finish([self.records[i] for i in ids])
+        self._queue.extend(self.records[i] for i in state.pending)
+        if state.accepted:
+            log.info("journal: %d examples (%d trained, %d failed, %d to train)",
+                     len(state.accepted), len(state.trained), len(state.failed),
+                     len(state.pending) + (len(state.unfinished[0]) if state.unfinished else 0))
 
     # --- producer side (HTTP handlers) ---
     def submit(self, examples: list[Encoded]) -> list[str]:
-        """Queue all of `examples` or none (raises QueueFull)."""
+        """Journal (fsync) and queue all of `examples`, or none (raises QueueFull)."""
         with self._cond:
-            if len(self._queue) + len(examples) > self.max_queue:
-                raise QueueFull(len(self._queue), self.max_queue)
-            ids = []
-            for e in examples:
-                rec = Record(id=uuid.uuid4().hex[:16], encoded=e)
-                self.records[rec.id] = rec
-                self._queue.append(rec)
-                ids.append(rec.id)
+            if len(self._queue) + self._in_flight + len(examples) > self.max_queue:
+                raise QueueFull(len(self._queue) + self._in_flight, self.max_queue)
+            recs = [Record(id=uuid.uuid4().hex[:16], encoded=e) for e in examples]
+            if self.journal is not None:
+                self.journal.accept([(r.id, r.encoded) for r in recs])
+            for r in recs:
+                self.records[r.id] = r
+                self._queue.append(r)
+            self.stats.accepted += len(recs)
             self._cond.notify()
-            return ids
+            return [r.id for r in recs]
 
     @property
     def queued(self) -> int:
         with self._cond:
             return len(self._queue) + self._in_flight
-
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._queue and not self._in_flight
 
     # --- lifecycle ---
     def start(self) -> None:
@@ -119,20 +159,29 @@ class Trainer:
         self._thread.join(timeout)
 
     # --- worker ---
-    def _next_batch(self) -> list[Record] | None:
+    def _next_batch(self) -> tuple[list[Record], int] | None:
         with self._cond:
-            while not self._queue and not self._stop:
-                self._cond.wait()
-            if self._stop:
-                return None
-            batch = [self._queue.popleft() for _ in range(min(self.batch_size, len(self._queue)))]
+            if self._resume is not None:
+                batch, steps = self._resume
+                self._resume = None
+            else:
+                while not self._queue and not self._stop:
+                    if not self._cond.wait(timeout=1.0):
+                        self.live.flush_prefix_cache_reset()  # an interval policy's due reset
+                if self._stop:
+                    return None
+                n = min(self.batch_size, len(self._queue))
+                batch, steps = [self._queue.popleft() for _ in range(n)], self.steps_per_batch
             self._in_flight = len(batch)
-            return batch
+            return batch, steps
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
+        while (item := self._next_batch()) is not None:
+            batch, steps = item
             try:
-                self._train(batch)
+                if self.journal is not None:
+                    self.journal.begin([r.id for r in batch], steps, self.live.applied_steps())
+                self._train(batch, steps)
             except Exception as exc:  # isolate: mark the batch failed, keep serving
                 log.exception("training batch failed")
                 self._finish(batch, failed=f"{type(exc).__name__}: {exc}")
@@ -146,9 +195,9 @@ class Trainer:
                 except Exception:
                     log.exception("after-batch hook failed")
 
-    def _train(self, batch: list[Record]) -> None:
+    def _train(self, batch: list[Record], steps: int) -> None:
         ids, labels, mask = collate([r.encoded for r in batch], self.pad_id, self.device)
-        for _ in range(self.steps_per_batch):
+        for k in range(steps):
             t0 = time.perf_counter()
             loss = causal_lm_loss(self.model, ids, labels, mask)
             value = float(loss.detach())
@@ -156,34 +205,51 @@ class Trainer:
                 self._finish(batch, failed=f"non-finite loss ({value}); no weight was changed")
                 return
             loss.backward()
-            skipped = getattr(self.optimizer, "skipped_steps", 0)
-            with self.weights_lock:
-                self.optimizer.step()
-                self.stepped.update(id(p) for g in self.optimizer.param_groups
-                                    for p in g["params"] if p.grad is not None)
+            applied = self._apply_step()
             self.optimizer.zero_grad(set_to_none=True)
-            if getattr(self.optimizer, "skipped_steps", 0) != skipped:
+            if not applied:
                 self._finish(batch, failed="non-finite gradient; no weight was changed")
                 return
             self.stats.optimizer_steps += 1
             self.stats.last_loss = value
             self.stats.last_step_seconds = time.perf_counter() - t0
-            log.info("step %d loss %.4f (%d examples, %.2fs)", self.stats.optimizer_steps,
-                     value, len(batch), self.stats.last_step_seconds)
+            self.stats.train_seconds += self.stats.last_step_seconds
+            log.info("step %d loss %.4f (%d examples, step %d/%d of batch, %.2fs, write "
+                     "%.1f ms)", self.stats.optimizer_steps, value, len(batch), k + 1, steps,
+                     self.stats.last_step_seconds, 1e3 * self.stats.last_write_seconds)
         self.stats.trained_tokens += sum(r.encoded.num_targets for r in batch)
         self._finish(batch)
 
+    def _apply_step(self) -> bool:
+        """The in-place write: the only part that excludes vLLM's engine steps. False if the
+        optimizer skipped it (non-finite gradient: nothing was written)."""
+        skipped = getattr(self.optimizer, "skipped_steps", 0)
+        with self.weights_lock, self.live.write():
+            t0 = time.perf_counter()
+            self.optimizer.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            applied = getattr(self.optimizer, "skipped_steps", 0) == skipped
+            if applied:
+                self.live.step_applied()
+                self.stepped.update(id(p) for g in self.optimizer.param_groups
+                                    for p in g["params"] if p.grad is not None)
+            self.stats.last_write_seconds = time.perf_counter() - t0
+        self.stats.stall_seconds += self.stats.last_write_seconds
+        return applied
+
     def _finish(self, batch: list[Record], failed: str | None = None) -> None:
+        ids, step = [r.id for r in batch], self.live.applied_steps()
+        if self.journal is not None:
+            if failed:
+                self.journal.fail(ids, failed)
+            else:
+                self.journal.done(ids, step)
         with self._cond:
             for r in batch:
                 if failed:
                     r.state, r.reason = "failed", failed
                     self.stats.failed += 1
                 else:
-                    r.state, r.step = "trained", self.stats.optimizer_steps
+                    r.state, r.step = "trained", step
                     self.stats.trained += 1
-
-
-class QueueFull(RuntimeError):
-    def __init__(self, queued: int, limit: int):
-        super().__init__(f"training queue is full ({queued} of {limit} queued)")

@@ -112,6 +112,8 @@ def test_api_key_guards_training_but_not_health(tokenizer):
         assert client.post("/train", json=CHAT).status_code == 401
         bad = {"Authorization": "Bearer wrong"}
         assert client.post("/train", json=CHAT, headers=bad).status_code == 401
+        assert client.post("/checkpoint").status_code == 401
+        assert client.post("/checkpoint", headers=bad).status_code == 401
         good = {"Authorization": "Bearer s3cret"}
         assert client.post("/train", json=CHAT, headers=good).status_code == 202
 
@@ -149,3 +151,26 @@ def test_periodic_checkpoint_writes_what_was_trained(tokenizer, tmp_path):
         params = dict(model.named_parameters())
         assert all(torch.equal(t, params[n].detach()) for n, t in on_disk.items())
         assert client.post("/checkpoint").json()["bytes_written"] == 0  # nothing new
+
+
+def test_metrics_are_prometheus_text(tokenizer):
+    client, _ = _client(tokenizer, steps_per_batch=1)
+    with client:
+        client.post("/train", json=CHAT)
+        _wait_idle(client, 1)
+        text = client.get("/metrics").text
+        values = dict(line.split(" ", 1) for line in text.splitlines()
+                      if not line.startswith("#"))
+        assert float(values["vllm_apollo_examples_trained_total"]) == 1
+        assert float(values["vllm_apollo_optimizer_steps_total"]) == 1
+        assert float(values["vllm_apollo_serving_stall_seconds_total"]) > 0
+
+
+def test_body_size_and_queue_limits(tokenizer):
+    client, _ = _client(tokenizer, max_body_bytes=1000, max_queue=1)
+    with client:
+        r = client.post("/train", content=b"[" + b" " * 2000 + b"]",
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 413 and "max-body-bytes" in r.json()["detail"]
+        r = client.post("/train", json=[CHAT, CHAT])
+        assert r.status_code == 429 and r.headers["retry-after"]

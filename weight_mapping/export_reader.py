@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the rebuild functions handles refer to)
 
+from hooks.consistency import StepLock, UpdateCounter
+
 SUPPORTED_FORMAT = 1
 
 
@@ -33,6 +35,19 @@ class Export:
     @property
     def device(self) -> torch.device:
         return next(iter(self.tensors.values())).device
+
+    @property
+    def export_dir(self) -> Path:
+        return Path(self.manifest["_dir"])
+
+    def step_lock(self) -> StepLock:
+        """The lock vLLM's worker holds per engine step; write weights under .write()."""
+        return StepLock(self.export_dir, int(self.manifest["rank"]))
+
+    def update_counter(self, name: str = "updates") -> UpdateCounter:
+        """"updates": bump it after applied updates and vLLM drops KV computed with old
+        weights. Other names are the trainer's own counters, kept for the export's life."""
+        return UpdateCounter(self.export_dir, name)
 
     def owner_alive(self) -> bool:
         try:
@@ -62,6 +77,7 @@ def attach(export_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -
     if not mpath.exists():
         raise FileNotFoundError(f"no export manifest at {mpath}: is vLLM running with the hook?")
     manifest = json.loads(mpath.read_text())
+    manifest["_dir"] = str(mpath.parent)
     if manifest.get("format") != SUPPORTED_FORMAT:
         raise ValueError(f"export format {manifest.get('format')} is not {SUPPORTED_FORMAT}")
     torch.multiprocessing.set_sharing_strategy("file_system")

@@ -1,0 +1,95 @@
+"""Durable record of accepted examples, so none is lost or trained twice across crashes.
+
+An append-only JSON-lines file, fsynced before the HTTP 2xx (one write + fsync per request):
+
+* ``accept``: id and the tokenized example;
+* ``begin``: a batch's ids, its number of optimizer steps and the applied-step counter
+  before it (the counter lives in vLLM's export, so it survives the trainer);
+* ``done`` / ``fail``: the batch's outcome.
+
+On start-up, `replay` rebuilds every example's state. A batch that began but has no outcome
+is resolved with the applied-step counter: steps it already applied are not repeated; the
+rest of its steps run again. If the process dies *during* an in-place write (milliseconds),
+that step counts as not applied and runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.tokenization import Encoded
+
+
+@dataclass
+class Replayed:
+    accepted: dict[str, Encoded] = field(default_factory=dict)
+    trained: dict[str, int] = field(default_factory=dict)  # id -> step
+    failed: dict[str, str] = field(default_factory=dict)  # id -> reason
+    # a batch that began and has no outcome: (ids, steps still to run; 0 = all applied)
+    unfinished: tuple[list[str], int] | None = None
+    pending: list[str] = field(default_factory=list)  # accepted, never begun, in order
+
+
+class Journal:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+
+    def _append(self, records: list[dict]) -> None:
+        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        with self._lock:
+            os.write(self._fd, data)
+            os.fsync(self._fd)
+
+    def accept(self, items: list[tuple[str, Encoded]]) -> None:
+        self._append([{"op": "accept", "id": i, "ids": e.input_ids, "labels": e.labels}
+                      for i, e in items])
+
+    def begin(self, ids: list[str], steps: int, base: int) -> None:
+        self._append([{"op": "begin", "batch": ids, "steps": steps, "base": base}])
+
+    def done(self, ids: list[str], step: int) -> None:
+        self._append([{"op": "done", "batch": ids, "step": step}])
+
+    def fail(self, ids: list[str], reason: str) -> None:
+        self._append([{"op": "fail", "batch": ids, "reason": reason}])
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def replay(self, applied_steps: int) -> Replayed:
+        """States from the file; `applied_steps` is the export's counter now."""
+        out = Replayed()
+        open_batch: dict | None = None
+        if not self.path.exists():
+            return out
+        with open(self.path, "rb") as f:
+            for raw in f:
+                try:
+                    rec = json.loads(raw)
+                except ValueError:
+                    break  # a torn last line: its request never got a 2xx
+                op = rec["op"]
+                if op == "accept":
+                    out.accepted[rec["id"]] = Encoded(rec["ids"], rec["labels"])
+                elif op == "begin":
+                    open_batch = rec
+                elif op == "done":
+                    out.trained.update({i: rec["step"] for i in rec["batch"]})
+                    open_batch = None
+                elif op == "fail":
+                    out.failed.update({i: rec["reason"] for i in rec["batch"]})
+                    open_batch = None
+        if open_batch is not None:
+            done_steps = max(0, min(open_batch["steps"], applied_steps - open_batch["base"]))
+            out.unfinished = (open_batch["batch"], open_batch["steps"] - done_steps)
+        begun = set(out.trained) | set(out.failed) | set(out.unfinished[0] if out.unfinished
+                                                         else [])
+        out.pending = [i for i in out.accepted if i not in begun]
+        return out

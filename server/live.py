@@ -1,0 +1,76 @@
+"""How the trainer coordinates its in-place writes with vLLM: lock, prefix-cache policy and
+the applied-step counter (see hooks/consistency.py for the vLLM side)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from weight_mapping import Export
+
+
+class LocalWeights:
+    """No vLLM to coordinate with (unit tests, a stand-alone model)."""
+
+    def __init__(self) -> None:
+        self._steps = 0
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        yield
+
+    def applied_steps(self) -> int:
+        return self._steps
+
+    def step_applied(self) -> None:
+        self._steps += 1
+
+    def flush_prefix_cache_reset(self) -> None:
+        pass
+
+
+class ExportedWeights(LocalWeights):
+    """vLLM's live tensors: writes exclude engine steps (unless consistency == "none"), and
+    applied updates drop vLLM's prefix cache per `prefix_cache_reset`:
+    "always", "never", or a number of seconds (at most one reset per interval)."""
+
+    def __init__(self, export: Export, consistency: str = "step",
+                 prefix_cache_reset: str = "always"):
+        super().__init__()
+        if consistency not in ("step", "none"):
+            raise ValueError(f"consistency must be 'step' or 'none', got {consistency!r}")
+        self._lock = export.step_lock() if consistency == "step" else None
+        self._updates = export.update_counter("updates")
+        self._steps_counter = export.update_counter("steps")
+        self._policy = prefix_cache_reset
+        self._interval = None if prefix_cache_reset in ("always", "never") \
+            else float(prefix_cache_reset)
+        self._last_reset = 0.0
+        self._pending_reset = False
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        if self._lock is None:
+            yield
+            return
+        with self._lock.write():
+            yield
+
+    def applied_steps(self) -> int:
+        return self._steps_counter.read()
+
+    def step_applied(self) -> None:
+        """Call inside write(): the step counts as applied once this returns."""
+        self._steps_counter.bump()
+        self._pending_reset = True
+        self.flush_prefix_cache_reset()
+
+    def flush_prefix_cache_reset(self) -> None:
+        if not self._pending_reset or self._policy == "never":
+            return
+        now = time.monotonic()
+        if self._interval is not None and now - self._last_reset < self._interval:
+            return  # the trainer calls again after later steps/batches
+        self._updates.bump()
+        self._last_reset, self._pending_reset = now, False
