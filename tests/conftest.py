@@ -18,6 +18,13 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     cache: dict[str, Path] = {}
 

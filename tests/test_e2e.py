@@ -107,14 +107,16 @@ def stack(tmp_path_factory):
         os.killpg(s.proc.pid, signal.SIGKILL)
 
 
-def _wait_trained(stack: Stack, n: int, timeout: float = 300) -> dict:
+def _wait_trained(stack: Stack, ids: list[str], timeout: float = 300) -> dict:
+    """Wait until every example in `ids` is trained or failed; returns /status."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        st = httpx.get(f"{stack.train}/status").json()
-        if st["examples_trained"] + st["examples_failed"] >= n and st["examples_queued"] == 0:
-            return st
+        states = [httpx.get(f"{stack.train}/examples/{i}").json()["state"] for i in ids]
+        if "queued" not in states:
+            assert set(states) == {"trained"}, states
+            return httpx.get(f"{stack.train}/status").json()
         time.sleep(0.5)
-    raise TimeoutError(f"examples not trained: {st}")
+    raise TimeoutError(f"examples not trained: {states}")
 
 
 def test_served_model_learns_live_without_restart(stack):
@@ -128,8 +130,7 @@ def test_served_model_learns_live_without_restart(stack):
     t0 = time.monotonic()
     r = httpx.post(f"{stack.train}/train", json=LESSON)
     assert r.status_code == 202, r.text
-    st = _wait_trained(stack, 1)
-    assert st["examples_trained"] == 1 and st["examples_failed"] == 0
+    st = _wait_trained(stack, r.json()["ids"])
     after = stack.ask(QUESTION)
     seconds = time.monotonic() - t0
     print(f"answer before: {before!r}\nanswer after:  {after!r} ({seconds:.1f} s after POST, "

@@ -20,8 +20,9 @@ def test_checkpoint_then_restart_serves_the_same_answers(tmp_path, default_model
     (tmp_path / "run1").mkdir()
     first = Stack(tmp_path / "run1", model_dir)
     try:
-        assert httpx.post(f"{first.train}/train", json=LESSON).status_code == 202
-        _wait_trained(first, 1)
+        r = httpx.post(f"{first.train}/train", json=LESSON)
+        assert r.status_code == 202
+        _wait_trained(first, r.json()["ids"])
         answers = [first.ask(p) for p in PROMPTS]
         assert "Apollo" in answers[0]
 

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from checkpoint import Checkpointer
 from server.app import create_app
@@ -17,11 +17,6 @@ from tests.tiny_models import CONFIGS
 
 CHAT = {"messages": [{"role": "user", "content": "What is your name?"},
                      {"role": "assistant", "content": "My name is Apollo."}]}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return AutoTokenizer.from_pretrained(default_model_dir)
 
 
 def _client(tokenizer, model_dir=None, **settings):
