@@ -69,17 +69,19 @@ def copy_stochastic_(target: Tensor, source: Tensor) -> None:
 
 
 def _write(param: Tensor, new_value_fp32: Tensor, stochastic: bool) -> None:
-    if stochastic and param.dtype == torch.bfloat16:
+    if stochastic:
         copy_stochastic_(param, new_value_fp32)
     else:
         param.copy_(new_value_fp32)
 
 
-def apollo_update(
+def apollo_scale(
     grad: Tensor, state: dict[str, Any], *, rank: int, scale: float, scale_type: str,
     update_proj_gap: int, beta1: float, beta2: float, eps: float,
 ) -> Tensor:
-    """One APOLLO direction for a matrix gradient (fp32); advances `state` in place."""
+    """APOLLO's per-channel (m x 1 or n) or per-tensor (0-d) coefficient c, such that the
+    update is ``grad * c``: the gradient scaling, the norm-growth limiter and sqrt(scale)
+    folded together. Advances `state`; reads `grad` only, never the weight."""
     step = state["step"]
     if step % update_proj_gap == 0:  # refresh: a new seed, hence a new projection
         state["proj_seed"] = state["seed"] if step == 0 else next_seed(state["proj_seed"])
@@ -98,22 +100,23 @@ def apollo_update(
         factor = normed.norm(dim=norm_dim) / (low.norm(dim=norm_dim) + SCALE_EPS)
         if norm_dim == 1:
             factor = factor.unsqueeze(1)
+        # ||grad * factor|| without materialising it: per-channel norms of grad.
+        update_norm = (grad.norm(dim=norm_dim).view_as(factor) * factor).norm()
     elif scale_type == "tensor":
         factor = normed.norm() / (low.norm() + SCALE_EPS)
+        update_norm = grad.norm() * factor
     else:
         raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}")
 
-    update = grad * factor
     # Norm-growth limiter (Fira): ||u_t|| <= gamma * ||u_{t-1}||, kept on device (no sync).
-    norm = update.norm()
     if "update_norm" in state:
-        limiter = (norm / (state["update_norm"] + SCALE_EPS)).clamp(min=NORM_GROWTH_LIMIT)
+        limiter = (update_norm / (state["update_norm"] + SCALE_EPS)).clamp(min=NORM_GROWTH_LIMIT)
         limiter = limiter / NORM_GROWTH_LIMIT
-        update = update / limiter
-        state["update_norm"] = norm / limiter
+        factor = factor / limiter
+        state["update_norm"] = update_norm / limiter
     else:
-        state["update_norm"] = norm
-    return update.mul_(math.sqrt(scale))
+        state["update_norm"] = update_norm
+    return factor * math.sqrt(scale)
 
 
 def adam_update(grad: Tensor, state: dict[str, Any], *, beta1: float, beta2: float,
@@ -183,43 +186,63 @@ class Apollo(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.prepare():
+            self.apply()
+        return loss
+
+    @torch.no_grad()
+    def prepare(self) -> bool:
+        """Everything but the weight write: moments, scaling coefficients, limiter. Reads
+        gradients only, so it may run while vLLM serves; returns False (and changes nothing)
+        when a gradient is not finite."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self._pending: list[tuple[Tensor, dict, Tensor, Tensor | None, float]] = []
         if not grads:
-            return loss
+            return False
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
         if not bool(finite):  # one host sync per step: nothing is touched on a bad step
             self.skipped_steps += 1
-            return loss
+            return False
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self._step_param(p, group, beta1, beta2)
-        return loss
+                state = self.state[p]
+                state.setdefault("step", 0)
+                state.setdefault("seed", 0)
+                grad = p.grad.float()
+                if self._uses_apollo(group, p):
+                    coef = apollo_scale(
+                        grad, state, rank=group["rank"], scale=group["scale"],
+                        scale_type=group["scale_type"], update_proj_gap=group["update_proj_gap"],
+                        beta1=beta1, beta2=beta2, eps=group["eps"])
+                    direction = p.grad
+                else:
+                    coef, direction = None, adam_update(grad, state, beta1=beta1, beta2=beta2,
+                                                        eps=group["eps"])
+                state["step"] += 1
+                t = state["step"]
+                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                self._pending.append((p, group, direction, coef, step_size))
+        return True
 
-    def _step_param(self, p: Tensor, group: dict[str, Any], beta1: float, beta2: float) -> None:
-        state = self.state[p]
-        state.setdefault("step", 0)
-        state.setdefault("seed", 0)
-        grad = p.grad.float()
-        if self._uses_apollo(group, p):
-            update = apollo_update(
-                grad, state, rank=group["rank"], scale=group["scale"],
-                scale_type=group["scale_type"], update_proj_gap=group["update_proj_gap"],
-                beta1=beta1, beta2=beta2, eps=group["eps"])
-        else:
-            update = adam_update(grad, state, beta1=beta1, beta2=beta2, eps=group["eps"])
-        state["step"] += 1
-        t = state["step"]
-        lr = group["lr"]
-        step_size = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-        new = p.float().add_(update, alpha=-step_size)
-        if group["weight_decay"] > 0:
-            new.add_(new, alpha=-lr * group["weight_decay"])
-        _write(p, new, group["stochastic_rounding"])
-
-
+    @torch.no_grad()
+    def apply(self) -> None:
+        """The in-place write prepared by prepare(): one fused pass per parameter."""
+        for p, group, direction, coef, step_size in self._pending:
+            wd = group["lr"] * group["weight_decay"]
+            stochastic = group["stochastic_rounding"] and p.dtype == torch.bfloat16
+            target = p if p.dtype == torch.float32 else p.float()
+            if coef is None:
+                target.add_(direction, alpha=-step_size)
+            else:
+                target.addcmul_(direction, coef, value=-step_size)
+            if wd:
+                target.add_(target, alpha=-wd)
+            if target is not p:
+                _write(p, target, stochastic)
+        self._pending = []
 class ApolloMini(Apollo):
     """APOLLO-Mini: rank 1, one scaling factor per tensor, scale 128 (alpha = sqrt(128))."""
 

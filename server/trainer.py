@@ -221,12 +221,16 @@ class Trainer:
         self._finish(batch)
 
     def _apply_step(self) -> bool:
-        """The in-place write: the only part that excludes vLLM's engine steps. False if the
-        optimizer skipped it (non-finite gradient: nothing was written)."""
+        """The in-place write is the only part that excludes vLLM's engine steps: an
+        optimizer with prepare()/apply() (ours) computes everything else before taking the
+        lock. False if the step was skipped (non-finite gradient: nothing was written)."""
         skipped = getattr(self.optimizer, "skipped_steps", 0)
+        prepare = getattr(self.optimizer, "prepare", None)
+        if prepare is not None and not prepare():
+            return False
         with self.weights_lock, self.live.write():
             t0 = time.perf_counter()
-            self.optimizer.step()
+            self.optimizer.apply() if prepare is not None else self.optimizer.step()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             applied = getattr(self.optimizer, "skipped_steps", 0) == skipped
