@@ -129,7 +129,8 @@ def main() -> None:
         print(f"\np50 ratio {busy['p50'] / idle['p50']:.2f}x, p99 ratio "
               f"{busy['p99'] / idle['p99']:.2f}x; optimizer steps {st['optimizer_steps']}, "
               f"examples trained {st['examples_trained']}, total serving stall "
-              f"{st['serving_stall_seconds']:.3f} s (last write "
+              f"{st['serving_stall_seconds']:.3f} s of writes, vLLM waited "
+              f"{st['vllm_waited_seconds']:.3f} s (last write "
               f"{1e3 * (st['last_write_seconds'] or 0):.1f} ms, last step "
               f"{st['last_step_seconds'] or 0:.2f} s)")
     finally:

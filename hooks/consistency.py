@@ -85,6 +85,9 @@ class UpdateCounter:
         return struct.unpack_from("<Q", self._map)[0]
 
     def bump(self) -> int:
-        value = self.read() + 1  # one writer (the trainer), so no compare-and-swap needed
+        return self.add(1)
+
+    def add(self, n: int) -> int:
+        value = self.read() + n  # one writer per counter, so no compare-and-swap needed
         struct.pack_into("<Q", self._map, 0, value)
         return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 
 import torch
 
@@ -44,6 +45,7 @@ def _exporting_load_model(original, export_dir: str):
 
         rank = get_tensor_model_parallel_rank()
         self._apollo_lock = StepLock(export_dir, rank)
+        self._apollo_waited = UpdateCounter(export_dir, f"rank{rank}.stall_ns")
         self._apollo_cuda = next(model.parameters()).is_cuda
         path = export_module(model, export_dir, model_path=self.model_config.model, rank=rank,
                              world_size=get_tensor_model_parallel_world_size())
@@ -71,7 +73,11 @@ def _locked_execute_model(original):
         if lock is None:
             return original(self, *args, **kwargs)
         if not getattr(self, "_apollo_held", False):
+            t0 = time.perf_counter_ns()
             lock.acquire_step()
+            waited = time.perf_counter_ns() - t0
+            if waited > 20_000:  # count real waits (for a writer), not the syscalls' cost
+                self._apollo_waited.add(waited)
             self._apollo_held = True
         try:
             out = original(self, *args, **kwargs)

@@ -27,6 +27,7 @@ average.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -204,45 +205,76 @@ class Apollo(Optimizer):
             self.skipped_steps += 1
             return False
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                state.setdefault("step", 0)
-                state.setdefault("seed", 0)
-                grad = p.grad.float()
-                if self._uses_apollo(group, p):
-                    coef = apollo_scale(
-                        grad, state, rank=group["rank"], scale=group["scale"],
-                        scale_type=group["scale_type"], update_proj_gap=group["update_proj_gap"],
-                        beta1=beta1, beta2=beta2, eps=group["eps"])
-                    direction = p.grad
-                else:
-                    coef, direction = None, adam_update(grad, state, beta1=beta1, beta2=beta2,
-                                                        eps=group["eps"])
-                state["step"] += 1
-                t = state["step"]
-                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                self._pending.append((p, group, direction, coef, step_size))
+                if p.grad is not None:
+                    self._pending.append(self._prepare_param(p, group))
         return True
+
+    def _prepare_param(self, p: Tensor, group: dict) -> tuple:
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        state.setdefault("step", 0)
+        state.setdefault("seed", 0)
+        grad = p.grad.float()
+        if self._uses_apollo(group, p):
+            coef = apollo_scale(
+                grad, state, rank=group["rank"], scale=group["scale"],
+                scale_type=group["scale_type"], update_proj_gap=group["update_proj_gap"],
+                beta1=beta1, beta2=beta2, eps=group["eps"])
+            direction = p.grad
+        else:
+            coef, direction = None, adam_update(grad, state, beta1=beta1, beta2=beta2,
+                                                eps=group["eps"])
+        state["step"] += 1
+        t = state["step"]
+        step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        return p, group, direction, coef, step_size
+
+    @staticmethod
+    def _apply_param(p: Tensor, group: dict, direction: Tensor, coef: Tensor | None,
+                     step_size: float) -> None:
+        wd = group["lr"] * group["weight_decay"]
+        stochastic = group["stochastic_rounding"] and p.dtype == torch.bfloat16
+        target = p if p.dtype == torch.float32 else p.float()
+        if coef is None:
+            target.add_(direction, alpha=-step_size)
+        else:
+            target.addcmul_(direction, coef, value=-step_size)
+        if wd:
+            target.add_(target, alpha=-wd)
+        if target is not p:
+            _write(p, target, stochastic)
 
     @torch.no_grad()
     def apply(self) -> None:
         """The in-place write prepared by prepare(): one fused pass per parameter."""
-        for p, group, direction, coef, step_size in self._pending:
-            wd = group["lr"] * group["weight_decay"]
-            stochastic = group["stochastic_rounding"] and p.dtype == torch.bfloat16
-            target = p if p.dtype == torch.float32 else p.float()
-            if coef is None:
-                target.add_(direction, alpha=-step_size)
-            else:
-                target.addcmul_(direction, coef, value=-step_size)
-            if wd:
-                target.add_(target, alpha=-wd)
-            if target is not p:
-                _write(p, target, stochastic)
+        for pending in self._pending:
+            self._apply_param(*pending)
         self._pending = []
+
+    def layerwise(self, write_guard=contextlib.nullcontext) -> list:
+        """Layer-wise mode: each parameter is stepped (under `write_guard()`) as soon as its
+        gradient is accumulated during backward, and its gradient freed, so the model's
+        gradients never exist all at once. One accumulation step per backward. A parameter
+        whose gradient is not finite is skipped (counted in skipped_params); the others of
+        that backward are still updated. Returns the hook handles (call .remove() to stop)."""
+        self.skipped_params = 0
+
+        @torch.no_grad()
+        def hook(p: Tensor) -> None:
+            if not bool(torch.isfinite(p.grad).all()):
+                self.skipped_params += 1
+            else:
+                pending = self._prepare_param(p, self._group_of[p])
+                with write_guard():
+                    self._apply_param(*pending)
+            p.grad = None
+
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        return [p.register_post_accumulate_grad_hook(hook)
+                for p in self._group_of if p.requires_grad]
+
+
 class ApolloMini(Apollo):
     """APOLLO-Mini: rank 1, one scaling factor per tensor, scale 128 (alpha = sqrt(128))."""
 

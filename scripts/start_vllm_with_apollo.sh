@@ -37,6 +37,16 @@ VLLM_EXTRA+=("$@")
 # vLLM's CPU backend reserves a fraction of RAM unless the KV cache size is given (GiB).
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 
+# vLLM's dev endpoints (/collective_rpc, /reset_prefix_cache, ...) must never face a network.
+case "$BIND_HOST" in
+  127.*|localhost|::1) ;;
+  *) if [ "${VLLM_SERVER_DEV_MODE:-0}" = 1 ]; then
+       echo "error: VLLM_SERVER_DEV_MODE=1 with BIND_HOST=$BIND_HOST would expose vLLM's dev" \
+            "endpoints beyond loopback; unset it" >&2
+       exit 2
+     fi ;;
+esac
+
 RUN_DIR=${VLLM_APOLLO_RUN_DIR:-$(mktemp -d -t vllm-apollo.XXXXXX)}
 EXPORT_DIR="$RUN_DIR/export"
 mkdir -p "$EXPORT_DIR"

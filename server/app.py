@@ -70,6 +70,7 @@ def status(request: Request, trainer: TrainerDep) -> Status:
                   last_step_seconds=s.last_step_seconds,
                   last_write_seconds=s.last_write_seconds,
                   serving_stall_seconds=s.stall_seconds,
+                  vllm_waited_seconds=trainer.live.vllm_stall_seconds(),
                   last_checkpoint=getattr(request.app.state.checkpoints, "last", None))
 
 
@@ -93,6 +94,7 @@ def metrics(request: Request, trainer: TrainerDep) -> str:
         ("step_seconds", "gauge", s.last_step_seconds or 0.0),
         ("write_seconds", "gauge", s.last_write_seconds or 0.0),
         ("serving_stall_seconds_total", "counter", s.stall_seconds),
+        ("vllm_waited_seconds_total", "counter", trainer.live.vllm_stall_seconds()),
         ("last_checkpoint_timestamp_seconds", "gauge", ckpt.get("at", 0.0)),
         ("last_checkpoint_bytes", "gauge", ckpt.get("bytes_written", 0)),
     ]
@@ -173,7 +175,8 @@ def create_app(settings: Settings,
                           pad_id=runtime.tokenizer.pad_token_id or 0,
                           batch_size=settings.batch_size,
                           steps_per_batch=settings.steps_per_batch,
-                          max_queue=settings.max_queue, journal=journal, live=runtime.live)
+                          max_queue=settings.max_queue, journal=journal, live=runtime.live,
+                          layerwise=settings.optimizer_mode == "layerwise")
         app.state.runtime, app.state.trainer = runtime, trainer
         app.state.checkpoints = None
         if runtime.checkpointer is not None:

@@ -28,6 +28,7 @@ class Settings:
     consistency: str = "step"
     prefix_cache_reset: str = "always"
     max_body_bytes: int = 4 << 20
+    optimizer_mode: str = "standard"
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="drop vLLM's prefix cache after updates: always, never, or SECONDS "
                         "(at most once per interval)")
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    p.add_argument("--optimizer-mode", choices=["standard", "layerwise"], default="standard",
+                   help="standard: all gradients, then one step written atomically for vLLM; "
+                        "layerwise: each parameter stepped during backward (lowest memory; an "
+                        "engine step may see some layers updated and others not)")
     a = p.parse_args(argv)
     if a.prefix_cache_reset not in ("always", "never"):
         try:

@@ -26,6 +26,9 @@ class LocalWeights:
     def step_applied(self) -> None:
         self._steps += 1
 
+    def vllm_stall_seconds(self) -> float:
+        return 0.0
+
     def flush_prefix_cache_reset(self) -> None:
         pass
 
@@ -43,6 +46,7 @@ class ExportedWeights(LocalWeights):
         self._lock = export.step_lock() if consistency == "step" else None
         self._updates = export.update_counter("updates")
         self._steps_counter = export.update_counter("steps")
+        self._vllm_waited = export.update_counter(f"rank{export.manifest['rank']}.stall_ns")
         self._policy = prefix_cache_reset
         self._interval = None if prefix_cache_reset in ("always", "never") \
             else float(prefix_cache_reset)
@@ -59,6 +63,10 @@ class ExportedWeights(LocalWeights):
 
     def applied_steps(self) -> int:
         return self._steps_counter.read()
+
+    def vllm_stall_seconds(self) -> float:
+        """Time vLLM's worker actually waited for writes, as it measured it."""
+        return self._vllm_waited.read() / 1e9
 
     def step_applied(self) -> None:
         """Call inside write(): the step counts as applied once this returns."""

@@ -79,5 +79,6 @@ class Status(BaseModel):
     applied_steps: int = 0
     last_step_seconds: float | None = None
     last_write_seconds: float | None = None
-    serving_stall_seconds: float = 0.0
+    serving_stall_seconds: float = 0.0  # time the trainer held the write lock
+    vllm_waited_seconds: float = 0.0  # time vLLM's engine steps waited for it (vLLM's clock)
     last_checkpoint: dict | None = None

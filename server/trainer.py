@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -79,7 +80,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, pad_id: int,
                  batch_size: int = 8, steps_per_batch: int = 1, max_queue: int = 1024,
-                 journal: Journal | None = None, live: LocalWeights | None = None):
+                 journal: Journal | None = None, live: LocalWeights | None = None,
+                 layerwise: bool = False):
         self.model = model
         self.optimizer = optimizer
         self.pad_id = pad_id
@@ -102,8 +104,20 @@ class Trainer:
         self.weights_lock = threading.Lock()
         self.after_batch: list = []  # callables run by the worker thread after each batch
         self.stepped: set[int] = set()  # id() of parameters stepped since the last checkpoint
+        self.layerwise = layerwise
+        if layerwise:  # the optimizer steps each parameter during backward, lock per write
+            self._hooks = optimizer.layerwise(write_guard=self._param_write)
         if journal is not None:
             self._restore(journal)
+
+    @contextlib.contextmanager
+    def _param_write(self):
+        with self.weights_lock, self.live.write():
+            t0 = time.perf_counter()
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._write_seconds += time.perf_counter() - t0
 
     def _restore(self, journal: Journal) -> None:
         state = journal.replay(self.live.applied_steps())
@@ -204,11 +218,16 @@ class Trainer:
             if not math.isfinite(value):
                 self._finish(batch, failed=f"non-finite loss ({value}); no weight was changed")
                 return
-            loss.backward()
-            applied = self._apply_step()
+            if self.layerwise:
+                applied = self._backward_layerwise(loss)
+            else:
+                loss.backward()
+                applied = self._apply_step()
             self.optimizer.zero_grad(set_to_none=True)
             if not applied:
-                self._finish(batch, failed="non-finite gradient; no weight was changed")
+                self._finish(batch, failed="non-finite gradient; " + (
+                    "the parameters with finite gradients were updated (layer-wise mode)"
+                    if self.layerwise else "no weight was changed"))
                 return
             self.stats.optimizer_steps += 1
             self.stats.last_loss = value
@@ -241,6 +260,19 @@ class Trainer:
             self.stats.last_write_seconds = time.perf_counter() - t0
         self.stats.stall_seconds += self.stats.last_write_seconds
         return applied
+
+    def _backward_layerwise(self, loss: torch.Tensor) -> bool:
+        """Backward with the optimizer's per-parameter hooks: weights change during it, each
+        parameter's write atomic for vLLM, the step as a whole not."""
+        skipped = self.optimizer.skipped_params
+        self._write_seconds = 0.0
+        loss.backward()
+        with self.weights_lock:
+            self.live.step_applied()
+            self.stepped.update(id(p) for p in self.model.parameters() if p.requires_grad)
+        self.stats.last_write_seconds = self._write_seconds
+        self.stats.stall_seconds += self._write_seconds
+        return self.optimizer.skipped_params == skipped
 
     def _finish(self, batch: list[Record], failed: str | None = None) -> None:
         ids, step = [r.id for r in batch], self.live.applied_steps()

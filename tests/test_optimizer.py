@@ -130,3 +130,31 @@ def test_state_dict_round_trip_is_bit_identical():
     step(b, opt_b, 99)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
+
+
+def test_layerwise_mode_gives_the_same_weights_as_standard():
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import CONFIGS
+
+    def train(layerwise: bool):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(CONFIGS["qwen2"]())
+        opt = ApolloMini(model.parameters(), lr=1e-3)
+        if layerwise:
+            handles = opt.layerwise()
+        ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
+        for _ in range(3):
+            model(ids, labels=ids).loss.backward()
+            if layerwise:
+                assert all(p.grad is None for p in model.parameters())  # freed as it went
+            else:
+                opt.step()
+                opt.zero_grad()
+        if layerwise:
+            for h in handles:
+                h.remove()
+        return [p.detach() for p in model.parameters()]
+
+    for a, b in zip(train(False), train(True), strict=True):
+        assert torch.equal(a, b)

@@ -53,8 +53,9 @@ def test_targets_are_the_assistant_reply_only(tokenizer):
     assert "What is your name" not in target and "assistant" not in target
 
 
-def test_train_accepts_both_forms_and_trains(tokenizer):
-    client, model = _client(tokenizer, steps_per_batch=1)
+@pytest.mark.parametrize("mode", ["standard", "layerwise"])
+def test_train_accepts_both_forms_and_trains(tokenizer, mode):
+    client, model = _client(tokenizer, steps_per_batch=1, optimizer_mode=mode)
     with client:
         before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
         r = client.post("/train", json=[CHAT, {"prompt": "Hi", "completion": "Hello!"}])
@@ -169,3 +170,25 @@ def test_body_size_and_queue_limits(tokenizer):
         assert r.status_code == 413 and "max-body-bytes" in r.json()["detail"]
         r = client.post("/train", json=[CHAT, CHAT])
         assert r.status_code == 429 and r.headers["retry-after"]
+
+
+def test_training_error_fails_the_batch_and_the_server_keeps_working(tokenizer):
+    client, model = _client(tokenizer, steps_per_batch=1)
+    forward = model.forward
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("simulated out of memory")
+        return forward(*args, **kwargs)
+
+    model.forward = flaky
+    with client:
+        first = client.post("/train", json=CHAT).json()["ids"][0]
+        _wait_idle(client, 1)
+        state = client.get(f"/examples/{first}").json()
+        assert state["state"] == "failed" and "out of memory" in state["reason"]
+        second = client.post("/train", json=CHAT).json()["ids"][0]
+        _wait_idle(client, 2)
+        assert client.get(f"/examples/{second}").json()["state"] == "trained"
