@@ -76,9 +76,19 @@ def _write(param: Tensor, new_value_fp32: Tensor, stochastic: bool) -> None:
         param.copy_(new_value_fp32)
 
 
+def channel_dim(shape: tuple[int, ...]) -> int:
+    """The dimension APOLLO reduces over: channels run along the larger one."""
+    return 0 if shape[0] < shape[1] else 1
+
+
+def grad_norms(grad: Tensor, scale_type: str) -> Tensor:
+    """||grad|| per channel ("channel") or as a 0-d tensor ("tensor")."""
+    return grad.norm(dim=channel_dim(grad.shape)) if scale_type == "channel" else grad.norm()
+
+
 def apollo_scale(
     grad: Tensor, state: dict[str, Any], *, rank: int, scale: float, scale_type: str,
-    update_proj_gap: int, beta1: float, beta2: float, eps: float,
+    update_proj_gap: int, beta1: float, beta2: float, eps: float, norms: Tensor | None = None,
 ) -> Tensor:
     """APOLLO's per-channel (m x 1 or n) or per-tensor (0-d) coefficient c, such that the
     update is ``grad * c``: the gradient scaling, the norm-growth limiter and sqrt(scale)
@@ -96,16 +106,18 @@ def apollo_scale(
     exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
     normed = exp_avg / exp_avg_sq.sqrt().add_(eps)
 
+    if norms is None:
+        norms = grad_norms(grad, scale_type)
     if scale_type == "channel":
-        norm_dim = 0 if grad.shape[0] < grad.shape[1] else 1
+        norm_dim = channel_dim(grad.shape)
         factor = normed.norm(dim=norm_dim) / (low.norm(dim=norm_dim) + SCALE_EPS)
         if norm_dim == 1:
             factor = factor.unsqueeze(1)
         # ||grad * factor|| without materialising it: per-channel norms of grad.
-        update_norm = (grad.norm(dim=norm_dim).view_as(factor) * factor).norm()
+        update_norm = (norms.view_as(factor) * factor).norm()
     elif scale_type == "tensor":
         factor = normed.norm() / (low.norm() + SCALE_EPS)
-        update_norm = grad.norm() * factor
+        update_norm = norms * factor
     else:
         raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}")
 
@@ -196,21 +208,25 @@ class Apollo(Optimizer):
         """Everything but the weight write: moments, scaling coefficients, limiter. Reads
         gradients only, so it may run while vLLM serves; returns False (and changes nothing)
         when a gradient is not finite."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         self._pending: list[tuple[Tensor, dict, Tensor, Tensor | None, float]] = []
-        if not grads:
+        # The gradient norms APOLLO needs anyway double as the finiteness check (a norm is
+        # finite iff every element is, barring fp32 overflow, which is as destructive).
+        norms = {p: grad_norms(p.grad.float(), g["scale_type"] if self._uses_apollo(g, p)
+                               else "tensor")
+                 for g in self.param_groups for p in g["params"] if p.grad is not None}
+        if not norms:
             return False
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        finite = torch.stack([n.isfinite().all() for n in norms.values()]).all()
         if not bool(finite):  # one host sync per step: nothing is touched on a bad step
             self.skipped_steps += 1
             return False
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._pending.append(self._prepare_param(p, group))
+                    self._pending.append(self._prepare_param(p, group, norms[p]))
         return True
 
-    def _prepare_param(self, p: Tensor, group: dict) -> tuple:
+    def _prepare_param(self, p: Tensor, group: dict, norms: Tensor | None = None) -> tuple:
         beta1, beta2 = group["betas"]
         state = self.state[p]
         state.setdefault("step", 0)
@@ -220,7 +236,7 @@ class Apollo(Optimizer):
             coef = apollo_scale(
                 grad, state, rank=group["rank"], scale=group["scale"],
                 scale_type=group["scale_type"], update_proj_gap=group["update_proj_gap"],
-                beta1=beta1, beta2=beta2, eps=group["eps"])
+                beta1=beta1, beta2=beta2, eps=group["eps"], norms=norms)
             direction = p.grad
         else:
             coef, direction = None, adam_update(grad, state, beta1=beta1, beta2=beta2,
