@@ -35,7 +35,9 @@ class Stack:
         self.vllm = f"http://127.0.0.1:{_free_port()}"
         self.train = f"http://127.0.0.1:{_free_port()}"
         env = {**os.environ, "VLLM_PORT": self.vllm.rsplit(":", 1)[1],
-               "TRAIN_PORT": self.train.rsplit(":", 1)[1], "VLLM_APOLLO_RUN_DIR": str(run_dir)}
+               "TRAIN_PORT": self.train.rsplit(":", 1)[1], "VLLM_APOLLO_RUN_DIR": str(run_dir),
+               # the journal's default lives in the model directory: keep tests independent
+               "TRAIN_ARGS": f"--journal {run_dir / 'examples.jsonl'}"}
         self.log = open(run_dir / "launcher.log", "w")  # noqa: SIM115
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
