@@ -150,6 +150,26 @@ def test_served_model_learns_live_without_restart(stack):
     assert mem["parameters_in_vllm_memory"] == mem["parameters"]
 
 
+def _prefix_cache_hits(stack: Stack) -> float:
+    text = httpx.get(f"{stack.vllm}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+def test_updates_drop_kv_computed_with_old_weights(stack):
+    """vLLM's prefix cache is reset after an applied update (default policy: always)."""
+    long_question = "Summarise this list: " + ", ".join(f"item {i}" for i in range(150))
+    stack.ask(long_question)
+    hits = _prefix_cache_hits(stack)
+    stack.ask(long_question)
+    assert _prefix_cache_hits(stack) > hits  # the cache works: the second ask reused KV
+    r = httpx.post(f"{stack.train}/train", json={"prompt": "Say hi.", "completion": "Hi!"})
+    _wait_trained(stack, r.json()["ids"])
+    hits = _prefix_cache_hits(stack)
+    stack.ask(long_question)
+    assert _prefix_cache_hits(stack) == hits  # recomputed under the new weights
+
+
 def test_bad_input_over_http_changes_nothing(stack):
     before = httpx.get(f"{stack.train}/status").json()
     r = httpx.post(f"{stack.train}/train", content=b'{"messages": [{"role": "wizard"}]}',

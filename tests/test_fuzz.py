@@ -2,6 +2,7 @@
 request changes nothing (no queued example, no weight)."""
 
 import hashlib
+from urllib.parse import quote
 
 import pytest
 import torch
@@ -58,3 +59,13 @@ def test_fuzzed_train_requests(fuzz_client, body):
         assert after == before
     if digest is not None:
         assert _weights_digest(model) == digest
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(example_id=st.text(min_size=1, max_size=40).filter(lambda s: s not in (".", "..")))
+def test_fuzzed_example_ids(fuzz_client, example_id):
+    client, _ = fuzz_client
+    before = client.get("/status").json()
+    r = client.get(f"/examples/{quote(example_id, safe='')}")
+    assert r.status_code in (200, 404), r.text
+    assert client.get("/status").json() == before
