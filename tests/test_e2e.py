@@ -45,7 +45,11 @@ class Stack:
              *([str(model_dir), "--dtype", "float32"] if model_dir else []),
              "--enforce-eager", "--max-model-len", "1024"],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.seconds_to_healthy = self._wait_healthy(900)
+        try:
+            self.seconds_to_healthy = self._wait_healthy(900)
+        except BaseException:
+            self.stop()
+            raise
 
     def _wait_healthy(self, timeout: float) -> float:
         deadline = time.monotonic() + timeout
@@ -96,7 +100,11 @@ class Stack:
 
     def stop(self) -> int:
         os.kill(self.proc.pid, signal.SIGTERM)
-        rc = self.proc.wait(120)
+        try:
+            rc = self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            rc = self.proc.wait()
         self.log.close()
         return rc
 
@@ -106,7 +114,7 @@ def stack(tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("stack"))
     yield s
     if s.proc.poll() is None:
-        os.killpg(s.proc.pid, signal.SIGKILL)
+        s.stop()  # SIGTERM: the launcher stops the servers it started in their own sessions
 
 
 def _wait_trained(stack: Stack, ids: list[str], timeout: float = 300) -> dict:
