@@ -86,6 +86,19 @@ def grad_norms(grad: Tensor, scale_type: str) -> Tensor:
     return grad.norm(dim=channel_dim(grad.shape)) if scale_type == "channel" else grad.norm()
 
 
+def adam_update(grad: Tensor, state: dict[str, Any], *, beta1: float, beta2: float,
+                eps: float) -> Tensor:
+    """Adam's moments on `grad` (advanced in `state`) and M / (sqrt(V) + eps), uncorrected:
+    the bias correction is folded into the step size, as in the reference."""
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(grad)
+        state["exp_avg_sq"] = torch.zeros_like(grad)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+
+
 def apollo_scale(
     grad: Tensor, state: dict[str, Any], *, rank: int, scale: float, scale_type: str,
     update_proj_gap: int, beta1: float, beta2: float, eps: float, norms: Tensor | None = None,
@@ -98,13 +111,7 @@ def apollo_scale(
         state["proj_seed"] = state["seed"] if step == 0 else next_seed(state["proj_seed"])
     proj = projection(tuple(grad.shape), rank, state["proj_seed"], grad.device)
     low = project(grad, proj)
-    if "exp_avg" not in state:
-        state["exp_avg"] = torch.zeros_like(low)
-        state["exp_avg_sq"] = torch.zeros_like(low)
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.mul_(beta1).add_(low, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-    normed = exp_avg / exp_avg_sq.sqrt().add_(eps)
+    normed = adam_update(low, state, beta1=beta1, beta2=beta2, eps=eps)
 
     if norms is None:
         norms = grad_norms(grad, scale_type)
@@ -130,17 +137,6 @@ def apollo_scale(
     else:
         state["update_norm"] = update_norm
     return factor * math.sqrt(scale)
-
-
-def adam_update(grad: Tensor, state: dict[str, Any], *, beta1: float, beta2: float,
-                eps: float) -> Tensor:
-    if "exp_avg" not in state:
-        state["exp_avg"] = torch.zeros_like(grad)
-        state["exp_avg_sq"] = torch.zeros_like(grad)
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    return exp_avg / exp_avg_sq.sqrt().add_(eps)
 
 
 class Apollo(Optimizer):
