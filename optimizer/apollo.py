@@ -19,6 +19,11 @@ two can be compared number for number (tests/test_optimizer_reference.py):
 Parameters that are not matrices, and matrices in a group with ``apollo=False`` (embeddings,
 LM head), get AdamW with the same betas, eps and bias correction.
 
+``step()`` is ``prepare()`` — moments, coefficients, limiter; reads gradients only — then
+``apply()``, the in-place write: one fused ``addcmul_`` pass per parameter. A live trainer
+runs ``prepare()`` while serving goes on and holds serving off only for ``apply()``.
+``layerwise()`` instead steps each parameter during backward, as soon as its gradient exists.
+
 bf16/fp16 weights: an in-place ``W -= lr * u`` at lr 1e-5 rounds most elements back to where
 they were. With ``stochastic_rounding=True`` (default) the new value is computed in fp32 and
 rounded up or down at random, in proportion to the distance, so small updates survive on
