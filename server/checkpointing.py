@@ -28,13 +28,18 @@ class CheckpointService:
         self._synced_step = trainer.stats.optimizer_steps
         self._synced_at = time.monotonic()
         self._lock = threading.Lock()  # one sync at a time (HTTP and the worker's schedule)
+        # The first sync scans everything: weights may have changed before this process
+        # started (a trainer restarted while vLLM kept serving what it had learned).
+        self._full_scan = True
 
     def sync(self) -> dict:
         with self._lock, self.trainer.weights_lock:
             step = self.trainer.stats.optimizer_steps
-            names = [n for pid in self.trainer.stepped for n in self._names_of.get(pid, [])]
+            names = None if self._full_scan else [
+                n for pid in self.trainer.stepped for n in self._names_of.get(pid, [])]
             result = self.checkpointer.sync(names)
             self.trainer.stepped.clear()
+            self._full_scan = False
         self._synced_step, self._synced_at = step, time.monotonic()
         self.last = {**asdict(result), "optimizer_step": step, "at": time.time()}
         return self.last
