@@ -110,8 +110,9 @@ class Checkpointer:
             if t.dtype != slot.dtype:
                 log.info("%s: live %s is saved as the file's %s", name, t.dtype, slot.dtype)
             self.live[name] = t
-        self.baseline = {name: chunk_checksums(self._file_tensor(self.slots[name]),
-                                               chunk_bytes).to(t.device)
+        # Computed where the live tensor is: CPU and CUDA use different checksums.
+        self.baseline = {name: chunk_checksums(self._file_tensor(self.slots[name]).to(t.device),
+                                               chunk_bytes)
                          for name, t in self.live.items()}
         self.last: SyncResult | None = None
 

@@ -9,8 +9,10 @@ labels. So the model learns exactly the text vLLM's chat endpoint would have gen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from server.schemas import ChatExample
+if TYPE_CHECKING:  # keeps the training path importable without pydantic (bench/gpu_check.sh)
+    from server.schemas import ChatExample
 
 IGNORE_INDEX = -100
 

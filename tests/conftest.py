@@ -37,12 +37,12 @@ def tiny_model(tmp_path_factory):
 
 
 class Owner:
-    """tests/standin_owner.py in a child process: a real second process owning the weights."""
+    """bench/standin_owner.py in a child process: a real second process owning the weights."""
 
     def __init__(self, model_dir: Path, export_dir: Path):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.standin_owner", str(model_dir), str(export_dir)],
+            [sys.executable, "-m", "bench.standin_owner", str(model_dir), str(export_dir)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         line = self.proc.stdout.readline()
         assert line.strip() == "ready", f"owner failed to start: {line!r}"

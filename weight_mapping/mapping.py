@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from weight_mapping.families import Family, family_for
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Create modules' parameters on the meta device (no memory), buffers for real (rotary
+    frequencies must exist). Like accelerate's init_empty_weights, without the dependency."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
 
 
 class UnmappedParameterError(ValueError):
@@ -57,7 +76,7 @@ def build_model(tensors: dict[str, torch.Tensor], config: PretrainedConfig) -> n
     family = family_for(config)
     config = config.__class__.from_dict(config.to_dict())
     dtype = next(iter(tensors.values())).dtype
-    with init_empty_weights(include_buffers=False):
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     exported = {name: t.shape for name, t in tensors.items()}
     device = next(iter(tensors.values())).device

@@ -1,0 +1,151 @@
+"""The GPU check: the export / map / train-in-place / checkpoint path on one CUDA device, with
+a stand-in owner process where vLLM would be (bench/gpu_check.sh runs it).
+
+Needs torch, transformers and safetensors only (no vLLM, no network). ``--device cpu`` is the
+dry run CI uses so the kit cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from checkpoint import Checkpointer
+from optimizer import ApolloMini
+from server.live import ExportedWeights
+from server.runtime import param_groups
+from server.tokenization import Encoded
+from server.trainer import Trainer
+from weight_mapping import attach, build_model, shares_storage
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_model(model_dir: Path, gpu: bool) -> LlamaConfig:
+    size = (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                 num_attention_heads=16, num_key_value_heads=4, vocab_size=32000) if gpu else
+            dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=1024))
+    config = LlamaConfig(architectures=["LlamaForCausalLM"], head_dim=64,
+                         max_position_embeddings=1024, tie_word_embeddings=False, **size)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if gpu else
+                                             torch.float32)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return config
+
+
+class Owner:
+    def __init__(self, model_dir: Path, export_dir: Path, device: str, log: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.standin_owner", str(model_dir), str(export_dir),
+             device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"),
+            text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert self.proc.stdout.readline().strip() == "ready", f"owner failed: see {log}"
+
+    def sum(self, name: str) -> float:
+        self.proc.stdin.write(f"sum {name}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.flush()
+        self.proc.wait(60)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--logdir", required=True)
+    ap.add_argument("--steps", type=int, default=10)
+    a = ap.parse_args()
+    gpu = a.device.startswith("cuda")
+    logdir = Path(a.logdir)
+    logdir.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str, str]] = []
+    card = torch.cuda.get_device_name() if gpu else "CPU (dry run)"
+
+    t0 = time.perf_counter()
+    model_dir = logdir / "model"
+    config = make_model(model_dir, gpu)
+    rows.append(("build model", "ok", f"{time.perf_counter() - t0:.1f} s"))
+
+    owner = Owner(model_dir, logdir / "export", a.device, logdir / "owner.log")
+    export = None
+    try:
+        export = attach(logdir / "export", timeout=120)
+        model = build_model(export.tensors, config)
+        views = all(shares_storage(p, export.tensors) for p in model.parameters())
+        rows.append(("map onto owner's tensors", "ok" if views else "FAIL",
+                     f"{sum(p.numel() for p in model.parameters()) / 1e9:.3f} B params, "
+                     f"{next(model.parameters()).device}"))
+
+        names = [n for n in export.tensors if n.endswith(("qkv_proj.weight", "down_proj.weight"))]
+        before = {n: owner.sum(n) for n in names}
+        opt = ApolloMini(param_groups(model, 1e-3, False), lr=1e-3)
+        trainer = Trainer(model, opt, pad_id=0, batch_size=4, steps_per_batch=1,
+                          live=ExportedWeights(export))
+        g = torch.Generator().manual_seed(0)
+        examples = []
+        for _ in range(4 * a.steps):
+            ids = torch.randint(0, config.vocab_size, (128,), generator=g).tolist()
+            examples.append(Encoded(ids, [-100] * 64 + ids[64:]))
+        trainer.start()
+        t0 = time.perf_counter()
+        trainer.submit(examples)
+        while trainer.queued:
+            time.sleep(0.05)
+        trainer.stop()
+        seconds = time.perf_counter() - t0
+        seen = [n for n in names if owner.sum(n) != before[n]]
+        agree = all(abs(owner.sum(n) - export.tensors[n].double().sum().item()) <= 1e-6 *
+                    max(1.0, abs(owner.sum(n))) for n in names)
+        ok = trainer.stats.optimizer_steps == a.steps and len(seen) == len(names) and agree
+        rows.append(("train in place, owner sees updates", "ok" if ok else "FAIL",
+                     f"{trainer.stats.optimizer_steps} steps in {seconds:.1f} s, write "
+                     f"{1e3 * (trainer.stats.last_write_seconds or 0):.1f} ms/step, "
+                     f"{len(seen)}/{len(names)} tensors changed in the owner"))
+
+        t0 = time.perf_counter()
+        ck = Checkpointer(model_dir, dict(model.named_parameters()))
+        result = ck.sync()
+        on_disk = load_file(model_dir / "model.safetensors")
+        live = dict(model.named_parameters())
+        equal = all(torch.equal(t, live[n].detach().cpu()) for n, t in on_disk.items())
+        rows.append(("checkpoint from device memory", "ok" if equal and result.bytes_written
+                     else "FAIL", f"{result.tensors} tensors, {result.bytes_written / 2**20:.0f}"
+                     f" MiB in {result.seconds:.2f} s (incl. start {time.perf_counter() - t0:.1f}"
+                     " s)"))
+        del model, opt, trainer, ck, live
+    finally:
+        export = None
+        owner.close()
+
+    bench_log = logdir / "optimizer_bench.md"
+    layers = "8" if gpu else "1"
+    out = subprocess.run([sys.executable, "-m", "bench.optimizer", "--device", a.device,
+                          "--layers", layers, "--steps", "3" if gpu else "1"],
+                         capture_output=True, text=True, cwd=ROOT)
+    bench_log.write_text(out.stdout + out.stderr)
+    rows.append(("optimizer bench", "ok" if out.returncode == 0 else "FAIL",
+                 f"{layers} layer(s); table in {bench_log.name}"))
+
+    print(out.stdout)
+    print(f"GPU check on {card}; logs in {logdir}")
+    print("| check | result | detail |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    sys.exit(0 if all(r[1] == "ok" for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()

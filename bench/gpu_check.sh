@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU check kit: one run (< 10 min) on a single-GPU machine with torch, transformers and
+# safetensors (no vLLM, no network): a stand-in owner holds a model in vLLM's fused layout on
+# the GPU and exports it through hooks/export.py; the trainer attaches, maps, trains in place
+# with the project's optimizer and trainer; the owner checks it sees every update; then a
+# checkpoint sync from GPU memory and the optimizer benchmark. Prints a table last.
+#
+#   bench/gpu_check.sh LOGDIR            # on the GPU
+#   bench/gpu_check.sh LOGDIR --dry-run  # the same path on the CPU, small (CI runs this)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+LOGDIR=${1:?usage: bench/gpu_check.sh LOGDIR [--dry-run]}
+DEVICE=cuda
+[ "${2:-}" = --dry-run ] && DEVICE=cpu
+PY=${PYTHON:-python3}
+[ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python"
+mkdir -p "$LOGDIR"
+cd "$ROOT"
+PYTHONPATH="$ROOT" "$PY" -m bench.gpu_check --device "$DEVICE" --logdir "$LOGDIR" 2>&1 \
+  | tee "$LOGDIR/gpu_check.log"
+exit "${PIPESTATUS[0]}"
