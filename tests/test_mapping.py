@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from weight_mapping import UnmappedParameterError, attach, build_model, load_config, shares_storage
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2",
+                                    "gemma3"])
 def test_mapped_model_matches_safetensors_and_writes_reach_owner(family, tiny_model,
                                                                   owner_factory):
     model_dir = tiny_model(family)
@@ -27,7 +28,8 @@ def test_mapped_model_matches_safetensors_and_writes_reach_owner(family, tiny_mo
     # A write through the mapped (split) k_proj lands in the owner's fused qkv_proj.
     fused = "model.layers.1.self_attn.qkv_proj.weight"
     before = owner.tensor_sum(fused)
-    k = model.model.layers[1].self_attn.k_proj.weight
+    attn = model.model.layers[1].self_attn
+    k = (attn.k_proj if hasattr(attn, "k_proj") else attn.qkv_proj).weight
     with torch.no_grad():
         k.add_(1.0)
     assert owner.tensor_sum(fused) == pytest.approx(before + k.numel(), rel=1e-6)

@@ -47,11 +47,16 @@ QKV = Fusion("qkv_proj", ("q_proj", "k_proj", "v_proj"), qkv_rows)
 GATE_UP = Fusion("gate_up_proj", ("gate_proj", "up_proj"), gate_up_rows)
 LLAMA_LIKE = Family(fusions=(QKV, GATE_UP))
 
+ALREADY_FUSED = Family()  # Phi-3 stores qkv_proj / gate_up_proj fused in HF form too
+
 FAMILIES: dict[str, Family] = {
     "LlamaForCausalLM": LLAMA_LIKE,
     "MistralForCausalLM": LLAMA_LIKE,
     "Qwen2ForCausalLM": LLAMA_LIKE,
     "Qwen3ForCausalLM": LLAMA_LIKE,
+    "Gemma2ForCausalLM": LLAMA_LIKE,
+    "Gemma3ForCausalLM": LLAMA_LIKE,
+    "Phi3ForCausalLM": ALREADY_FUSED,
 }
 
 
