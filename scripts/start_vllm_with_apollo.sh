@@ -60,8 +60,12 @@ stop_group() {  # TERM a process group, KILL it if it lingers
   kill -KILL -- "-$pid" 2>/dev/null || true
 }
 cleanup() {
-  trap - INT TERM EXIT
-  echo "launcher: stopping" >&2
+  # Nothing may interrupt the clean-up: not a second Ctrl-C, not a closed stdout/stderr
+  # (e.g. piped into a `tee` that Ctrl-C killed first).
+  trap '' INT TERM PIPE
+  trap - EXIT
+  set +e
+  echo "launcher: stopping" >&2 2>/dev/null
   stop_group "$TRAIN_PID"
   stop_group "$VLLM_PID"
   "$PY" -m hooks cleanup "$EXPORT_DIR" 2>/dev/null || true
