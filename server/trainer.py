@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -19,6 +20,9 @@ from server.live import LocalWeights
 from server.tokenization import IGNORE_INDEX, Encoded
 
 log = logging.getLogger("vllm_apollo.trainer")
+# Fault injection for tests of the NaN guarantees against live weights: "nan-loss" or
+# "nan-grad" makes every step's loss or first gradient non-finite. Never set it in production.
+FAULT = os.environ.get("VLLM_APOLLO_FAULT_INJECT", "")
 
 
 @dataclass
@@ -214,6 +218,8 @@ class Trainer:
         for k in range(steps):
             t0 = time.perf_counter()
             loss = causal_lm_loss(self.model, ids, labels, mask)
+            if FAULT == "nan-loss":
+                loss = loss * float("nan")
             value = float(loss.detach())
             if not math.isfinite(value):
                 self._finish(batch, failed=f"non-finite loss ({value}); no weight was changed")
@@ -222,6 +228,9 @@ class Trainer:
                 applied = self._backward_layerwise(loss)
             else:
                 loss.backward()
+                if FAULT == "nan-grad":
+                    next(p for p in self.model.parameters() if p.grad is not None).grad[0] = \
+                        float("nan")
                 applied = self._apply_step()
             self.optimizer.zero_grad(set_to_none=True)
             if not applied:

@@ -5,18 +5,21 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
+import pytest
+import torch
 
 from server.journal import Journal
 from server.tokenization import Encoded
 from tests.conftest import ROOT
+from tests.test_e2e import _free_port
 from tests.tiny_models import make_tiny_model
+from weight_mapping import attach
 
 E = Encoded([1, 2, 3], [-100, 2, 3])
 
@@ -35,12 +38,6 @@ def test_replay_resolves_an_interrupted_batch_with_the_applied_counter(tmp_path)
     assert state.unfinished == (["b"], 3)
     assert state.pending == ["c"]
     assert "torn" not in state.accepted
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_kill_9_mid_batch_trains_every_acknowledged_example_exactly_once(
@@ -120,6 +117,48 @@ def test_kill_9_mid_batch_trains_every_acknowledged_example_exactly_once(
         assert st["examples_failed"] == 0 and rejected > 0
         print(f"\n{len(acked)} acknowledged, {rejected} rejected, {lost} cut off by kills; "
               f"{st['examples_trained']} trained in {st['applied_steps']} steps")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.parametrize("fault", ["nan-loss", "nan-grad"])
+def test_injected_nan_never_reaches_the_live_weights(fault, tmp_path, default_model_dir,
+                                                      owner_factory):
+    """A real training-server process on weights another process owns (as vLLM does):
+    a non-finite loss or gradient fails the example and leaves every weight bit-identical."""
+    model_dir = make_tiny_model("llama", tmp_path / "model", vocab_size=49152,
+                                tie_word_embeddings=True)
+    for f in default_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, model_dir / f.name)
+    _, export_dir = owner_factory(model_dir)
+    live = attach(export_dir, timeout=60).tensors
+    before = {n: t.clone() for n, t in live.items()}
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--export-dir", str(export_dir), "--port", str(port),
+         "--journal", "off", "--threads", "1"],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_APOLLO_FAULT_INJECT": fault},
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(f"{url}/train", json={"prompt": "hi", "completion": "hello"})
+        example = r.json()["ids"][0]
+        for _ in range(600):
+            state = httpx.get(f"{url}/examples/{example}").json()
+            if state["state"] != "queued":
+                break
+            time.sleep(0.1)
+        assert state["state"] == "failed" and "non-finite" in state["reason"]
+        assert httpx.get(f"{url}/status").json()["applied_steps"] == 0
+        assert all(torch.equal(live[n], before[n]) for n in live)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
