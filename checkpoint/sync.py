@@ -145,11 +145,13 @@ class Checkpointer:
             new_sums[name] = sums
             # CPU: views of the live bytes (the caller holds the weights still); CUDA: a host
             # copy of the changed chunks only.
-            raw = memoryview(_words(saved).view(torch.uint8).cpu().numpy())
+            raw = _words(saved).view(torch.uint8)
+            host = memoryview(raw.numpy()) if raw.device.type == "cpu" else None
             slot = self.slots[name]
             for c in changed:
                 lo, hi = c * self.chunk_bytes, min((c + 1) * self.chunk_bytes, slot.nbytes)
-                writes.append(journal.Write(slot.file.name, slot.offset + lo, raw[lo:hi]))
+                data = host[lo:hi] if host is not None else memoryview(raw[lo:hi].cpu().numpy())
+                writes.append(journal.Write(slot.file.name, slot.offset + lo, data))
         journal_bytes = 0
         if writes:
             with dir_lock(self.model_dir):
