@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from bench.optimizer import graphed
 from checkpoint import Checkpointer
-from optimizer import ApolloMini
+from optimizer import Apollo, ApolloMini
 from server.live import ExportedWeights
 from server.runtime import param_groups
 from server.tokenization import Encoded
@@ -60,6 +61,84 @@ class Owner:
         self.proc.stdin.write("quit\n")
         self.proc.stdin.flush()
         self.proc.wait(60)
+
+
+def _mini_problem(device: str, dtype) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(512, 256), (256, 768), (1024, 1024), (256,)]
+    return [(torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype)
+            .requires_grad_(True) for s in shapes]
+
+
+def _grads(params: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + k)
+    grads = [(torch.randn(p.shape, generator=g) * 1e-2).to(p.device, p.dtype) for p in params]
+    if k == 10:
+        grads[1][3, 4] = float("inf")  # a non-finite step in the middle
+    return grads
+
+
+def graph_check(device: str) -> tuple[str, str, str]:
+    """opt.step() captured in a CUDA graph and replayed gives bit for bit the weights that
+    eager steps give, skips the non-finite step, and an eager step makes no host sync. The
+    CPU dry run compares the capturable step with the default one instead (no graphs)."""
+    gpu = device.startswith("cuda")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    a, b = _mini_problem(device, dtype), _mini_problem(device, dtype)
+    opt_a = ApolloMini(a, lr=1e-3, capturable=True, update_proj_gap=1000)
+    opt_b = ApolloMini(b, lr=1e-3, capturable=gpu, update_proj_gap=1000)
+    for opt, params in ((opt_a, a), (opt_b, b)):  # same rounding seed for both
+        for p, g in zip(params, _grads(params, -1), strict=True):
+            p.grad = g
+        torch.manual_seed(0)
+        opt.step()
+    if gpu:
+        step_a = graphed(opt_a)  # 3 more warm-up steps, then capture
+        for _ in range(3):
+            opt_b.step()
+    else:
+        step_a = opt_a.step
+    t0 = time.perf_counter()
+    for k in range(20):
+        for p, g in zip(a, _grads(a, k), strict=True):
+            p.grad.copy_(g)  # the graph reads the gradients where they were at capture
+        step_a()
+        for p, g in zip(b, _grads(b, k), strict=True):
+            p.grad = g
+        if gpu:
+            torch.cuda.set_sync_debug_mode("error")  # raises on any host synchronisation
+        try:
+            opt_b.step()
+        finally:
+            if gpu:
+                torch.cuda.set_sync_debug_mode(0)
+    seconds = time.perf_counter() - t0
+    same = all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    skipped = (opt_a.skipped_steps, opt_b.skipped_steps)
+    ok = same and skipped == (1, 1)
+    what = "graph replay == eager, bit for bit" if gpu else "capturable == default"
+    return ("CUDA graph capture" if gpu else "capturable step (no graph on CPU)",
+            "ok" if ok else "FAIL",
+            f"{what}: {same}; skipped steps {skipped} (expected 1, 1); 20 steps "
+            f"{seconds:.1f} s; eager step under sync_debug_mode=error")
+
+
+def agreement_check(device: str) -> tuple[str, str, str]:
+    """The device's kernels (Triton write, cuBLAS projections) against the CPU, fp32."""
+    results = []
+    for dev in (device, "cpu"):
+        params = _mini_problem(dev, torch.float32)
+        opt = Apollo([{"params": params[:3]}, {"params": params[3:], "apollo": False}],
+                     lr=1e-3, rank=4, weight_decay=0.01)
+        for k in range(20):
+            for p, g in zip(params, _grads(params, k), strict=True):
+                p.grad = g
+            opt.step()
+        results.append([p.detach().cpu() for p in params])
+    diff = max(((x - y).abs().max() / y.abs().max()).item()
+               for x, y in zip(*results, strict=True))
+    return ("device vs CPU, APOLLO rank 4, fp32", "ok" if diff <= 1e-5 else "FAIL",
+            f"20 steps, max rel diff {diff:.1e}")
 
 
 def main() -> None:
@@ -129,6 +208,12 @@ def main() -> None:
     finally:
         export = None
         owner.close()
+
+    for check in (graph_check, agreement_check):
+        try:
+            rows.append(check(a.device))
+        except Exception as exc:  # report it in the table and go on with the benchmark
+            rows.append((check.__name__, "FAIL", f"{type(exc).__name__}: {exc}"[:300]))
 
     bench_log = logdir / "optimizer_bench.md"
     layers = "8" if gpu else "1"

@@ -16,6 +16,6 @@ PY=${PYTHON:-python3}
 [ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python"
 mkdir -p "$LOGDIR"
 cd "$ROOT"
-PYTHONPATH="$ROOT" "$PY" -m bench.gpu_check --device "$DEVICE" --logdir "$LOGDIR" 2>&1 \
+PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m bench.gpu_check --device "$DEVICE" --logdir "$LOGDIR" 2>&1 \
   | tee "$LOGDIR/gpu_check.log"
 exit "${PIPESTATUS[0]}"

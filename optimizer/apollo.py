@@ -2,14 +2,16 @@
 
 APOLLO keeps Adam's moments only for a random rank-r projection of each matrix's gradient and
 uses them to derive a per-channel (or, for Mini, per-tensor) scaling of the *raw* gradient.
-State per m x n matrix is 2 * max(m, n) * r + 2 numbers instead of AdamW's 2 * m * n.
+State per m x n matrix: the moments, 2 * max(m, n) * r numbers, the projection, min(m, n) * r,
+and two scalars, instead of AdamW's 2 * m * n.
 
-The math follows the authors' reference code (apollo-torch 1.0.3) step for step, so that the
-two can be compared number for number (tests/test_optimizer_reference.py):
+The maths follows the authors' reference code (apollo-torch 1.0.3) step for step, so the two
+can be compared number for number (tests/test_optimizer.py):
 
-* projection P ~ N(0, 1/r), regenerated from a per-parameter seed (never stored); the seed of
-  parameter i (1-based, counted over all groups) starts at i and advances with `next_seed`
-  every `update_proj_gap` steps;
+* projection P ~ N(0, 1/r) from a per-parameter seed; the seed of parameter i (1-based,
+  counted over all groups) starts at i and advances with `next_seed` every `update_proj_gap`
+  steps. P is stored (min(m, n) * r numbers) rather than regenerated every step: one
+  generator launch per matrix per step costs more than it saves;
 * Adam moments on the projected gradient R, bias correction folded into the step size;
 * scaling s = ||M / (sqrt(V) + eps)|| / (||R|| + 1e-8), per channel of the larger dimension
   ("channel") or per tensor ("tensor");
@@ -19,9 +21,18 @@ two can be compared number for number (tests/test_optimizer_reference.py):
 Parameters that are not matrices, and matrices in a group with ``apollo=False`` (embeddings,
 LM head), get AdamW with the same betas, eps and bias correction.
 
+No host synchronisation: whether the step is valid (all gradients finite) is a device flag
+that masks every state update and the weight write, step counters live on the device, and the
+per-parameter scalar maths runs on stacked vectors with multi-tensor (foreach) ops. With
+``capturable=True`` the projection refresh is decided on the device too, so ``step()`` can be
+captured in a CUDA graph; refreshed projections then come from torch's default generator
+(graph-safe) instead of the seed chain: same distribution, other numbers. Without it, refresh
+follows the host's count of ``step()`` calls (``group["calls"]``; a skipped step counts
+there), as in the reference.
+
 ``step()`` is ``prepare()`` — moments, coefficients, limiter; reads gradients only — then
-``apply()``, the in-place write: one fused ``addcmul_`` pass per parameter. A live trainer
-runs ``prepare()`` while serving goes on and holds serving off only for ``apply()``.
+``apply()``, the in-place write (optimizer/kernels.py: one fused pass per parameter). A live
+trainer runs ``prepare()`` while serving goes on and holds serving off only for ``apply()``.
 ``layerwise()`` instead steps each parameter during backward, as soon as its gradient exists.
 
 bf16/fp16 weights: an in-place ``W -= lr * u`` at lr 1e-5 rounds most elements back to where
@@ -41,107 +52,20 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-NORM_GROWTH_LIMIT = 1.01
-SCALE_EPS = 1e-8
+from optimizer.functional import (
+    SCALE_EPS,
+    adam_moments_,
+    bias_corrected_lr,
+    channel_dim,
+    low_rank_shape,
+    next_seed,
+    norm_limiter,
+    project_into,
+    projection,
+)
+from optimizer.kernels import write_
 
-
-def next_seed(seed: int, adv: int = 0xF) -> int:
-    """The reference's seed advance: the last of `adv` int64 draws from a CPU generator."""
-    gen = torch.Generator().manual_seed(seed)
-    return int(torch.randint(0, torch.iinfo(torch.int64).max, (adv,), generator=gen)[-1])
-
-
-def projection(shape: tuple[int, int], rank: int, seed: int, device, dtype=torch.float32) -> Tensor:
-    """The rank-r Gaussian projection for a gradient of `shape`, from its seed.
-
-    m >= n: P is r x n and R = G @ P.T; m < n: P is m x r and R = P.T @ G.
-    """
-    m, n = shape
-    pshape = (rank, n) if m >= n else (m, rank)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(pshape, generator=gen, device=device, dtype=dtype) / math.sqrt(rank)
-
-
-def project(grad: Tensor, proj: Tensor) -> Tensor:
-    m, n = grad.shape
-    return grad @ proj.t() if m >= n else proj.t() @ grad
-
-
-def copy_stochastic_(target: Tensor, source: Tensor) -> None:
-    """Round fp32 `source` into bf16 `target`, up or down at random (unbiased)."""
-    noise = torch.randint_like(source, 0, 1 << 16, dtype=torch.int32)
-    noise.add_(source.view(torch.int32)).bitwise_and_(-65536)
-    target.copy_(noise.view(torch.float32))
-
-
-def _write(param: Tensor, new_value_fp32: Tensor, stochastic: bool) -> None:
-    if stochastic:
-        copy_stochastic_(param, new_value_fp32)
-    else:
-        param.copy_(new_value_fp32)
-
-
-def channel_dim(shape: tuple[int, ...]) -> int:
-    """The dimension APOLLO reduces over: channels run along the larger one."""
-    return 0 if shape[0] < shape[1] else 1
-
-
-def grad_norms(grad: Tensor, scale_type: str) -> Tensor:
-    """||grad|| per channel ("channel") or as a 0-d tensor ("tensor")."""
-    return grad.norm(dim=channel_dim(grad.shape)) if scale_type == "channel" else grad.norm()
-
-
-def adam_update(grad: Tensor, state: dict[str, Any], *, beta1: float, beta2: float,
-                eps: float) -> Tensor:
-    """Adam's moments on `grad` (advanced in `state`) and M / (sqrt(V) + eps), uncorrected:
-    the bias correction is folded into the step size, as in the reference."""
-    if "exp_avg" not in state:
-        state["exp_avg"] = torch.zeros_like(grad)
-        state["exp_avg_sq"] = torch.zeros_like(grad)
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    return exp_avg / exp_avg_sq.sqrt().add_(eps)
-
-
-def apollo_scale(
-    grad: Tensor, state: dict[str, Any], *, rank: int, scale: float, scale_type: str,
-    update_proj_gap: int, beta1: float, beta2: float, eps: float, norms: Tensor | None = None,
-) -> Tensor:
-    """APOLLO's per-channel (m x 1 or n) or per-tensor (0-d) coefficient c, such that the
-    update is ``grad * c``: the gradient scaling, the norm-growth limiter and sqrt(scale)
-    folded together. Advances `state`; reads `grad` only, never the weight."""
-    step = state["step"]
-    if step % update_proj_gap == 0:  # refresh: a new seed, hence a new projection
-        state["proj_seed"] = state["seed"] if step == 0 else next_seed(state["proj_seed"])
-    proj = projection(tuple(grad.shape), rank, state["proj_seed"], grad.device)
-    low = project(grad, proj)
-    normed = adam_update(low, state, beta1=beta1, beta2=beta2, eps=eps)
-
-    if norms is None:
-        norms = grad_norms(grad, scale_type)
-    if scale_type == "channel":
-        norm_dim = channel_dim(grad.shape)
-        factor = normed.norm(dim=norm_dim) / (low.norm(dim=norm_dim) + SCALE_EPS)
-        if norm_dim == 1:
-            factor = factor.unsqueeze(1)
-        # ||grad * factor|| without materialising it: per-channel norms of grad.
-        update_norm = (norms.view_as(factor) * factor).norm()
-    elif scale_type == "tensor":
-        factor = normed.norm() / (low.norm() + SCALE_EPS)
-        update_norm = norms * factor
-    else:
-        raise ValueError(f"scale_type must be 'channel' or 'tensor', got {scale_type!r}")
-
-    # Norm-growth limiter (Fira): ||u_t|| <= gamma * ||u_{t-1}||, kept on device (no sync).
-    if "update_norm" in state:
-        limiter = (update_norm / (state["update_norm"] + SCALE_EPS)).clamp(min=NORM_GROWTH_LIMIT)
-        limiter = limiter / NORM_GROWTH_LIMIT
-        factor = factor / limiter
-        state["update_norm"] = update_norm / limiter
-    else:
-        state["update_norm"] = update_norm
-    return factor * math.sqrt(scale)
+Pending = tuple[Tensor, Tensor, Tensor, float, bool, int]  # p, direction, coef, decay, sr, index
 
 
 class Apollo(Optimizer):
@@ -151,8 +75,8 @@ class Apollo(Optimizer):
     channel-wise scaling, scale 1, projection refreshed every 200 steps.
 
     A group with ``apollo=False`` is plain AdamW (put embeddings and the LM head there, as the
-    paper does). A step with a non-finite gradient anywhere changes nothing and is counted in
-    ``skipped_steps``.
+    paper does). A step with a non-finite gradient anywhere changes no weight and no state
+    and is counted in ``skipped_steps``.
     """
 
     def __init__(
@@ -168,6 +92,7 @@ class Apollo(Optimizer):
         weight_decay: float = 0.0,
         stochastic_rounding: bool = True,
         apollo: bool = True,
+        capturable: bool = False,
     ):
         if lr < 0:
             raise ValueError(f"Invalid learning rate: {lr}")
@@ -182,13 +107,25 @@ class Apollo(Optimizer):
                         weight_decay=weight_decay, stochastic_rounding=stochastic_rounding,
                         apollo=apollo)
         super().__init__(params, defaults)
-        self.skipped_steps = 0
-        index = 0
+        self.capturable = capturable
+        self._index: dict[Tensor, int] = {}
         for group in self.param_groups:
             for p in group["params"]:
-                index += 1
+                self._index[p] = len(self._index) + 1
                 if p.requires_grad:
-                    self.state[p]["seed"] = index
+                    self.state[p]["seed"] = self._index[p]
+        self._skipped: Tensor | None = None  # device counters: reading them is the sync
+        self._skipped_params: Tensor | None = None
+        self._rounding_seed: Tensor | None = None
+        self._pending: list[Pending] = []
+
+    @property
+    def skipped_steps(self) -> int:
+        return 0 if self._skipped is None else int(self._skipped)
+
+    @property
+    def skipped_params(self) -> int:
+        return 0 if self._skipped_params is None else int(self._skipped_params)
 
     @staticmethod
     def _uses_apollo(group: dict[str, Any], p: Tensor) -> bool:
@@ -200,73 +137,29 @@ class Apollo(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.prepare():
-            self.apply()
+        self.prepare()
+        self.apply()
         return loss
 
     @torch.no_grad()
-    def prepare(self) -> bool:
+    def prepare(self) -> Tensor | None:
         """Everything but the weight write: moments, scaling coefficients, limiter. Reads
-        gradients only, so it may run while vLLM serves; returns False (and changes nothing)
-        when a gradient is not finite."""
-        self._pending: list[tuple[Tensor, dict, Tensor, Tensor | None, float]] = []
-        # The gradient norms APOLLO needs anyway double as the finiteness check (a norm is
-        # finite iff every element is, barring fp32 overflow, which is as destructive).
-        norms = {p: grad_norms(p.grad.float(), g["scale_type"] if self._uses_apollo(g, p)
-                               else "tensor")
-                 for g in self.param_groups for p in g["params"] if p.grad is not None}
-        if not norms:
-            return False
-        finite = torch.stack([n.isfinite().all() for n in norms.values()]).all()
-        if not bool(finite):  # one host sync per step: nothing is touched on a bad step
-            self.skipped_steps += 1
-            return False
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._pending.append(self._prepare_param(p, group, norms[p]))
-        return True
-
-    def _prepare_param(self, p: Tensor, group: dict, norms: Tensor | None = None) -> tuple:
-        beta1, beta2 = group["betas"]
-        state = self.state[p]
-        state.setdefault("step", 0)
-        state.setdefault("seed", 0)
-        grad = p.grad.float()
-        if self._uses_apollo(group, p):
-            coef = apollo_scale(
-                grad, state, rank=group["rank"], scale=group["scale"],
-                scale_type=group["scale_type"], update_proj_gap=group["update_proj_gap"],
-                beta1=beta1, beta2=beta2, eps=group["eps"], norms=norms)
-            direction = p.grad
-        else:
-            coef, direction = None, adam_update(grad, state, beta1=beta1, beta2=beta2,
-                                                eps=group["eps"])
-        state["step"] += 1
-        t = state["step"]
-        step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-        return p, group, direction, coef, step_size
-
-    @staticmethod
-    def _apply_param(p: Tensor, group: dict, direction: Tensor, coef: Tensor | None,
-                     step_size: float) -> None:
-        wd = group["lr"] * group["weight_decay"]
-        stochastic = group["stochastic_rounding"] and p.dtype == torch.bfloat16
-        target = p if p.dtype == torch.float32 else p.float()
-        if coef is None:
-            target.add_(direction, alpha=-step_size)
-        else:
-            target.addcmul_(direction, coef, value=-step_size)
-        if wd:
-            target.add_(target, alpha=-wd)
-        if target is not p:
-            _write(p, target, stochastic)
+        gradients only, so it may run while vLLM serves. Returns the device flag saying
+        whether the step is valid (every gradient finite); if not, nothing changes."""
+        work = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        work = [(g, ps) for g, ps in work if ps]
+        if not work:
+            self._pending = []
+            return None
+        ok, self._pending = self._prepare(work)
+        self._skipped = self._count(self._skipped, ok)
+        return ok
 
     @torch.no_grad()
     def apply(self) -> None:
         """The in-place write prepared by prepare(): one fused pass per parameter."""
-        for pending in self._pending:
-            self._apply_param(*pending)
+        for p, direction, coef, decay, stochastic, index in self._pending:
+            write_(p, direction, coef, decay, self._ok, stochastic, self._rounding_seed, index)
         self._pending = []
 
     def layerwise(self, write_guard=contextlib.nullcontext) -> list:
@@ -275,21 +168,168 @@ class Apollo(Optimizer):
         gradients never exist all at once. One accumulation step per backward. A parameter
         whose gradient is not finite is skipped (counted in skipped_params); the others of
         that backward are still updated. Returns the hook handles (call .remove() to stop)."""
-        self.skipped_params = 0
+        group_of = {p: g for g in self.param_groups for p in g["params"]}
 
         @torch.no_grad()
         def hook(p: Tensor) -> None:
-            if not bool(torch.isfinite(p.grad).all()):
-                self.skipped_params += 1
-            else:
-                pending = self._prepare_param(p, self._group_of[p])
-                with write_guard():
-                    self._apply_param(*pending)
+            ok, pending = self._prepare([(group_of[p], [p])])
+            self._skipped_params = self._count(self._skipped_params, ok)
+            with write_guard():
+                for q, direction, coef, decay, stochastic, index in pending:
+                    write_(q, direction, coef, decay, ok, stochastic, self._rounding_seed,
+                           index)
             p.grad = None
 
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         return [p.register_post_accumulate_grad_hook(hook)
-                for p in self._group_of if p.requires_grad]
+                for p in group_of if p.requires_grad]
+
+    @staticmethod
+    def _count(counter: Tensor | None, ok: Tensor) -> Tensor:
+        return (~ok).long() if counter is None else counter.add_(~ok)
+
+    def _prepare(self, work: list[tuple[dict, list[Tensor]]]) -> tuple[Tensor, list[Pending]]:
+        norms = self._grad_norms(work)
+        # The gradient norms APOLLO needs anyway double as the finiteness check (a norm is
+        # finite iff every element is, barring fp32 overflow, which is as destructive).
+        ok = torch.cat([n.reshape(-1) for n in norms.values()]).isfinite().all()
+        self._ok = ok
+        if self._rounding_seed is None:
+            self._rounding_seed = torch.randint(1 << 62, (), device=ok.device)
+        self._rounding_seed.add_(1)  # fresh rounding bits every step, also in graph replays
+        pending: list[Pending] = []
+        for group, ps in work:
+            for p in ps:
+                if "step" not in self.state[p]:
+                    self._init_state(p, group)
+            mats = [p for p in ps if self._uses_apollo(group, p)]
+            others = [p for p in ps if not self._uses_apollo(group, p)]
+            if mats:
+                pending += self._prepare_apollo(group, mats, norms, ok)
+            if others:
+                pending += self._prepare_adamw(group, others, ok)
+        return ok, pending
+
+    def _grad_norms(self, work: list[tuple[dict, list[Tensor]]]) -> dict[Tensor, Tensor]:
+        """||G|| (0-d) per tensor, or per channel for channel-scaled APOLLO matrices."""
+        norms: dict[Tensor, Tensor] = {}
+        for group, ps in work:
+            per_channel = [p for p in ps
+                           if self._uses_apollo(group, p) and group["scale_type"] == "channel"]
+            whole = [p for p in ps if p not in set(per_channel)]
+            if whole:
+                norms.update(zip(whole, torch._foreach_norm([p.grad for p in whole], 2,
+                                                            dtype=torch.float32),
+                                 strict=True))
+            for p in per_channel:
+                norms[p] = torch.linalg.vector_norm(p.grad, dim=channel_dim(p.shape),
+                                                    dtype=torch.float32)
+        return norms
+
+    def _init_state(self, p: Tensor, group: dict) -> None:
+        state = self.state[p]
+        state.setdefault("seed", self._index[p])
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        if self._uses_apollo(group, p):
+            state["proj"] = projection(tuple(p.shape), group["rank"], state["seed"], p.device)
+            low = low_rank_shape(tuple(p.shape), group["rank"])
+            state["exp_avg"] = torch.zeros(low, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(low, dtype=torch.float32, device=p.device)
+            # inf: the limiter leaves the first update alone, as the reference does
+            state["update_norm"] = torch.full((), torch.inf, device=p.device)
+        else:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+
+    def _refresh_projections(self, group: dict, ps: list[Tensor], ok: Tensor) -> None:
+        gap, rank = group["update_proj_gap"], group["rank"]
+        calls = group.setdefault("calls", 0)  # step() calls that reached this group
+        group["calls"] += 1
+        for p in ps:
+            state = self.state[p]
+            if self.capturable:  # decided on the device; drawn from the default generator
+                step = state["step"]
+                due = ok & (step > 0) & (torch.remainder(step, gap) == 0)
+                fresh = torch.randn_like(state["proj"]) / math.sqrt(rank)
+                state["proj"].copy_(torch.where(due, fresh, state["proj"]))
+            elif calls > 0 and calls % gap == 0:
+                state["seed"] = next_seed(state["seed"])
+                state["proj"].copy_(projection(tuple(p.shape), rank, state["seed"], p.device))
+
+    def _prepare_apollo(self, group: dict, ps: list[Tensor], norms: dict[Tensor, Tensor],
+                        ok: Tensor) -> list[Pending]:
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in ps]
+        self._refresh_projections(group, ps, ok)
+        # R for every matrix, into one buffer so that a bad step can be zeroed in one go
+        shapes = [low_rank_shape(tuple(p.shape), group["rank"]) for p in ps]
+        flat = torch.empty(sum(a * b for a, b in shapes), dtype=torch.float32,
+                           device=ps[0].device)
+        lows = [v.view(s) for v, s in zip(flat.split([a * b for a, b in shapes]), shapes,
+                                          strict=True)]
+        for p, state, low in zip(ps, states, lows, strict=True):
+            project_into(p.grad, state["proj"], low)
+        flat.masked_fill_(~ok, 0.0)
+        normed = adam_moments_([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                               lows, ok, beta1, beta2, group["eps"])
+
+        if group["scale_type"] == "tensor":
+            factors = (torch.stack(torch._foreach_norm(normed)) /
+                       (torch.stack(torch._foreach_norm(lows)) + SCALE_EPS))
+            update_norm = torch.stack([norms[p] for p in ps]) * factors
+            factors = list(factors.unbind(0))
+        else:
+            factors, update_norms = [], []
+            for p, r_tilde, low in zip(ps, normed, lows, strict=True):
+                dim = channel_dim(p.shape)
+                f = r_tilde.norm(dim=dim) / (low.norm(dim=dim) + SCALE_EPS)
+                f = f.unsqueeze(1) if dim == 1 else f
+                # ||G * f|| without materialising it: per-channel norms of G
+                update_norms.append((norms[p].view_as(f) * f).norm())
+                factors.append(f)
+            update_norm = torch.stack(update_norms)
+        previous = torch.stack([s["update_norm"] for s in states])
+        limiter = norm_limiter(update_norm, previous)
+        torch._foreach_copy_([s["update_norm"] for s in states],
+                             list(torch.where(ok, update_norm / limiter, previous).unbind(0)))
+
+        lr_t = self._advance_steps(group, states, ok)
+        scaled = -math.sqrt(group["scale"]) * lr_t / limiter
+        decay = group["lr"] * group["weight_decay"]
+        stochastic = group["stochastic_rounding"]
+        return [(p, p.grad, f * s, decay, stochastic, self._index[p])
+                for p, f, s in zip(ps, factors, scaled.unbind(0), strict=True)]
+
+    def _prepare_adamw(self, group: dict, ps: list[Tensor], ok: Tensor) -> list[Pending]:
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in ps]
+        grads = [torch.where(ok, p.grad.float(), 0.0) for p in ps]
+        directions = adam_moments_([s["exp_avg"] for s in states],
+                                   [s["exp_avg_sq"] for s in states], grads, ok, beta1, beta2,
+                                   group["eps"])
+        lr_t = self._advance_steps(group, states, ok)
+        decay = group["lr"] * group["weight_decay"]
+        return [(p, d, -s, decay, group["stochastic_rounding"], self._index[p])
+                for p, d, s in zip(ps, directions, lr_t.unbind(0), strict=True)]
+
+    @staticmethod
+    def _advance_steps(group: dict, states: list[dict], ok: Tensor) -> Tensor:
+        """t += 1 where the step is valid; the bias-corrected step size per parameter."""
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, ok.float())
+        beta1, beta2 = group["betas"]
+        return bias_corrected_lr(group["lr"], beta1, beta2, torch.stack(steps))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, but the state keeps its own dtype: torch casts floating state to the
+        parameter's dtype, which would round a bf16 weight's fp32 moments to bf16."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups,
+                                      strict=True):
+            for pid, p in zip(saved_group["params"], group["params"], strict=True):
+                for key, value in saved.get(pid, {}).items():
+                    if torch.is_tensor(value):
+                        self.state[p][key] = value.to(p.device, copy=True)
 
 
 class ApolloMini(Apollo):

@@ -254,8 +254,10 @@ class Trainer:
         lock. False if the step was skipped (non-finite gradient: nothing was written)."""
         skipped = getattr(self.optimizer, "skipped_steps", 0)
         prepare = getattr(self.optimizer, "prepare", None)
-        if prepare is not None and not prepare():
-            return False
+        if prepare is not None:
+            ok = prepare()  # a device flag; reading it here keeps a skipped step off the lock
+            if ok is None or not bool(ok):
+                return False
         with self.weights_lock, self.live.write():
             t0 = time.perf_counter()
             self.optimizer.apply() if prepare is not None else self.optimizer.step()

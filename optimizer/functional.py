@@ -1,0 +1,77 @@
+"""APOLLO's building blocks, as the authors' reference code (apollo-torch 1.0.3) defines them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+NORM_GROWTH_LIMIT = 1.01  # Fira's limiter: ||u_t|| <= gamma * ||u_{t-1}||
+SCALE_EPS = 1e-8
+
+
+def next_seed(seed: int, adv: int = 0xF) -> int:
+    """The reference's seed advance: the last of `adv` int64 draws from a CPU generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (adv,), generator=gen)[-1])
+
+
+def projection(shape: tuple[int, ...], rank: int, seed: int, device) -> Tensor:
+    """The rank-r Gaussian projection P ~ N(0, 1/r) for a gradient of `shape`, from its seed.
+
+    m >= n: P is r x n and R = G @ P.T; m < n: P is m x r and R = P.T @ G.
+    """
+    m, n = shape
+    pshape = (rank, n) if m >= n else (m, rank)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(pshape, generator=gen, device=device) / math.sqrt(rank)
+
+
+def low_rank_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int]:
+    m, n = shape
+    return (m, rank) if m >= n else (rank, n)
+
+
+def project_into(grad: Tensor, proj: Tensor, out: Tensor) -> None:
+    """out (fp32) = the projected gradient R. A bf16 gradient is projected in bf16 (the
+    matmul accumulates in fp32) rather than copied to fp32 first: one read of G, no copy."""
+    m, n = grad.shape
+    p = proj if proj.dtype == grad.dtype else proj.to(grad.dtype)
+    a, b = (grad, p.t()) if m >= n else (p.t(), grad)
+    if grad.dtype == out.dtype:
+        torch.matmul(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
+def channel_dim(shape: tuple[int, ...]) -> int:
+    """The dimension APOLLO reduces over: channels run along the larger one."""
+    return 0 if shape[0] < shape[1] else 1
+
+
+def norm_limiter(update_norm: Tensor, previous: Tensor) -> Tensor:
+    """The divisor (>= 1) that caps ||u_t|| at gamma * ||u_{t-1}||; 1 where previous is inf
+    (the first step)."""
+    return (update_norm / (previous + SCALE_EPS)).clamp(min=NORM_GROWTH_LIMIT) / \
+        NORM_GROWTH_LIMIT
+
+
+def bias_corrected_lr(lr: float, beta1: float, beta2: float, step: Tensor) -> Tensor:
+    """lr * sqrt(1 - beta2^t) / (1 - beta1^t), computed on the device (t is a tensor)."""
+    t = step.double()  # fp32 would lose ~1e-5 of (1 - beta2^t) at small t
+    return (lr * torch.sqrt(1 - beta2**t) / (1 - beta1**t)).float()
+
+
+def adam_moments_(exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], grads: list[Tensor],
+                  ok: Tensor, beta1: float, beta2: float, eps: float) -> list[Tensor]:
+    """Advance Adam's moments (multi-tensor) and return M / (sqrt(V) + eps), uncorrected:
+    the bias correction is folded into the step size, as in the reference. `grads` must be
+    zero where `ok` is false: the betas become 1 and the moments stay bit-identical."""
+    torch._foreach_mul_(exp_avgs, torch.where(ok, beta1, 1.0))
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, torch.where(ok, beta2, 1.0))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    return torch._foreach_div(exp_avgs, denom)
