@@ -63,7 +63,7 @@ from optimizer.functional import (
     project_into,
     projection,
 )
-from optimizer.kernels import write_
+from optimizer.kernels import project_rank1_, write_
 
 Pending = tuple[Tensor, Tensor, Tensor, float, bool, int]  # p, direction, coef, decay, sr, index
 
@@ -188,7 +188,15 @@ class Apollo(Optimizer):
         return (~ok).long() if counter is None else counter.add_(~ok)
 
     def _prepare(self, work: list[tuple[dict, list[Tensor]]]) -> tuple[Tensor, list[Pending]]:
-        norms = self._grad_norms(work)
+        norms: dict[Tensor, Tensor] = {}
+        projected = []
+        for group, ps in work:
+            for p in ps:
+                if "step" not in self.state[p]:
+                    self._init_state(p, group)
+            mats = [p for p in ps if self._uses_apollo(group, p)]
+            projected.append(self._project(group, mats, norms) if mats else None)
+        self._grad_norms(work, norms)
         # The gradient norms APOLLO needs anyway double as the finiteness check (a norm is
         # finite iff every element is, barring fp32 overflow, which is as destructive).
         ok = torch.cat([n.reshape(-1) for n in norms.values()]).isfinite().all()
@@ -197,22 +205,21 @@ class Apollo(Optimizer):
             self._rounding_seed = torch.randint(1 << 62, (), device=ok.device)
         self._rounding_seed.add_(1)  # fresh rounding bits every step, also in graph replays
         pending: list[Pending] = []
-        for group, ps in work:
-            for p in ps:
-                if "step" not in self.state[p]:
-                    self._init_state(p, group)
-            mats = [p for p in ps if self._uses_apollo(group, p)]
+        for (group, ps), low in zip(work, projected, strict=True):
+            if low is not None:
+                mats = [p for p in ps if self._uses_apollo(group, p)]
+                pending += self._prepare_apollo(group, mats, *low, norms, ok)
             others = [p for p in ps if not self._uses_apollo(group, p)]
-            if mats:
-                pending += self._prepare_apollo(group, mats, norms, ok)
             if others:
                 pending += self._prepare_adamw(group, others, ok)
         return ok, pending
 
-    def _grad_norms(self, work: list[tuple[dict, list[Tensor]]]) -> dict[Tensor, Tensor]:
-        """||G|| (0-d) per tensor, or per channel for channel-scaled APOLLO matrices."""
-        norms: dict[Tensor, Tensor] = {}
+    def _grad_norms(self, work: list[tuple[dict, list[Tensor]]],
+                    norms: dict[Tensor, Tensor]) -> None:
+        """||G|| (0-d) per tensor, or per channel for channel-scaled APOLLO matrices, for the
+        parameters whose projection did not already give it."""
         for group, ps in work:
+            ps = [p for p in ps if p not in norms]
             per_channel = [p for p in ps
                            if self._uses_apollo(group, p) and group["scale_type"] == "channel"]
             whole = [p for p in ps if p not in set(per_channel)]
@@ -223,7 +230,6 @@ class Apollo(Optimizer):
             for p in per_channel:
                 norms[p] = torch.linalg.vector_norm(p.grad, dim=channel_dim(p.shape),
                                                     dtype=torch.float32)
-        return norms
 
     def _init_state(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
@@ -240,35 +246,41 @@ class Apollo(Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
 
-    def _refresh_projections(self, group: dict, ps: list[Tensor], ok: Tensor) -> None:
+    def _project(self, group: dict, ps: list[Tensor], norms: dict[Tensor, Tensor]
+                 ) -> tuple[Tensor, list[Tensor]]:
+        """R for every matrix of the group, into one buffer so that a bad step can be zeroed
+        in one go. APOLLO-Mini's rank-1 projection also yields ||G|| in the same pass."""
         gap, rank = group["update_proj_gap"], group["rank"]
         calls = group.setdefault("calls", 0)  # step() calls that reached this group
         group["calls"] += 1
-        for p in ps:
-            state = self.state[p]
-            if self.capturable:  # decided on the device; drawn from the default generator
-                step = state["step"]
-                due = ok & (step > 0) & (torch.remainder(step, gap) == 0)
-                fresh = torch.randn_like(state["proj"]) / math.sqrt(rank)
-                state["proj"].copy_(torch.where(due, fresh, state["proj"]))
-            elif calls > 0 and calls % gap == 0:
+        if not self.capturable and calls > 0 and calls % gap == 0:  # host schedule
+            for p in ps:
+                state = self.state[p]
                 state["seed"] = next_seed(state["seed"])
                 state["proj"].copy_(projection(tuple(p.shape), rank, state["seed"], p.device))
-
-    def _prepare_apollo(self, group: dict, ps: list[Tensor], norms: dict[Tensor, Tensor],
-                        ok: Tensor) -> list[Pending]:
-        beta1, beta2 = group["betas"]
-        states = [self.state[p] for p in ps]
-        self._refresh_projections(group, ps, ok)
-        # R for every matrix, into one buffer so that a bad step can be zeroed in one go
-        shapes = [low_rank_shape(tuple(p.shape), group["rank"]) for p in ps]
+        shapes = [low_rank_shape(tuple(p.shape), rank) for p in ps]
         flat = torch.empty(sum(a * b for a, b in shapes), dtype=torch.float32,
                            device=ps[0].device)
         lows = [v.view(s) for v, s in zip(flat.split([a * b for a, b in shapes]), shapes,
                                           strict=True)]
-        for p, state, low in zip(ps, states, lows, strict=True):
-            project_into(p.grad, state["proj"], low)
-        flat.masked_fill_(~ok, 0.0)
+        if rank == 1 and group["scale_type"] == "tensor":
+            sq = torch.empty(sum(max(p.shape) for p in ps), dtype=torch.float32,
+                             device=ps[0].device)
+            sqs = list(sq.split([max(p.shape) for p in ps]))
+            for p, low, part in zip(ps, lows, sqs, strict=True):
+                project_rank1_(p.grad, self.state[p]["proj"], low, part)
+            for p, total in zip(ps, torch._foreach_norm(sqs, 1), strict=True):
+                norms[p] = total.sqrt()
+        else:
+            for p, low in zip(ps, lows, strict=True):
+                project_into(p.grad, self.state[p]["proj"], low)
+        return flat, lows
+
+    def _prepare_apollo(self, group: dict, ps: list[Tensor], flat: Tensor, lows: list[Tensor],
+                        norms: dict[Tensor, Tensor], ok: Tensor) -> list[Pending]:
+        beta1, beta2 = group["betas"]
+        states = [self.state[p] for p in ps]
+        flat.masked_fill_(~ok, 0.0)  # all R of the group: zero where the step is invalid
         normed = adam_moments_([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                                lows, ok, beta1, beta2, group["eps"])
 
@@ -293,6 +305,11 @@ class Apollo(Optimizer):
                              list(torch.where(ok, update_norm / limiter, previous).unbind(0)))
 
         lr_t = self._advance_steps(group, states, ok)
+        if self.capturable:  # refresh decided on the device, for the next step
+            for state in states:
+                due = ok & (torch.remainder(state["step"], group["update_proj_gap"]) == 0)
+                fresh = torch.randn_like(state["proj"]) / math.sqrt(group["rank"])
+                state["proj"].copy_(torch.where(due, fresh, state["proj"]))
         scaled = -math.sqrt(group["scale"]) * lr_t / limiter
         decay = group["lr"] * group["weight_decay"]
         stochastic = group["stochastic_rounding"]
@@ -315,9 +332,10 @@ class Apollo(Optimizer):
     def _advance_steps(group: dict, states: list[dict], ok: Tensor) -> Tensor:
         """t += 1 where the step is valid; the bias-corrected step size per parameter."""
         steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, ok.float())
+        t = torch.stack(steps) + ok  # (_foreach_add_ with a tensor scalar syncs on CUDA)
+        torch._foreach_copy_(steps, list(t.unbind(0)))
         beta1, beta2 = group["betas"]
-        return bias_corrected_lr(group["lr"], beta1, beta2, torch.stack(steps))
+        return bias_corrected_lr(group["lr"], beta1, beta2, t)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the state keeps its own dtype: torch casts floating state to the

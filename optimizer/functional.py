@@ -21,11 +21,13 @@ def projection(shape: tuple[int, ...], rank: int, seed: int, device) -> Tensor:
     """The rank-r Gaussian projection P ~ N(0, 1/r) for a gradient of `shape`, from its seed.
 
     m >= n: P is r x n and R = G @ P.T; m < n: P is m x r and R = P.T @ G.
+    Drawn on the CPU whatever the device, so one seed gives one projection everywhere (a run
+    is reproducible across devices, and GPU results compare with CPU ones).
     """
     m, n = shape
     pshape = (rank, n) if m >= n else (m, rank)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(pshape, generator=gen, device=device) / math.sqrt(rank)
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(pshape, generator=gen) / math.sqrt(rank)).to(device)
 
 
 def low_rank_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int]:

@@ -78,51 +78,126 @@ def write_torch_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: T
 
 
 if triton is not None:
+    _SEED_STRIDE = tl.constexpr(SEED_STRIDE)
 
     @triton.jit
-    def _write_kernel(p_ptr, d_ptr, c_ptr, ok_ptr, seed_ptr, numel, n_cols, c_row_stride,
-                      c_col_stride, decay, index, ROUND: tl.constexpr, BLOCK: tl.constexpr):
-        """ROUND: 0 none (fp32 weight), 1 to nearest even bf16, 2 stochastic bf16. The bf16
-        rounding is done on the bits, so the final conversion is exact in any rounding mode
-        (Triton's interpreter truncates)."""
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = (offs < numel) & (tl.load(ok_ptr) != 0)  # a skipped step reads/writes nothing
-        row = offs // n_cols
-        col = offs % n_cols
-        c = tl.load(c_ptr + row * c_row_stride + col * c_col_stride, mask=mask, other=0.0)
+    def _write_kernel(p_ptr, d_ptr, c_ptr, ok_ptr, seed_ptr, m, n, c_row_stride, c_col_stride,
+                      decay, index, SCALAR_COEF: tl.constexpr, ROUND: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr):
+        """One BM x BN tile of W (m x n, contiguous). ROUND: 0 none (fp32 weight), 1 to
+        nearest even bf16, 2 stochastic bf16. bf16 rounding is done on the bits, so the final
+        conversion is exact in any rounding mode (Triton's interpreter truncates)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rows = pid_m * BM + tl.arange(0, BM)
+        cols = pid_n * BN + tl.arange(0, BN)
+        ok = tl.load(ok_ptr) != 0  # a skipped step reads and writes nothing
+        mask = (rows[:, None] < m) & (cols[None, :] < n) & ok
+        offs = rows[:, None].to(tl.int64) * n + cols[None, :]
+        if SCALAR_COEF:
+            c = tl.load(c_ptr).to(tl.float32)
+        else:
+            c = tl.load(c_ptr + rows[:, None] * c_row_stride + cols[None, :] * c_col_stride,
+                        mask=mask, other=0.0).to(tl.float32)
         w = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        new = w + c.to(tl.float32) * d
+        new = w + c * d
         new = new - decay * new
         if ROUND == 1:
             bits = new.to(tl.int32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
             new = bits.to(tl.float32, bitcast=True)
         elif ROUND == 2:  # add 16 random bits below bf16's mantissa, then truncate
-            seed = tl.load(seed_ptr) + index * SEED_STRIDE
-            noise = (tl.randint(seed, offs) & 0xFFFF).to(tl.int32)
+            # one Philox call gives 4 x 32 bits = noise for 8 elements
+            tile = pid_m * tl.num_programs(1) + pid_n
+            counter = tile * (BM * BN // 8) + tl.arange(0, BM * BN // 8)
+            seed = tl.load(seed_ptr) + index * _SEED_STRIDE
+            r0, r1, r2, r3 = tl.randint4x(seed, counter)
+            r = tl.interleave(tl.interleave(r0, r1), tl.interleave(r2, r3))
+            noise = tl.reshape(tl.interleave(r & 0xFFFF, r >> 16), (BM, BN)).to(tl.int32)
             bits = (new.to(tl.int32, bitcast=True) + noise) & -65536
             new = bits.to(tl.float32, bitcast=True)
         tl.store(p_ptr + offs, new.to(p_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _project_rank1_kernel(g_ptr, proj_ptr, low_ptr, sq_ptr, m, n, ALONG_ROWS: tl.constexpr,
+                              BM: tl.constexpr, BN: tl.constexpr):
+        """APOLLO-Mini's projection and the gradient's squared norms in one read of G.
+        ALONG_ROWS (m >= n): low[i] = sum_j G[i, j] P[j], sq[i] = sum_j G[i, j]^2;
+        else: low[j] = sum_i P[i] G[i, j], sq[j] = sum_i G[i, j]^2. Accumulates in fp32."""
+        pid = tl.program_id(0)
+        if ALONG_ROWS:
+            rows = pid * BM + tl.arange(0, BM)
+            dot = tl.zeros([BM], dtype=tl.float32)
+            sq = tl.zeros([BM], dtype=tl.float32)
+            for start in range(0, n, BN):
+                cols = start + tl.arange(0, BN)
+                mask = (rows[:, None] < m) & (cols[None, :] < n)
+                g = tl.load(g_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
+                pv = tl.load(proj_ptr + cols, mask=cols < n, other=0.0)
+                dot += tl.sum(g * pv[None, :], axis=1)
+                sq += tl.sum(g * g, axis=1)
+            tl.store(low_ptr + rows, dot, mask=rows < m)
+            tl.store(sq_ptr + rows, sq, mask=rows < m)
+        else:
+            cols = pid * BN + tl.arange(0, BN)
+            dot = tl.zeros([BN], dtype=tl.float32)
+            sq = tl.zeros([BN], dtype=tl.float32)
+            for start in range(0, m, BM):
+                rows = start + tl.arange(0, BM)
+                mask = (rows[:, None] < m) & (cols[None, :] < n)
+                g = tl.load(g_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], mask=mask,
+                            other=0.0).to(tl.float32)
+                pv = tl.load(proj_ptr + rows, mask=rows < m, other=0.0)
+                dot += tl.sum(g * pv[:, None], axis=0)
+                sq += tl.sum(g * g, axis=0)
+            tl.store(low_ptr + cols, dot, mask=cols < n)
+            tl.store(sq_ptr + cols, sq, mask=cols < n)
 
-def triton_usable(p: Tensor, direction: Tensor) -> bool:
-    return (triton is not None and (p.is_cuda or INTERPRET) and p.dim() <= 2
-            and p.is_contiguous() and direction.is_contiguous()
-            and p.dtype in (torch.float32, torch.bfloat16))
+
+def triton_usable(*tensors: Tensor) -> bool:
+    """Triton runs it: CUDA (or the interpreter), contiguous, at most 2-D, fp32 or bf16."""
+    return (triton is not None and all((t.is_cuda or INTERPRET) and t.dim() <= 2
+                                       and t.is_contiguous()
+                                       and t.dtype in (torch.float32, torch.bfloat16)
+                                       for t in tensors))
 
 
 def write_triton_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: Tensor,
                   stochastic: bool, seed: Tensor, index: int) -> None:
-    n_cols = p.shape[-1] if p.dim() == 2 else max(p.numel(), 1)
-    c = coef.expand(p.shape) if coef.dim() else coef
-    c_row, c_col = (c.stride() if p.dim() == 2 else (0, c.stride(0))) if coef.dim() else (0, 0)
-    block = 1024
-    grid = (triton.cdiv(p.numel(), block),)
-    _write_kernel[grid](p, direction, coef, ok.view(torch.uint8), seed, p.numel(), n_cols,
-                        c_row, c_col, float(decay), index,
+    m, n = p.shape if p.dim() == 2 else (1, p.numel())
+    scalar = coef.numel() == 1
+    c_row = c_col = 0
+    if not scalar:
+        c = coef.expand(p.shape)
+        c_row, c_col = c.stride() if p.dim() == 2 else (0, c.stride(0))
+    bm, bn = (8, 256) if m > 1 else (1, 1024)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _write_kernel[grid](p, direction, coef, ok.view(torch.uint8), seed, m, n, c_row, c_col,
+                        float(decay), index, SCALAR_COEF=scalar,
                         ROUND=0 if p.dtype == torch.float32 else 2 if stochastic else 1,
-                        BLOCK=block)
+                        BM=bm, BN=bn)
+
+
+def project_rank1_(grad: Tensor, proj: Tensor, low: Tensor, sq: Tensor) -> None:
+    """low = the rank-1 projection of `grad` (fp32), sq = its squared norms per row (m >= n)
+    or per column (m < n); ||G||^2 = sq.sum(). One pass over G."""
+    m, n = grad.shape
+    if triton_usable(grad, proj, low, sq):
+        along_rows = m >= n
+        bm, bn = (8, 512) if along_rows else (64, 32)
+        grid = (triton.cdiv(m, bm),) if along_rows else (triton.cdiv(n, bn),)
+        _project_rank1_kernel[grid](grad, proj, low, sq, m, n, ALONG_ROWS=along_rows,
+                                    BM=bm, BN=bn)
+        return
+    g = grad.float()
+    if m >= n:
+        torch.matmul(g, proj.t(), out=low)
+        torch.sum(g * g, dim=1, out=sq)
+    else:
+        torch.matmul(proj.t(), g, out=low)
+        torch.sum(g * g, dim=0, out=sq)
 
 
 def write_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: Tensor,

@@ -47,6 +47,31 @@ for dtype in (torch.float32, torch.bfloat16):
                     continue
                 case(dtype, coef_kind, stochastic, ok)
 
+# A vector (1-D), as AdamW parameters are.
+v, dv = torch.randn(300), torch.randn(300)
+a, b = v.clone(), v.clone()
+kernels.write_triton_(a, dv, torch.tensor(-1e-2), 0.0, torch.tensor(True), False,
+                      torch.tensor(1), 0)
+kernels.write_torch_(b, dv, torch.tensor(-1e-2), 0.0, torch.tensor(True), False)
+torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+print("ok vector")
+
+# The fused rank-1 projection + squared norms, both orientations, fp32 and bf16 gradients.
+for shape in ((96, 40), (24, 700)):
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(3)
+        grad = torch.randn(shape, generator=g).to(dtype)
+        m, n = shape
+        proj = torch.randn((1, n) if m >= n else (m, 1), generator=g)
+        low = torch.empty((m, 1) if m >= n else (1, n))
+        sq = torch.empty(max(m, n))
+        kernels.project_rank1_(grad, proj, low, sq)
+        g32 = grad.float()
+        want_low = g32 @ proj.t() if m >= n else proj.t() @ g32
+        torch.testing.assert_close(low, want_low, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sq.sum().sqrt(), g32.norm(), rtol=1e-5, atol=0)
+        print("ok project", shape, dtype)
+
 # Unbiased: the mean of many stochastically rounded tiny updates tracks the exact value.
 w = torch.full((256, 256), 1.0, dtype=torch.bfloat16)
 d = torch.ones(256, 256, dtype=torch.bfloat16)
@@ -60,3 +85,34 @@ for _ in range(8):
 mean = (total / 8).mean().item()
 assert abs(mean - 0.999) < 2e-4, mean  # bf16 spacing at 1.0 is 2^-8 (0.0039)
 print("ok unbiased", mean)
+
+# The whole optimizer with the kernels against the torch paths: APOLLO-Mini and rank-4
+# channel-wise (per-row and per-column coefficients), fp32, a skipped step in the middle.
+from optimizer import Apollo  # noqa: E402
+
+
+def train(use_triton: bool, **hp):
+    usable = kernels.triton_usable
+    kernels.triton_usable = usable if use_triton else (lambda *t: False)
+    try:
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=g).requires_grad_(True)
+                  for s in ((48, 16), (12, 40), (40,))]
+        opt = Apollo(params, lr=1e-2, weight_decay=0.01, **hp)
+        for k in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            if k == 3:
+                params[0].grad[0, 0] = float("nan")
+            opt.step()
+        return [p.detach() for p in params], opt.skipped_steps
+    finally:
+        kernels.triton_usable = usable
+
+
+for hp in (dict(rank=1, scale=128.0, scale_type="tensor"), dict(rank=4, scale_type="channel")):
+    (a, skipped_a), (b, skipped_b) = train(True, **hp), train(False, **hp)
+    assert skipped_a == skipped_b == 1
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    print("ok optimizer", hp["scale_type"])
