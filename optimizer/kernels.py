@@ -120,17 +120,19 @@ if triton is not None:
         tl.store(p_ptr + offs, new.to(p_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _project_rank1_kernel(g_ptr, proj_ptr, low_ptr, sq_ptr, m, n, ALONG_ROWS: tl.constexpr,
-                              BM: tl.constexpr, BN: tl.constexpr):
-        """APOLLO-Mini's projection and the gradient's squared norms in one read of G.
-        ALONG_ROWS (m >= n): low[i] = sum_j G[i, j] P[j], sq[i] = sum_j G[i, j]^2;
-        else: low[j] = sum_i P[i] G[i, j], sq[j] = sum_i G[i, j]^2. Accumulates in fp32."""
+    def _project_rank1_kernel(g_ptr, proj_ptr, dot_ptr, sq_ptr, m, n, chunk, stride_split,
+                              ALONG_ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+        """APOLLO-Mini's projection and the gradient's squared norms in one read of G, as
+        partial sums over one chunk of the reduced dimension (program_id(1) picks it):
+        ALONG_ROWS (m >= n): dot[i] = sum_j G[i, j] P[j], sq[i] = sum_j G[i, j]^2;
+        else: dot[j] = sum_i P[i] G[i, j], sq[j] = sum_i G[i, j]^2. fp32 accumulation."""
         pid = tl.program_id(0)
+        split = tl.program_id(1)
         if ALONG_ROWS:
             rows = pid * BM + tl.arange(0, BM)
             dot = tl.zeros([BM], dtype=tl.float32)
             sq = tl.zeros([BM], dtype=tl.float32)
-            for start in range(0, n, BN):
+            for start in range(split * chunk, tl.minimum(split * chunk + chunk, n), BN):
                 cols = start + tl.arange(0, BN)
                 mask = (rows[:, None] < m) & (cols[None, :] < n)
                 g = tl.load(g_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], mask=mask,
@@ -138,13 +140,13 @@ if triton is not None:
                 pv = tl.load(proj_ptr + cols, mask=cols < n, other=0.0)
                 dot += tl.sum(g * pv[None, :], axis=1)
                 sq += tl.sum(g * g, axis=1)
-            tl.store(low_ptr + rows, dot, mask=rows < m)
-            tl.store(sq_ptr + rows, sq, mask=rows < m)
+            tl.store(dot_ptr + split * stride_split + rows, dot, mask=rows < m)
+            tl.store(sq_ptr + split * stride_split + rows, sq, mask=rows < m)
         else:
             cols = pid * BN + tl.arange(0, BN)
             dot = tl.zeros([BN], dtype=tl.float32)
             sq = tl.zeros([BN], dtype=tl.float32)
-            for start in range(0, m, BM):
+            for start in range(split * chunk, tl.minimum(split * chunk + chunk, m), BM):
                 rows = start + tl.arange(0, BM)
                 mask = (rows[:, None] < m) & (cols[None, :] < n)
                 g = tl.load(g_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], mask=mask,
@@ -152,8 +154,8 @@ if triton is not None:
                 pv = tl.load(proj_ptr + rows, mask=rows < m, other=0.0)
                 dot += tl.sum(g * pv[:, None], axis=0)
                 sq += tl.sum(g * g, axis=0)
-            tl.store(low_ptr + cols, dot, mask=cols < n)
-            tl.store(sq_ptr + cols, sq, mask=cols < n)
+            tl.store(dot_ptr + split * stride_split + cols, dot, mask=cols < n)
+            tl.store(sq_ptr + split * stride_split + cols, sq, mask=cols < n)
 
 
 def triton_usable(*tensors: Tensor) -> bool:
@@ -180,24 +182,41 @@ def write_triton_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: 
                         BM=bm, BN=bn)
 
 
-def project_rank1_(grad: Tensor, proj: Tensor, low: Tensor, sq: Tensor) -> None:
-    """low = the rank-1 projection of `grad` (fp32), sq = its squared norms per row (m >= n)
-    or per column (m < n); ||G||^2 = sq.sum(). One pass over G."""
-    m, n = grad.shape
-    if triton_usable(grad, proj, low, sq):
-        along_rows = m >= n
-        bm, bn = (8, 512) if along_rows else (64, 32)
-        grid = (triton.cdiv(m, bm),) if along_rows else (triton.cdiv(n, bn),)
-        _project_rank1_kernel[grid](grad, proj, low, sq, m, n, ALONG_ROWS=along_rows,
-                                    BM=bm, BN=bn)
+SPLITS = 16  # chunks of the reduced dimension: enough programs to keep HBM busy
+
+
+def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor, sq: Tensor) -> None:
+    """For matrices G_i with rank-1 projections P_i: `low` (fp32, the R_i concatenated) and
+    `sq` (the squared norms of G_i per row (m >= n) or column (m < n), concatenated;
+    ||G_i||^2 is the sum of its part). One pass over each G; on Triton, partial sums over
+    SPLITS chunks, reduced in a fixed order for the whole group (deterministic)."""
+    sizes = [max(g.shape) for g in grads]
+    if triton_usable(*grads, *projs, low, sq):
+        dot_parts = torch.empty(SPLITS, low.numel(), dtype=torch.float32, device=low.device)
+        sq_parts = torch.empty_like(dot_parts)
+        offset = 0
+        for g, p, size in zip(grads, projs, sizes, strict=True):
+            m, n = g.shape
+            along_rows = m >= n
+            bm, bn = (8, 256) if along_rows else (16, 256)
+            step = bn if along_rows else bm
+            chunk = triton.cdiv(triton.cdiv(n if along_rows else m, SPLITS), step) * step
+            grid = (triton.cdiv(m, bm) if along_rows else triton.cdiv(n, bn), SPLITS)
+            _project_rank1_kernel[grid](g, p, dot_parts[:, offset:], sq_parts[:, offset:], m,
+                                        n, chunk, low.numel(), ALONG_ROWS=along_rows, BM=bm,
+                                        BN=bn)
+            offset += size
+        torch.sum(dot_parts, 0, out=low)
+        torch.sum(sq_parts, 0, out=sq)
         return
-    g = grad.float()
-    if m >= n:
-        torch.matmul(g, proj.t(), out=low)
-        torch.sum(g * g, dim=1, out=sq)
-    else:
-        torch.matmul(proj.t(), g, out=low)
-        torch.sum(g * g, dim=0, out=sq)
+    for g, p, lo, part in zip(grads, projs, low.split(sizes), sq.split(sizes), strict=True):
+        g32 = g.float()
+        if g.shape[0] >= g.shape[1]:
+            torch.matmul(g32, p.t(), out=lo.view(-1, 1))
+            torch.sum(g32 * g32, dim=1, out=part)
+        else:
+            torch.matmul(p.t(), g32, out=lo.view(1, -1))
+            torch.sum(g32 * g32, dim=0, out=part)
 
 
 def write_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: Tensor,

@@ -56,21 +56,24 @@ kernels.write_torch_(b, dv, torch.tensor(-1e-2), 0.0, torch.tensor(True), False)
 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 print("ok vector")
 
-# The fused rank-1 projection + squared norms, both orientations, fp32 and bf16 gradients.
-for shape in ((96, 40), (24, 700)):
-    for dtype in (torch.float32, torch.bfloat16):
-        g = torch.Generator().manual_seed(3)
-        grad = torch.randn(shape, generator=g).to(dtype)
-        m, n = shape
-        proj = torch.randn((1, n) if m >= n else (m, 1), generator=g)
-        low = torch.empty((m, 1) if m >= n else (1, n))
-        sq = torch.empty(max(m, n))
-        kernels.project_rank1_(grad, proj, low, sq)
-        g32 = grad.float()
-        want_low = g32 @ proj.t() if m >= n else proj.t() @ g32
-        torch.testing.assert_close(low, want_low, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(sq.sum().sqrt(), g32.norm(), rtol=1e-5, atol=0)
-        print("ok project", shape, dtype)
+# The fused rank-1 projection + squared norms: a group of both orientations, fp32 and bf16.
+for dtype in (torch.float32, torch.bfloat16):
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(s, generator=g).to(dtype) for s in ((96, 40), (24, 700), (300, 300))]
+    projs = [torch.randn((1, n) if m >= n else (m, 1), generator=g)
+             for m, n in (x.shape for x in grads)]
+    total = sum(max(x.shape) for x in grads)
+    low, sq = torch.empty(total), torch.empty(total)
+    kernels.project_rank1_(grads, projs, low, sq)
+    want_low, want_sq = torch.empty(total), torch.empty(total)
+    usable, kernels.triton_usable = kernels.triton_usable, lambda *t: False
+    kernels.project_rank1_(grads, projs, want_low, want_sq)
+    kernels.triton_usable = usable
+    torch.testing.assert_close(low, want_low, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sq, want_sq, rtol=1e-5, atol=1e-5)
+    for part, x in zip(sq.split([max(x.shape) for x in grads]), grads, strict=True):
+        torch.testing.assert_close(part.sum().sqrt(), x.float().norm(), rtol=1e-5, atol=0)
+    print("ok project", dtype)
 
 # Unbiased: the mean of many stochastically rounded tiny updates tracks the exact value.
 w = torch.full((256, 256), 1.0, dtype=torch.bfloat16)
