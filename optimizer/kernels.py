@@ -121,41 +121,49 @@ if triton is not None:
 
     @triton.jit
     def _project_rank1_kernel(g_ptr, proj_ptr, dot_ptr, sq_ptr, m, n, chunk, stride_split,
-                              ALONG_ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+                              ALONG_ROWS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                              STEP: tl.constexpr):
         """APOLLO-Mini's projection and the gradient's squared norms in one read of G, as
         partial sums over one chunk of the reduced dimension (program_id(1) picks it):
         ALONG_ROWS (m >= n): dot[i] = sum_j G[i, j] P[j], sq[i] = sum_j G[i, j]^2;
-        else: dot[j] = sum_i P[i] G[i, j], sq[j] = sum_i G[i, j]^2. fp32 accumulation."""
+        else: dot[j] = sum_i P[i] G[i, j], sq[j] = sum_i G[i, j]^2. fp32 accumulation, in
+        BM x BN accumulators reduced once at the end, so the loop is loads and FMAs only."""
         pid = tl.program_id(0)
         split = tl.program_id(1)
+        lo = split * chunk
         if ALONG_ROWS:
             rows = pid * BM + tl.arange(0, BM)
-            dot = tl.zeros([BM], dtype=tl.float32)
-            sq = tl.zeros([BM], dtype=tl.float32)
-            for start in range(split * chunk, tl.minimum(split * chunk + chunk, n), BN):
-                cols = start + tl.arange(0, BN)
-                mask = (rows[:, None] < m) & (cols[None, :] < n)
-                g = tl.load(g_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], mask=mask,
-                            other=0.0).to(tl.float32)
-                pv = tl.load(proj_ptr + cols, mask=cols < n, other=0.0)
-                dot += tl.sum(g * pv[None, :], axis=1)
-                sq += tl.sum(g * g, axis=1)
-            tl.store(dot_ptr + split * stride_split + rows, dot, mask=rows < m)
-            tl.store(sq_ptr + split * stride_split + rows, sq, mask=rows < m)
+            hi = tl.minimum(lo + chunk, n)
         else:
             cols = pid * BN + tl.arange(0, BN)
-            dot = tl.zeros([BN], dtype=tl.float32)
-            sq = tl.zeros([BN], dtype=tl.float32)
-            for start in range(split * chunk, tl.minimum(split * chunk + chunk, m), BM):
+            hi = tl.minimum(lo + chunk, m)
+        acc_dot = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_sq = tl.zeros([BM, BN], dtype=tl.float32)
+        for start in range(lo, hi, STEP):  # STEP: BN along rows, else BM
+            if ALONG_ROWS:
+                cols = start + tl.arange(0, BN)
+                pv = tl.load(proj_ptr + cols, mask=cols < hi, other=0.0)[None, :]
+                mask = (rows[:, None] < m) & (cols[None, :] < hi)
+            else:
                 rows = start + tl.arange(0, BM)
-                mask = (rows[:, None] < m) & (cols[None, :] < n)
-                g = tl.load(g_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], mask=mask,
-                            other=0.0).to(tl.float32)
-                pv = tl.load(proj_ptr + rows, mask=rows < m, other=0.0)
-                dot += tl.sum(g * pv[:, None], axis=0)
-                sq += tl.sum(g * g, axis=0)
-            tl.store(dot_ptr + split * stride_split + cols, dot, mask=cols < n)
-            tl.store(sq_ptr + split * stride_split + cols, sq, mask=cols < n)
+                pv = tl.load(proj_ptr + rows, mask=rows < hi, other=0.0)[:, None]
+                mask = (rows[:, None] < hi) & (cols[None, :] < n)
+            g = tl.load(g_ptr + rows[:, None].to(tl.int64) * n + cols[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            acc_dot += g * pv
+            acc_sq += g * g
+        if ALONG_ROWS:
+            out = pid * BM + tl.arange(0, BM)
+            keep = out < m
+            dot = tl.sum(acc_dot, axis=1)
+            sq = tl.sum(acc_sq, axis=1)
+        else:
+            out = pid * BN + tl.arange(0, BN)
+            keep = out < n
+            dot = tl.sum(acc_dot, axis=0)
+            sq = tl.sum(acc_sq, axis=0)
+        tl.store(dot_ptr + split * stride_split + out, dot, mask=keep)
+        tl.store(sq_ptr + split * stride_split + out, sq, mask=keep)
 
 
 def triton_usable(*tensors: Tensor) -> bool:
@@ -182,14 +190,15 @@ def write_triton_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: 
                         BM=bm, BN=bn)
 
 
-SPLITS = 16  # chunks of the reduced dimension: enough programs to keep HBM busy
+SPLITS = 8  # chunks of a long reduced dimension (m < n): more programs keep HBM busy
 
 
 def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor, sq: Tensor) -> None:
     """For matrices G_i with rank-1 projections P_i: `low` (fp32, the R_i concatenated) and
     `sq` (the squared norms of G_i per row (m >= n) or column (m < n), concatenated;
-    ||G_i||^2 is the sum of its part). One pass over each G; on Triton, partial sums over
-    SPLITS chunks, reduced in a fixed order for the whole group (deterministic)."""
+    ||G_i||^2 is the sum of its part). One pass over each G. On Triton a matrix with m < n
+    is reduced over rows in SPLITS chunks (its n columns alone give too few programs); the
+    partial sums are reduced in a fixed order for the whole group (deterministic)."""
     sizes = [max(g.shape) for g in grads]
     if triton_usable(*grads, *projs, low, sq):
         dot_parts = torch.empty(SPLITS, low.numel(), dtype=torch.float32, device=low.device)
@@ -197,14 +206,16 @@ def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor, sq: Te
         offset = 0
         for g, p, size in zip(grads, projs, sizes, strict=True):
             m, n = g.shape
-            along_rows = m >= n
-            bm, bn = (8, 256) if along_rows else (16, 256)
-            step = bn if along_rows else bm
-            chunk = triton.cdiv(triton.cdiv(n if along_rows else m, SPLITS), step) * step
-            grid = (triton.cdiv(m, bm) if along_rows else triton.cdiv(n, bn), SPLITS)
+            if m >= n:  # one program per 4 rows, whole rows: split 0 does all, others zero
+                bm, bn, chunk = 4, 512, n
+                grid = (triton.cdiv(m, bm), SPLITS)
+            else:
+                bm, bn = 32, 64
+                chunk = triton.cdiv(triton.cdiv(m, SPLITS), bm) * bm
+                grid = (triton.cdiv(n, bn), SPLITS)
             _project_rank1_kernel[grid](g, p, dot_parts[:, offset:], sq_parts[:, offset:], m,
-                                        n, chunk, low.numel(), ALONG_ROWS=along_rows, BM=bm,
-                                        BN=bn)
+                                        n, chunk, low.numel(), ALONG_ROWS=m >= n, BM=bm,
+                                        BN=bn, STEP=bn if m >= n else bm)
             offset += size
         torch.sum(dot_parts, 0, out=low)
         torch.sum(sq_parts, 0, out=sq)

@@ -59,7 +59,8 @@ print("ok vector")
 # The fused rank-1 projection + squared norms: a group of both orientations, fp32 and bf16.
 for dtype in (torch.float32, torch.bfloat16):
     g = torch.Generator().manual_seed(3)
-    grads = [torch.randn(s, generator=g).to(dtype) for s in ((96, 40), (24, 700), (300, 300))]
+    grads = [torch.randn(s, generator=g).to(dtype)
+             for s in ((96, 40), (24, 700), (300, 300), (200, 300))]
     projs = [torch.randn((1, n) if m >= n else (m, 1), generator=g)
              for m, n in (x.shape for x in grads)]
     total = sum(max(x.shape) for x in grads)
