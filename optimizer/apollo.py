@@ -302,12 +302,16 @@ class Apollo(Optimizer):
         torch._foreach_copy_([s["update_norm"] for s in states],
                              list(torch.where(ok, update_norm / limiter, previous).unbind(0)))
 
-        lr_t = self._advance_steps(group, states, ok)
+        t, lr_t = self._advance_steps(group, states, ok)
         if self.capturable:  # refresh decided on the device, for the next step
-            for state in states:
-                due = ok & (torch.remainder(state["step"], group["update_proj_gap"]) == 0)
-                fresh = torch.randn_like(state["proj"]) / math.sqrt(group["rank"])
-                state["proj"].copy_(torch.where(due, fresh, state["proj"]))
+            projs = [s["proj"] for s in states]
+            fresh = torch.randn(sum(p.numel() for p in projs), device=flat.device)
+            fresh = fresh.div_(math.sqrt(group["rank"])).split([p.numel() for p in projs])
+            due = (ok & (torch.remainder(t, group["update_proj_gap"]) == 0)).float()
+            # lerp by exactly 0 or 1: keeps P, or takes the fresh draw; one kernel for all
+            torch._foreach_lerp_(projs, [f.view_as(p) for f, p in zip(fresh, projs,
+                                                                         strict=True)],
+                                 list(due.unbind(0)))
         scaled = -math.sqrt(group["scale"]) * lr_t / limiter
         decay = group["lr"] * group["weight_decay"]
         stochastic = group["stochastic_rounding"]
@@ -321,19 +325,19 @@ class Apollo(Optimizer):
         directions = adam_moments_([s["exp_avg"] for s in states],
                                    [s["exp_avg_sq"] for s in states], grads, ok, beta1, beta2,
                                    group["eps"])
-        lr_t = self._advance_steps(group, states, ok)
+        _, lr_t = self._advance_steps(group, states, ok)
         decay = group["lr"] * group["weight_decay"]
         return [(p, d, -s, decay, group["stochastic_rounding"], self._index[p])
                 for p, d, s in zip(ps, directions, lr_t.unbind(0), strict=True)]
 
     @staticmethod
-    def _advance_steps(group: dict, states: list[dict], ok: Tensor) -> Tensor:
-        """t += 1 where the step is valid; the bias-corrected step size per parameter."""
+    def _advance_steps(group: dict, states: list[dict], ok: Tensor) -> tuple[Tensor, Tensor]:
+        """t += 1 where the step is valid; (t, the bias-corrected step size) per parameter."""
         steps = [s["step"] for s in states]
         t = torch.stack(steps) + ok  # (_foreach_add_ with a tensor scalar syncs on CUDA)
         torch._foreach_copy_(steps, list(t.unbind(0)))
         beta1, beta2 = group["betas"]
-        return bias_corrected_lr(group["lr"], beta1, beta2, t)
+        return t, bias_corrected_lr(group["lr"], beta1, beta2, t)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As torch's, but the state keeps its own dtype: torch casts floating state to the
