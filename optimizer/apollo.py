@@ -264,11 +264,9 @@ class Apollo(Optimizer):
         lows = [v.view(s) for v, s in zip(flat.split([a * b for a, b in shapes]), shapes,
                                           strict=True)]
         if rank == 1 and group["scale_type"] == "tensor":
-            sq = torch.empty_like(flat)  # rank 1: R_i has max(m, n) numbers, as its sq
-            project_rank1_([p.grad for p in ps], [self.state[p]["proj"] for p in ps], flat, sq)
-            sqs = list(sq.split([max(p.shape) for p in ps]))
-            for p, total in zip(ps, torch._foreach_norm(sqs, 1), strict=True):
-                norms[p] = total.sqrt()
+            norms.update(zip(ps, project_rank1_([p.grad for p in ps],
+                                                [self.state[p]["proj"] for p in ps], flat),
+                             strict=True))
         else:
             for p, low in zip(ps, lows, strict=True):
                 project_into(p.grad, self.state[p]["proj"], low)

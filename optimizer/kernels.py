@@ -193,14 +193,15 @@ def write_triton_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: 
 SPLITS = 8  # chunks of a long reduced dimension (m < n): more programs keep HBM busy
 
 
-def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor, sq: Tensor) -> None:
-    """For matrices G_i with rank-1 projections P_i: `low` (fp32, the R_i concatenated) and
-    `sq` (the squared norms of G_i per row (m >= n) or column (m < n), concatenated;
-    ||G_i||^2 is the sum of its part). One pass over each G. On Triton a matrix with m < n
-    is reduced over rows in SPLITS chunks (its n columns alone give too few programs); the
-    partial sums are reduced in a fixed order for the whole group (deterministic)."""
+def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor) -> list[Tensor]:
+    """For matrices G_i with rank-1 projections P_i: fills `low` (fp32, the R_i concatenated)
+    and returns ||G_i|| (0-d fp32 each). On Triton, one pass over each G gives both: the
+    squared norms per row (m >= n) or column (m < n) come with the dot products; a matrix
+    with m < n is reduced over rows in SPLITS chunks (its columns alone give too few
+    programs) and the partial sums are reduced in a fixed order for the whole group
+    (deterministic). Elsewhere: a matmul and a norm per matrix."""
     sizes = [max(g.shape) for g in grads]
-    if triton_usable(*grads, *projs, low, sq):
+    if triton_usable(*grads, *projs, low):
         dot_parts = torch.empty(SPLITS, low.numel(), dtype=torch.float32, device=low.device)
         sq_parts = torch.empty_like(dot_parts)
         offset = 0
@@ -218,16 +219,15 @@ def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor, sq: Te
                                         BN=bn, STEP=bn if m >= n else bm)
             offset += size
         torch.sum(dot_parts, 0, out=low)
-        torch.sum(sq_parts, 0, out=sq)
-        return
-    for g, p, lo, part in zip(grads, projs, low.split(sizes), sq.split(sizes), strict=True):
+        squares = list(sq_parts.sum(0).split(sizes))
+        return list(torch._foreach_sqrt(torch._foreach_norm(squares, 1)))
+    for g, p, lo in zip(grads, projs, low.split(sizes), strict=True):
         g32 = g.float()
         if g.shape[0] >= g.shape[1]:
             torch.matmul(g32, p.t(), out=lo.view(-1, 1))
-            torch.sum(g32 * g32, dim=1, out=part)
         else:
             torch.matmul(p.t(), g32, out=lo.view(1, -1))
-            torch.sum(g32 * g32, dim=0, out=part)
+    return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
 
 
 def write_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: Tensor,

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import platform
 import subprocess
 import sys
 
@@ -19,7 +20,8 @@ def test_triton_write_kernel_matches_torch_in_the_interpreter():
     torch path (fp32, bf16 round-to-nearest), a neighbour of the exact value with stochastic
     rounding, unbiased on average, and no write at all on a skipped step; the fused rank-1
     projection gives the matmul's R and ||G||."""
-    pytest.importorskip("triton")  # installed by the `test` extra
+    if platform.machine() != "x86_64":  # the `test` extra installs Triton on x86-64 only
+        pytest.importorskip("triton")
     out = subprocess.run([sys.executable, str(ROOT / "tests/kernel_check_child.py")],
                          capture_output=True, text=True, timeout=600, cwd=ROOT,
                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
