@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +90,13 @@ class Checkpointer:
     """Syncs `live` (HF name -> tensor, e.g. the mapped model's views) into `model_dir`."""
 
     def __init__(self, model_dir: str | os.PathLike, live: dict[str, torch.Tensor],
-                 chunk_bytes: int = CHUNK_BYTES, durable: bool = True):
+                 chunk_bytes: int = CHUNK_BYTES, durable: bool = True,
+                 file_names: Mapping[str, str] | None = None):
+        """`file_names`: the file's name for a live name where they differ (a multimodal
+        checkpoint nests the text model the trainer holds); `sync()` takes live names."""
         self.model_dir = Path(model_dir)
+        self._file_name = dict(file_names or {})
+        live = {self._file_name.get(name, name): t for name, t in live.items()}
         self.durable = durable  # fsync (survives OS crashes) or not (survives process crashes)
         self.chunk_bytes = chunk_bytes
         with dir_lock(self.model_dir):
@@ -135,7 +140,8 @@ class Checkpointer:
         start = time.perf_counter()
         writes: list[journal.Write] = []
         new_sums: dict[str, torch.Tensor] = {}
-        names = self.live if candidates is None else [n for n in candidates if n in self.live]
+        names = self.live if candidates is None else [
+            n for n in (self._file_name.get(c, c) for c in candidates) if n in self.live]
         for name in names:
             saved = self._as_saved(name)
             sums = chunk_checksums(saved, self.chunk_bytes)

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from checkpoint import Checkpointer
+from checkpoint import Checkpointer, read_layout
 from optimizer import ApolloMini
 from server.config import Settings
 from server.live import ExportedWeights, LocalWeights
-from weight_mapping import Export, attach, build_model, load_config
+from weight_mapping import Export, attach, build_model, checkpoint_file_names, load_config
 
 log = logging.getLogger("vllm_apollo.runtime")
 
@@ -60,8 +60,9 @@ def load_runtime(settings: Settings) -> Runtime:
     tokenizer = AutoTokenizer.from_pretrained(export.model_path)
     log.info("attached to %s: %d parameters mapped onto vLLM's tensors",
              export.model_path, sum(1 for _ in model.parameters()))
-    checkpointer = Checkpointer(export.model_path,
-                                dict(model.named_parameters(remove_duplicate=False)))
+    live = dict(model.named_parameters(remove_duplicate=False))
+    checkpointer = Checkpointer(export.model_path, live, file_names=checkpoint_file_names(
+        list(live), set(read_layout(export.model_path))))
     live = ExportedWeights(export, settings.consistency, settings.prefix_cache_reset)
     return Runtime(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, settings),
                    model_path=export.model_path, export=export, checkpointer=checkpointer,

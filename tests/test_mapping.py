@@ -49,3 +49,50 @@ def test_unsupported_architecture_is_refused(tiny_model):
     config.architectures = ["FancyNewForCausalLM"]
     with pytest.raises(NotImplementedError, match="FancyNewForCausalLM.*supported"):
         build_model({"x": torch.zeros(1)}, config)
+
+
+@pytest.mark.parametrize("wrapper", ["llava", "gemma3-mm"])
+def test_multimodal_wrapper_maps_and_checkpoints_the_text_model_only(wrapper, tiny_model,
+                                                                     owner_factory):
+    """A multimodal checkpoint (text model under `language_model.`, as vLLM names it): the
+    trainer's model is the text model alone, equal to the full model on text; the vision
+    tower is never mapped, so never trained; a checkpoint writes the text weights back under
+    the file's own names and leaves the vision weights' bytes alone."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from checkpoint import Checkpointer, read_layout
+    from weight_mapping import checkpoint_file_names
+
+    model_dir = tiny_model(wrapper)
+    owner, export_dir = owner_factory(model_dir)
+    export = attach(export_dir, timeout=60)
+    assert any(n.startswith("vision_tower.") for n in export.tensors)
+    model = build_model(export.tensors, load_config(str(model_dir)))
+    reference = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+
+    ids = torch.randint(0, 500, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(ids).logits - reference(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-5
+    text = {n: t for n, t in export.tensors.items() if n.startswith("language_model.")}
+    assert all(shares_storage(p, text) for p in model.parameters())
+
+    fused = "language_model.model.layers.1.self_attn.qkv_proj.weight"
+    before = owner.tensor_sum(fused)
+    q = model.model.layers[1].self_attn.q_proj.weight
+    with torch.no_grad():
+        q.add_(1.0)
+    assert owner.tensor_sum(fused) == pytest.approx(before + q.numel(), rel=1e-6)
+
+    live = dict(model.named_parameters(remove_duplicate=False))
+    names = checkpoint_file_names(list(live), set(read_layout(model_dir)))
+    assert names["model.layers.1.self_attn.q_proj.weight"] == \
+        "language_model.model.layers.1.self_attn.q_proj.weight"
+    old = load_file(model_dir / "model.safetensors")
+    result = Checkpointer(model_dir, live, file_names=names).sync()
+    new = load_file(model_dir / "model.safetensors")
+    assert result.tensors >= 1
+    assert torch.equal(new["language_model.model.layers.1.self_attn.q_proj.weight"], q.detach())
+    vision = [n for n in old if not n.startswith("language_model.")]
+    assert vision and all(torch.equal(old[n], new[n]) for n in vision)

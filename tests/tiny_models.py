@@ -8,13 +8,18 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    CLIPVisionConfig,
     Gemma2Config,
+    Gemma3Config,
     Gemma3TextConfig,
     LlamaConfig,
+    LlavaConfig,
     MistralConfig,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
+    SiglipVisionConfig,
 )
 
 COMMON = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -36,10 +41,29 @@ CONFIGS = {
 }
 
 
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+              image_size=28, patch_size=14)
+
+# Multimodal wrappers: the text model under `language_model`, a tiny vision tower beside it.
+WRAPPED = {
+    "llava": lambda: LlavaConfig(
+        architectures=["LlavaForConditionalGeneration"], image_token_index=511,
+        text_config=CONFIGS["llama"]().to_dict(), vision_config=CLIPVisionConfig(**VISION)),
+    "gemma3-mm": lambda: Gemma3Config(
+        architectures=["Gemma3ForConditionalGeneration"], image_token_index=511,
+        boi_token_index=509, eoi_token_index=510, mm_tokens_per_image=4,
+        text_config=CONFIGS["gemma3"]().to_dict(), vision_config=SiglipVisionConfig(**VISION)),
+}
+
+
 def make_tiny_model(family: str, directory: Path, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
-    config = CONFIGS[family](**overrides)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family in WRAPPED:
+        config = WRAPPED[family]()
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    else:
+        config = CONFIGS[family](**overrides)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random biases/norms too, so a wrong slice cannot hide
         for name, p in model.named_parameters():
             if p.dim() == 1:

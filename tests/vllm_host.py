@@ -22,7 +22,8 @@ from vllm.inputs import TokensPrompt
 
 def main() -> None:
     model_dir = sys.argv[1]
-    vocab = json.load(open(f"{model_dir}/config.json"))["vocab_size"]
+    config = json.load(open(f"{model_dir}/config.json"))
+    vocab = config.get("text_config", config)["vocab_size"]
     llm = LLM(model=model_dir, skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
               max_model_len=256, max_logprobs=vocab, seed=0, distributed_executor_backend="uni")
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=vocab,

@@ -60,6 +60,21 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Multimodal checkpoints whose text model vLLM serves under a prefix. The trainer trains that
+# text model alone; the vision tower and projector are never mapped, so never changed.
+WRAPPERS: dict[str, str] = {
+    "LlavaForConditionalGeneration": "language_model.",
+    "Mistral3ForConditionalGeneration": "language_model.",
+    "Gemma3ForConditionalGeneration": "language_model.",
+}
+# A wrapper's text_config names its family by model_type.
+TEXT_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+}
+
+
 def family_for(config: PretrainedConfig) -> Family:
     archs = getattr(config, "architectures", None) or []
     for arch in archs:
@@ -67,12 +82,65 @@ def family_for(config: PretrainedConfig) -> Family:
             return FAMILIES[arch]
     raise NotImplementedError(
         f"architecture {archs or config.model_type!r} is not supported; supported: "
-        f"{', '.join(sorted(FAMILIES))} (add one in weight_mapping/families.py)")
+        f"{', '.join(sorted(FAMILIES))}, and their multimodal wrappers "
+        f"{', '.join(sorted(WRAPPERS))} (add one in weight_mapping/families.py)")
+
+
+def text_model_part(config: PretrainedConfig) -> tuple[str, PretrainedConfig]:
+    """(prefix of the text model in vLLM's names, its config): ("", config) for a text model,
+    ("language_model.", text_config) for a multimodal wrapper."""
+    archs = getattr(config, "architectures", None) or []
+    prefix = next((WRAPPERS[a] for a in archs if a in WRAPPERS), None)
+    if prefix is None:
+        return "", config
+    text = config.get_text_config()
+    text = text.__class__.from_dict(text.to_dict())
+    if text.model_type not in TEXT_ARCHITECTURES:
+        raise NotImplementedError(f"{archs[0]} with a {text.model_type!r} text model is not "
+                                  f"supported; text models: {', '.join(TEXT_ARCHITECTURES)}")
+    text.architectures = [TEXT_ARCHITECTURES[text.model_type]]
+    return prefix, text
+
+
+def hf_text_name(name: str) -> str | None:
+    """A multimodal checkpoint's name for a text-model tensor, as the text model's own
+    (transformers >= 4.52 saves `model.language_model.X`, older files
+    `language_model.model.X`); None for vision tower / projector tensors."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("language_model."):
+        return name[len("language_model."):]
+    if name == "lm_head.weight":
+        return name
+    return None
+
+
+def checkpoint_file_names(names: list[str], file_names: set[str]) -> dict[str, str]:
+    """For text-model parameter names, the names a multimodal checkpoint file uses for them
+    (where they differ and the file has them)."""
+    out = {}
+    for name in names:
+        if name in file_names:
+            continue
+        for candidate in ("language_model." + name,
+                          name.replace("model.", "model.language_model.", 1)):
+            if candidate in file_names:
+                out[name] = candidate
+                break
+    return out
 
 
 def fuse_state_dict(state_dict: dict, config: PretrainedConfig) -> dict:
     """The inverse mapping: HF tensors stacked into vLLM's fused layout (for stand-in owners
-    in tests and bench/gpu_check.sh, where no vLLM runs)."""
+    in tests and bench/gpu_check.sh, where no vLLM runs). A multimodal wrapper's text model
+    goes under its prefix; its other tensors keep their names, less a leading `model.`."""
+    prefix, text_config = text_model_part(config)
+    if prefix:
+        text = {hf_text_name(k): v for k, v in state_dict.items() if hf_text_name(k)}
+        rest = {k.removeprefix("model."): v for k, v in state_dict.items()
+                if not hf_text_name(k)}
+        fused = fuse_state_dict(text, text_config)
+        return {**rest, **{prefix + k: v for k, v in fused.items()}}
     family = family_for(config)
     out: dict = {}
     pending: dict[str, list] = {}

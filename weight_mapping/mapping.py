@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from weight_mapping.families import Family, family_for
+from weight_mapping.families import Family, family_for, text_model_part
 
 
 @contextlib.contextmanager
@@ -72,7 +72,12 @@ def _view(tensor: torch.Tensor, src: Source) -> torch.Tensor:
 
 
 def build_model(tensors: dict[str, torch.Tensor], config: PretrainedConfig) -> nn.Module:
-    """A transformers model of `config` whose every parameter aliases one of `tensors`."""
+    """A transformers model of `config` whose every parameter aliases one of `tensors`. For a
+    multimodal wrapper, the text model alone (from its text_config, on the tensors under the
+    wrapper's prefix): vision weights are not part of it and so are never trained."""
+    prefix, config = text_model_part(config)
+    if prefix:
+        tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     family = family_for(config)
     config = config.__class__.from_dict(config.to_dict())
     dtype = next(iter(tensors.values())).dtype
