@@ -11,6 +11,11 @@ On start-up, `replay` rebuilds every example's state. A batch that began but has
 is resolved with the applied-step counter: steps it already applied are not repeated; the
 rest of its steps run again. If the process dies *during* an in-place write (milliseconds),
 that step counts as not applied and runs again.
+
+`compact` then rewrites the file with what is still needed: finished examples shrink to
+``trained`` / ``failed`` records (id and outcome, no tokens), examples still to train keep
+their tokens, an interrupted batch keeps a ``begin`` rebased on the counter. The new file is
+written beside the old one, fsynced and renamed over it: a crash leaves one or the other.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from server.tokenization import Encoded
 
 @dataclass
 class Replayed:
-    accepted: dict[str, Encoded] = field(default_factory=dict)
+    # in order of acceptance; None for a finished example whose tokens were compacted away
+    accepted: dict[str, Encoded | None] = field(default_factory=dict)
     trained: dict[str, int] = field(default_factory=dict)  # id -> step
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason
     # a batch that began and has no outcome: (ids, steps still to run; 0 = all applied)
@@ -63,6 +69,40 @@ class Journal:
     def close(self) -> None:
         os.close(self._fd)
 
+    def compact(self, state: Replayed, applied_steps: int) -> None:
+        """Rewrite the journal as `state` (from `replay(applied_steps)`), without the tokens
+        of finished examples."""
+        records: list[dict] = []
+        for i, enc in state.accepted.items():
+            if i in state.trained:
+                records.append({"op": "trained", "id": i, "step": state.trained[i]})
+            elif i in state.failed:
+                records.append({"op": "failed", "id": i, "reason": state.failed[i]})
+            else:
+                records.append({"op": "accept", "id": i, "ids": enc.input_ids,
+                                "labels": enc.labels})
+        if state.unfinished is not None:
+            ids, remaining = state.unfinished
+            records.append({"op": "begin", "batch": ids, "steps": remaining,
+                            "base": applied_steps})
+        tmp = self.path.with_name(self.path.name + ".compact")
+        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        with self._lock:
+            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+            os.close(self._fd)  # the old descriptor appends to the replaced file
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
     def replay(self, applied_steps: int) -> Replayed:
         """States from the file; `applied_steps` is the export's counter now."""
         out = Replayed()
@@ -86,6 +126,10 @@ class Journal:
                 elif op == "fail":
                     out.failed.update({i: rec["reason"] for i in rec["batch"]})
                     open_batch = None
+                elif op == "trained":  # compacted
+                    out.accepted[rec["id"]], out.trained[rec["id"]] = None, rec["step"]
+                elif op == "failed":
+                    out.accepted[rec["id"]], out.failed[rec["id"]] = None, rec["reason"]
         if open_batch is not None:
             done_steps = max(0, min(open_batch["steps"], applied_steps - open_batch["base"]))
             out.unfinished = (open_batch["batch"], open_batch["steps"] - done_steps)

@@ -28,7 +28,7 @@ FAULT = os.environ.get("VLLM_APOLLO_FAULT_INJECT", "")
 @dataclass
 class Record:
     id: str
-    encoded: Encoded
+    encoded: Encoded | None  # dropped once the example is finished
     state: str = "queued"
     step: int | None = None
     reason: str | None = None
@@ -124,7 +124,9 @@ class Trainer:
             self._write_seconds += time.perf_counter() - t0
 
     def _restore(self, journal: Journal) -> None:
-        state = journal.replay(self.live.applied_steps())
+        applied = self.live.applied_steps()
+        state = journal.replay(applied)
+        journal.compact(state, applied)  # finished examples keep their outcome, not tokens
         for i, enc in state.accepted.items():
             rec = self.records[i] = Record(i, enc)
             if i in state.trained:
@@ -294,6 +296,7 @@ class Trainer:
                 self.journal.done(ids, step)
         with self._cond:
             for r in batch:
+                r.encoded = None  # memory stays bounded by what is still to train
                 if failed:
                     r.state, r.reason = "failed", failed
                     self.stats.failed += 1

@@ -40,6 +40,35 @@ def test_replay_resolves_an_interrupted_batch_with_the_applied_counter(tmp_path)
     assert "torn" not in state.accepted
 
 
+
+def test_compaction_keeps_every_state_and_drops_finished_tokens(tmp_path):
+    path = tmp_path / "j.jsonl"
+    long = Encoded(list(range(400)), [-100] * 200 + list(range(200, 400)))
+    j = Journal(path)
+    j.accept([(f"e{k}", long) for k in range(40)])
+    for k in range(0, 30, 10):  # three trained batches of 10
+        j.begin([f"e{i}" for i in range(k, k + 10)], steps=1, base=k // 10)
+        j.done([f"e{i}" for i in range(k, k + 10)], step=k // 10 + 1)
+    j.begin(["e30", "e31"], steps=1, base=3)
+    j.fail(["e30", "e31"], "non-finite gradient")
+    j.begin(["e32", "e33"], steps=4, base=3)  # crashed after 1 of its 4 steps
+    before = j.replay(applied_steps=4)
+    size = path.stat().st_size
+    (tmp_path / "j.jsonl.compact").write_bytes(b"half-written by a crashed compaction")
+
+    j.compact(before, applied_steps=4)
+    after = Journal(path).replay(applied_steps=4)
+    assert (after.trained, after.failed, after.pending) == \
+        (before.trained, before.failed, before.pending)
+    assert after.unfinished == before.unfinished == (["e32", "e33"], 3)
+    assert path.stat().st_size < 0.25 * size  # 40 examples' tokens -> 8 still needed
+    assert after.accepted["e0"] is None and after.accepted["e39"] == long
+
+    j.accept([("late", E)])  # appends reach the new file, not the replaced one
+    assert Journal(path).replay(applied_steps=4).pending == before.pending + ["late"]
+    # the counter moves on after the rebase: one more applied step of the batch is seen
+    assert Journal(path).replay(applied_steps=5).unfinished == (["e32", "e33"], 2)
+
 def test_kill_9_mid_batch_trains_every_acknowledged_example_exactly_once(
         tmp_path, default_model_dir, owner_factory):
     model_dir = make_tiny_model("llama", tmp_path / "model", vocab_size=49152,
