@@ -218,7 +218,8 @@ def main() -> None:
     bench_log = logdir / "optimizer_bench.md"
     layers = "8" if gpu else "1"
     out = subprocess.run([sys.executable, "-m", "bench.optimizer", "--device", a.device,
-                          "--layers", layers, "--steps", "3" if gpu else "1"],
+                          "--layers", layers, "--steps", "3" if gpu else "1",
+                          "--shrink", "1" if gpu else "4"],
                          capture_output=True, text=True, cwd=ROOT)
     bench_log.write_text(out.stdout + out.stderr)
     rows.append(("optimizer bench", "ok" if out.returncode == 0 else "FAIL",

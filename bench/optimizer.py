@@ -44,11 +44,12 @@ def reference_apollo():
         return importlib.import_module("apollo_torch.apollo").AdamW
 
 
-def make_params(layers: int, dtype, device) -> list[torch.Tensor]:
+def make_params(layers: int, dtype, device, shrink: int = 1) -> list[torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(0)
     params = []
     for _ in range(layers):
-        for shape in LAYER:
+        for rows, cols in LAYER:
+            shape = (rows // shrink, cols // shrink)
             p = (torch.randn(shape, generator=g, device=device, dtype=dtype) * 0.02)
             p.requires_grad_(True)
             p.grad = torch.randn(shape, generator=g, device=device, dtype=dtype) * 1e-3
@@ -94,6 +95,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--shrink", type=int, default=1,
+                    help="divide every dimension (CI's dry run of the GPU kit: 4)")
     a = ap.parse_args()
     device = torch.device(a.device)
     cuda = device.type == "cuda"
@@ -118,12 +121,13 @@ def main() -> None:
     if cuda:
         candidates["ours APOLLO-Mini, CUDA graph"] = (
             lambda ps: ApolloMini(ps, lr=lr, capturable=True), True)
-    n = sum(r * c for r, c in LAYER) * layers
-    print(f"{layers} Llama-3-8B layer(s), {n / 1e9:.3f} B params, {dtype}, {device}"
+    n = sum((r // a.shrink) * (c // a.shrink) for r, c in LAYER) * layers
+    shapes = "" if a.shrink == 1 else f" with every dimension / {a.shrink}"
+    print(f"{layers} Llama-3-8B layer(s){shapes}, {n / 1e9:.3f} B params, {dtype}, {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}")
     rows = []
     for name, (make, graph) in candidates.items():
-        params = make_params(layers, dtype, device)
+        params = make_params(layers, dtype, device, a.shrink)
         try:
             opt = make(params)
         except ImportError as exc:

@@ -27,8 +27,9 @@ per-parameter scalar maths runs on stacked vectors with multi-tensor (foreach) o
 ``capturable=True`` the projection refresh is decided on the device too, so ``step()`` can be
 captured in a CUDA graph; refreshed projections then come from torch's default generator
 (graph-safe) instead of the seed chain: same distribution, other numbers. Without it, refresh
-follows the host's count of ``step()`` calls (``group["calls"]``; a skipped step counts
-there), as in the reference.
+follows the host's count of steps asked of each matrix (``state["calls"]``: the one entry a
+skipped step advances, since the host cannot know it was skipped without a sync), as in the
+reference when no step is skipped.
 
 ``step()`` is ``prepare()`` — moments, coefficients, limiter; reads gradients only — then
 ``apply()``, the in-place write (optimizer/kernels.py: one fused pass per parameter). A live
@@ -236,6 +237,7 @@ class Apollo(Optimizer):
         state.setdefault("seed", self._index[p])
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if self._uses_apollo(group, p):
+            state["calls"] = 0
             state["proj"] = projection(tuple(p.shape), group["rank"], state["seed"], p.device)
             low = low_rank_shape(tuple(p.shape), group["rank"])
             state["exp_avg"] = torch.zeros(low, dtype=torch.float32, device=p.device)
@@ -251,11 +253,11 @@ class Apollo(Optimizer):
         """R for every matrix of the group, into one buffer so that a bad step can be zeroed
         in one go. APOLLO-Mini's rank-1 projection also yields ||G|| in the same pass."""
         gap, rank = group["update_proj_gap"], group["rank"]
-        calls = group.setdefault("calls", 0)  # step() calls that reached this group
-        group["calls"] += 1
-        if not self.capturable and calls > 0 and calls % gap == 0:  # host schedule
-            for p in ps:
-                state = self.state[p]
+        for p in ps:
+            state = self.state[p]
+            calls = state["calls"]  # steps asked of p (host-side; a skipped one counts)
+            state["calls"] += 1
+            if not self.capturable and calls > 0 and calls % gap == 0:  # host schedule
                 state["seed"] = next_seed(state["seed"])
                 state["proj"].copy_(projection(tuple(p.shape), rank, state["seed"], p.device))
         shapes = [low_rank_shape(tuple(p.shape), rank) for p in ps]

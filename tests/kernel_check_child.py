@@ -74,10 +74,10 @@ for dtype in (torch.float32, torch.bfloat16):
     print("ok project", dtype)
 
 # Unbiased: the mean of many stochastically rounded tiny updates tracks the exact value.
-w = torch.full((256, 256), 1.0, dtype=torch.bfloat16)
-d = torch.ones(256, 256, dtype=torch.bfloat16)
+w = torch.full((64, 256), 1.0, dtype=torch.bfloat16)
+d = torch.ones(64, 256, dtype=torch.bfloat16)
 seed = torch.tensor(7, dtype=torch.int64)
-total = torch.zeros(256, 256)
+total = torch.zeros(64, 256)
 for _ in range(8):
     a = w.clone()
     seed.add_(1)

@@ -28,6 +28,7 @@ class VllmHost:
     """tests/vllm_host.py: vLLM's engine in a child process, asked for log-probs."""
 
     def __init__(self, model_dir, export_dir, log):
+        self.export_dir = export_dir
         env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_APOLLO_EXPORT_DIR": str(export_dir),
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
@@ -35,7 +36,13 @@ class VllmHost:
                                       str(model_dir)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
                                      env=env, cwd=ROOT)
-        self._read()  # {"ready": true}
+        self.ready = False
+
+    def wait_ready(self) -> "VllmHost":
+        if not self.ready:
+            self._read()  # {"ready": true}
+            self.ready = True
+        return self
 
     def _read(self) -> dict:
         while True:
@@ -61,6 +68,38 @@ class VllmHost:
                 self.proc.kill()
 
 
+class HostPool:
+    """Starts the next family's vLLM while the current one is being tested: a start is
+    mostly imports (one core), the test mostly waits."""
+
+    def __init__(self, tiny_model, directory):
+        self.tiny_model, self.directory, self.hosts = tiny_model, directory, {}
+
+    def start(self, family: str) -> None:
+        if family not in self.hosts:
+            d = self.directory / family
+            d.mkdir()
+            self.hosts[family] = VllmHost(self.tiny_model(family), d / "export", d / "vllm.log")
+
+    def take(self, family: str) -> VllmHost:
+        self.start(family)
+        later = FAMILIES[FAMILIES.index(family) + 1:]
+        if later:
+            self.start(later[0])
+        return self.hosts.pop(family).wait_ready()
+
+    def close(self) -> None:
+        for host in self.hosts.values():
+            host.close()
+
+
+@pytest.fixture(scope="module")
+def hosts(tiny_model, tmp_path_factory):
+    pool = HostPool(tiny_model, tmp_path_factory.mktemp("families"))
+    yield pool
+    pool.close()
+
+
 def _mapped_logprobs(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].double()
@@ -69,11 +108,11 @@ def _mapped_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("family", FAMILIES)
-def test_vllm_serves_the_mapped_model_and_one_step_changes_it(family, tiny_model, tmp_path):
+def test_vllm_serves_the_mapped_model_and_one_step_changes_it(family, tiny_model, hosts):
     model_dir = tiny_model(family)
-    host = VllmHost(model_dir, tmp_path / "export", tmp_path / "vllm.log")
+    host = hosts.take(family)
     try:
-        export = attach(tmp_path / "export", timeout=120)
+        export = attach(host.export_dir, timeout=120)
         model = build_model(export.tensors, load_config(str(model_dir)))
         assert all(shares_storage(p, export.tensors) for p in model.parameters())
 
