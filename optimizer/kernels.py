@@ -48,6 +48,17 @@ def round_stochastic_fp16(source: Tensor) -> Tensor:
     return torch.where(torch.rand_like(source) < p_other, other, near)
 
 
+def _rounded(value: Tensor, dtype: torch.dtype, stochastic: bool) -> Tensor:
+    """fp32 `value` in `dtype`: stochastically rounded for bf16/fp16 if asked, else nearest."""
+    if stochastic and dtype == torch.bfloat16:
+        out = torch.empty_like(value, dtype=dtype)
+        copy_stochastic_(out, value)
+        return out
+    if stochastic and dtype == torch.float16:
+        return round_stochastic_fp16(value)
+    return value.to(dtype)
+
+
 def write_torch_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: Tensor,
                  stochastic: bool, branch: bool | None = None) -> None:
     """The write with torch ops. On the CPU a skipped step returns early (reading a CPU flag
@@ -56,25 +67,17 @@ def write_torch_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: T
     branch = p.device.type == "cpu" if branch is None else branch
     if branch and not bool(ok):
         return
-    target = p if p.dtype == torch.float32 and branch else p.to(torch.float32, copy=True)
+    if branch and p.dtype == torch.float32:  # in place, one pass
+        p.addcmul_(direction, coef)
+        if decay:
+            p.add_(p, alpha=-decay)
+        return
+    target = p.to(torch.float32, copy=True)
     target.addcmul_(direction, coef)
     if decay:
         target.add_(target, alpha=-decay)
-    if not branch:
-        new = target
-        if stochastic and p.dtype == torch.bfloat16:
-            new = torch.empty_like(p)
-            copy_stochastic_(new, target)
-        elif stochastic and p.dtype == torch.float16:
-            new = round_stochastic_fp16(target)
-        p.copy_(torch.where(ok, new.to(p.dtype), p))
-    elif target is not p:
-        if stochastic and p.dtype == torch.bfloat16:
-            copy_stochastic_(p, target)
-        elif stochastic and p.dtype == torch.float16:
-            p.copy_(round_stochastic_fp16(target))
-        else:
-            p.copy_(target)
+    new = _rounded(target, p.dtype, stochastic)
+    p.copy_(new if branch else torch.where(ok, new, p))
 
 
 if triton is not None:

@@ -43,6 +43,22 @@ def test_device_flag_write_equals_branching_write(dtype):
         assert torch.equal(a, w) != ok
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_rounding_lands_on_a_neighbour_and_is_unbiased(dtype):
+    """An update far below the weight's spacing: round-to-nearest drops it, stochastic
+    rounding keeps it on average (each element on one of the two neighbours)."""
+    w = torch.full((256, 256), 1.0, dtype=dtype)
+    d = torch.ones(256, 256, dtype=dtype)
+    coef = torch.tensor(-1e-4)  # spacing below 1.0: 2^-9 (bf16), 2^-11 (fp16)
+    nearest, rounded = w.clone(), w.clone()
+    write_torch_(nearest, d, coef, 0.0, torch.tensor(True), stochastic=False)
+    write_torch_(rounded, d, coef, 0.0, torch.tensor(True), stochastic=True)
+    assert torch.equal(nearest, w)
+    below = torch.nextafter(torch.tensor(1.0, dtype=dtype), torch.tensor(0.0, dtype=dtype))
+    assert bool(((rounded == 1.0) | (rounded == below)).all())
+    assert abs(rounded.float().mean().item() - (1 - 1e-4)) < 2e-5
+
+
 def _train(opt_factory, steps: int, nan_at: int | None = None):
     params, targets = _problem()
     params = [p.clone().requires_grad_(True) for p in params]
