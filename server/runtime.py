@@ -60,9 +60,9 @@ def load_runtime(settings: Settings) -> Runtime:
     tokenizer = AutoTokenizer.from_pretrained(export.model_path)
     log.info("attached to %s: %d parameters mapped onto vLLM's tensors",
              export.model_path, sum(1 for _ in model.parameters()))
-    live = dict(model.named_parameters(remove_duplicate=False))
-    checkpointer = Checkpointer(export.model_path, live, file_names=checkpoint_file_names(
-        list(live), set(read_layout(export.model_path))))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    checkpointer = Checkpointer(export.model_path, params, file_names=checkpoint_file_names(
+        list(params), set(read_layout(export.model_path))))
     live = ExportedWeights(export, settings.consistency, settings.prefix_cache_reset)
     return Runtime(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, settings),
                    model_path=export.model_path, export=export, checkpointer=checkpointer,

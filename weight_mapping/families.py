@@ -103,9 +103,10 @@ def text_model_part(config: PretrainedConfig) -> tuple[str, PretrainedConfig]:
 
 
 def hf_text_name(name: str) -> str | None:
-    """A multimodal checkpoint's name for a text-model tensor, as the text model's own
-    (transformers >= 4.52 saves `model.language_model.X`, older files
-    `language_model.model.X`); None for vision tower / projector tensors."""
+    """A multimodal checkpoint's name for a text-model tensor, as the text model's own; None
+    for vision tower / projector tensors. Both forms occur in checkpoints:
+    `language_model.model.X` (the hub's, and what transformers 5 saves) and
+    `model.language_model.X` (transformers' in-memory naming)."""
     if name.startswith("model.language_model."):
         return "model." + name[len("model.language_model."):]
     if name.startswith("language_model."):
