@@ -124,21 +124,27 @@ def graph_check(device: str) -> tuple[str, str, str]:
 
 
 def agreement_check(device: str) -> tuple[str, str, str]:
-    """The device's kernels (Triton write, cuBLAS projections) against the CPU, fp32."""
-    results = []
-    for dev in (device, "cpu"):
-        params = _mini_problem(dev, torch.float32)
-        opt = Apollo([{"params": params[:3]}, {"params": params[3:], "apollo": False}],
-                     lr=1e-3, rank=4, weight_decay=0.01)
-        for k in range(20):
-            for p, g in zip(params, _grads(params, k), strict=True):
-                p.grad = g
-            opt.step()
-        results.append([p.detach().cpu() for p in params])
-    diff = max(((x - y).abs().max() / y.abs().max()).item()
-               for x, y in zip(*results, strict=True))
-    return ("device vs CPU, APOLLO rank 4, fp32", "ok" if diff <= 1e-5 else "FAIL",
-            f"20 steps, max rel diff {diff:.1e}")
+    """The device's kernels (Triton projection and write, cuBLAS) against the CPU, fp32:
+    APOLLO-Mini (rank-1 projection kernel, per-tensor factor) and APOLLO rank 4 channel-wise
+    (matmul projection, per-row / per-column factors)."""
+    diffs = {}
+    for name, hp in (("Mini", dict(rank=1, scale=128.0, scale_type="tensor")),
+                     ("rank 4", dict(rank=4, scale_type="channel"))):
+        results = []
+        for dev in (device, "cpu"):
+            params = _mini_problem(dev, torch.float32)
+            opt = Apollo([{"params": params[:3]}, {"params": params[3:], "apollo": False}],
+                         lr=1e-3, weight_decay=0.01, **hp)
+            for k in range(20):
+                for p, g in zip(params, _grads(params, k), strict=True):
+                    p.grad = g
+                opt.step()
+            results.append([p.detach().cpu() for p in params])
+        diffs[name] = max(((x - y).abs().max() / y.abs().max()).item()
+                          for x, y in zip(*results, strict=True))
+    return ("device vs CPU, APOLLO-Mini and rank 4, fp32",
+            "ok" if max(diffs.values()) <= 1e-5 else "FAIL",
+            "20 steps, max rel diff " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
 
 
 def main() -> None:
