@@ -94,8 +94,9 @@ if triton is not None:
         pid_n = tl.program_id(1)
         rows = pid_m * BM + tl.arange(0, BM)
         cols = pid_n * BN + tl.arange(0, BN)
-        ok = tl.load(ok_ptr) != 0  # a skipped step reads and writes nothing
-        mask = (rows[:, None] < m) & (cols[None, :] < n) & ok
+        # a skipped step (ok == 0) reads and writes nothing: no rows are in bounds
+        live_rows = m * tl.load(ok_ptr).to(tl.int32)
+        mask = (rows[:, None] < live_rows) & (cols[None, :] < n)
         offs = rows[:, None].to(tl.int64) * n + cols[None, :]
         if SCALAR_COEF:
             c = tl.load(c_ptr).to(tl.float32)
