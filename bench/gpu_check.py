@@ -8,7 +8,6 @@ dry run CI uses so the kit cannot rot.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bench.optimizer import graphed
+from bench.standin_owner import OwnerProcess
 from checkpoint import Checkpointer
 from optimizer import Apollo, ApolloMini
 from server.live import ExportedWeights
@@ -42,25 +42,6 @@ def make_model(model_dir: Path, gpu: bool) -> LlamaConfig:
                                              torch.float32)
     model.save_pretrained(model_dir, safe_serialization=True)
     return config
-
-
-class Owner:
-    def __init__(self, model_dir: Path, export_dir: Path, device: str, log: Path):
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.standin_owner", str(model_dir), str(export_dir),
-             device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(log, "w"),
-            text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        assert self.proc.stdout.readline().strip() == "ready", f"owner failed: see {log}"
-
-    def sum(self, name: str) -> float:
-        self.proc.stdin.write(f"sum {name}\n")
-        self.proc.stdin.flush()
-        return float(self.proc.stdout.readline())
-
-    def close(self) -> None:
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.flush()
-        self.proc.wait(60)
 
 
 def _mini_problem(device: str, dtype) -> list[torch.Tensor]:
@@ -164,7 +145,7 @@ def main() -> None:
     config = make_model(model_dir, gpu)
     rows.append(("build model", "ok", f"{time.perf_counter() - t0:.1f} s"))
 
-    owner = Owner(model_dir, logdir / "export", a.device, logdir / "owner.log")
+    owner = OwnerProcess(model_dir, logdir / "export", a.device, logdir / "owner.log")
     export = None
     try:
         export = attach(logdir / "export", timeout=120)
@@ -175,7 +156,7 @@ def main() -> None:
                      f"{next(model.parameters()).device}"))
 
         names = [n for n in export.tensors if n.endswith(("qkv_proj.weight", "down_proj.weight"))]
-        before = {n: owner.sum(n) for n in names}
+        before = {n: owner.tensor_sum(n) for n in names}
         opt = ApolloMini(param_groups(model, 1e-3, False), lr=1e-3)
         trainer = Trainer(model, opt, pad_id=0, batch_size=4, steps_per_batch=1,
                           live=ExportedWeights(export))
@@ -191,9 +172,9 @@ def main() -> None:
             time.sleep(0.05)
         trainer.stop()
         seconds = time.perf_counter() - t0
-        seen = [n for n in names if owner.sum(n) != before[n]]
-        agree = all(abs(owner.sum(n) - export.tensors[n].double().sum().item()) <= 1e-6 *
-                    max(1.0, abs(owner.sum(n))) for n in names)
+        seen = [n for n in names if owner.tensor_sum(n) != before[n]]
+        agree = all(abs(owner.tensor_sum(n) - export.tensors[n].double().sum().item()) <= 1e-6 *
+                    max(1.0, abs(owner.tensor_sum(n))) for n in names)
         ok = trainer.stats.optimizer_steps == a.steps and len(seen) == len(names) and agree
         rows.append(("train in place, owner sees updates", "ok" if ok else "FAIL",
                      f"{trainer.stats.optimizer_steps} steps in {seconds:.1f} s, write "

@@ -4,9 +4,14 @@ the real hook does. Reads commands on stdin: ``sum NAME`` prints the float64 sum
 tensor as this process sees it; ``quit`` exits.
 
     python -m bench.standin_owner MODEL_DIR EXPORT_DIR [DEVICE]
+
+`OwnerProcess` starts one and talks to it (tests, bench/gpu_check.py).
 """
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
@@ -14,6 +19,33 @@ from transformers import AutoConfig
 
 from hooks.export import export_parameters
 from weight_mapping import fuse_state_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class OwnerProcess:
+    """A stand-in owner in a child process: a real second process owning the weights."""
+
+    def __init__(self, model_dir, export_dir, device: str = "cpu", log=None):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.standin_owner", str(model_dir), str(export_dir),
+             device], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=open(log, "w") if log else None, text=True, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        line = self.proc.stdout.readline()
+        assert line.strip() == "ready", f"owner failed to start: {line!r} (log: {log})"
+
+    def tensor_sum(self, name: str) -> float:
+        """The float64 sum of exported tensor `name`, as the owner sees it."""
+        self.proc.stdin.write(f"sum {name}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(60)
 
 
 def main() -> None:

@@ -190,13 +190,15 @@ class Apollo(Optimizer):
 
     def _prepare(self, work: list[tuple[dict, list[Tensor]]]) -> tuple[Tensor, list[Pending]]:
         norms: dict[Tensor, Tensor] = {}
-        projected = []
+        projected = []  # per group: (matrices, their projections) and the other parameters
         for group, ps in work:
             for p in ps:
                 if "step" not in self.state[p]:
                     self._init_state(p, group)
             mats = [p for p in ps if self._uses_apollo(group, p)]
-            projected.append(self._project(group, mats, norms) if mats else None)
+            others = [p for p in ps if not self._uses_apollo(group, p)]
+            projected.append((mats, self._project(group, mats, norms) if mats else None,
+                              others))
         self._grad_norms(work, norms)
         # The gradient norms APOLLO needs anyway double as the finiteness check (a norm is
         # finite iff every element is, barring fp32 overflow, which is as destructive).
@@ -206,11 +208,9 @@ class Apollo(Optimizer):
             self._rounding_seed = torch.randint(1 << 62, (), device=ok.device)
         self._rounding_seed.add_(1)  # fresh rounding bits every step, also in graph replays
         pending: list[Pending] = []
-        for (group, ps), low in zip(work, projected, strict=True):
+        for (group, _), (mats, low, others) in zip(work, projected, strict=True):
             if low is not None:
-                mats = [p for p in ps if self._uses_apollo(group, p)]
                 pending += self._prepare_apollo(group, mats, *low, norms, ok)
-            others = [p for p in ps if not self._uses_apollo(group, p)]
             if others:
                 pending += self._prepare_adamw(group, others, ok)
         return ok, pending
@@ -221,9 +221,9 @@ class Apollo(Optimizer):
         parameters whose projection did not already give it."""
         for group, ps in work:
             ps = [p for p in ps if p not in norms]
-            per_channel = [p for p in ps
-                           if self._uses_apollo(group, p) and group["scale_type"] == "channel"]
-            whole = [p for p in ps if p not in set(per_channel)]
+            channel = group["scale_type"] == "channel"
+            per_channel = [p for p in ps if channel and self._uses_apollo(group, p)]
+            whole = [p for p in ps if not (channel and self._uses_apollo(group, p))]
             if whole:
                 norms.update(zip(whole, torch._foreach_norm([p.grad for p in whole], 2,
                                                             dtype=torch.float32),

@@ -226,7 +226,7 @@ def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor) -> lis
         squares = list(sq_parts.sum(0).split(sizes))
         return list(torch._foreach_sqrt(torch._foreach_norm(squares, 1)))
     for g, p, lo in zip(grads, projs, low.split(sizes), strict=True):
-        g32 = g.float()
+        g32 = g.float()  # fp32, as the kernel accumulates (project_into keeps bf16 in bf16)
         if g.shape[0] >= g.shape[1]:
             torch.matmul(g32, p.t(), out=lo.view(-1, 1))
         else:

@@ -24,6 +24,17 @@ from weight_mapping import attach
 E = Encoded([1, 2, 3], [-100, 2, 3])
 
 
+def _tiny_chat_model(tmp_path, default_model_dir):
+    """A tiny Llama with the default model's vocabulary and tokenizer: the training server
+    runs on it as on a real chat model, in seconds."""
+    model_dir = make_tiny_model("llama", tmp_path / "model", vocab_size=49152,
+                                tie_word_embeddings=True)
+    for f in default_model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, model_dir / f.name)
+    return model_dir
+
+
 def test_replay_resolves_an_interrupted_batch_with_the_applied_counter(tmp_path):
     j = Journal(tmp_path / "j.jsonl")
     j.accept([("a", E), ("b", E), ("c", E)])
@@ -71,11 +82,7 @@ def test_compaction_keeps_every_state_and_drops_finished_tokens(tmp_path):
 
 def test_kill_9_mid_batch_trains_every_acknowledged_example_exactly_once(
         tmp_path, default_model_dir, owner_factory):
-    model_dir = make_tiny_model("llama", tmp_path / "model", vocab_size=49152,
-                                tie_word_embeddings=True)
-    for f in default_model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, model_dir / f.name)
+    model_dir = _tiny_chat_model(tmp_path, default_model_dir)
     _, export_dir = owner_factory(model_dir)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -156,11 +163,7 @@ def test_injected_nan_never_reaches_the_live_weights(fault, tmp_path, default_mo
                                                       owner_factory):
     """A real training-server process on weights another process owns (as vLLM does):
     a non-finite loss or gradient fails the example and leaves every weight bit-identical."""
-    model_dir = make_tiny_model("llama", tmp_path / "model", vocab_size=49152,
-                                tie_word_embeddings=True)
-    for f in default_model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, model_dir / f.name)
+    model_dir = _tiny_chat_model(tmp_path, default_model_dir)
     _, export_dir = owner_factory(model_dir)
     live = attach(export_dir, timeout=60).tensors
     before = {n: t.clone() for n, t in live.items()}

@@ -137,9 +137,9 @@ def fuse_state_dict(state_dict: dict, config: PretrainedConfig) -> dict:
     goes under its prefix; its other tensors keep their names, less a leading `model.`."""
     prefix, text_config = text_model_part(config)
     if prefix:
-        text = {hf_text_name(k): v for k, v in state_dict.items() if hf_text_name(k)}
-        rest = {k.removeprefix("model."): v for k, v in state_dict.items()
-                if not hf_text_name(k)}
+        names = {k: hf_text_name(k) for k in state_dict}
+        text = {names[k]: v for k, v in state_dict.items() if names[k]}
+        rest = {k.removeprefix("model."): v for k, v in state_dict.items() if not names[k]}
         fused = fuse_state_dict(text, text_config)
         return {**rest, **{prefix + k: v for k, v in fused.items()}}
     family = family_for(config)
