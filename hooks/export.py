@@ -74,10 +74,13 @@ def export_parameters(
     model_path: str,
     rank: int = 0,
     world_size: int = 1,
+    shards: dict[str, dict] | None = None,
     extra: dict | None = None,
 ) -> Path:
     """Write handles and manifest for `named_params`; returns the manifest's path.
 
+    `shards`: for a tensor-parallel rank, which slice of the full tensor each sharded
+    parameter holds (hooks/sharding.py); parameters not in it are replicated.
     CPU tensors are moved to shared memory first. The files are removed at interpreter exit.
     """
     export_dir = Path(export_dir)
@@ -98,7 +101,8 @@ def export_parameters(
         "shm_files": shm_files,
         "params": [
             {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
-             "device": str(t.device)}
+             "device": str(t.device),
+             **({"shard": shards[name]} if shards and name in shards else {})}
             for name, t in named_params.items()
         ],
         **(extra or {}),
@@ -129,7 +133,8 @@ def remove_all_exports(export_dir: str | os.PathLike) -> int:
 
 
 def export_module(model: nn.Module, export_dir: str | os.PathLike, *, model_path: str,
-                  rank: int = 0, world_size: int = 1) -> Path:
+                  rank: int = 0, world_size: int = 1,
+                  shards: dict[str, dict] | None = None) -> Path:
     """Export every parameter of `model` (tied parameters once, under their first name)."""
     return export_parameters(dict(model.named_parameters()), export_dir, model_path=model_path,
-                             rank=rank, world_size=world_size)
+                             rank=rank, world_size=world_size, shards=shards)

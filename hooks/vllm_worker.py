@@ -1,4 +1,13 @@
-"""Worker-side patches: keep CPU linear weights trainable and export them after load."""
+"""Worker-side patches: keep CPU linear weights trainable and export them after load.
+
+Tensor parallelism: only rank 0's worker takes the step lock. A rank > 0 reads its weights
+between the engine step's first collective and its last (the logits gather), and those
+collectives complete only while rank 0 is inside the same step, holding the lock; so one lock
+excludes the trainer's writes from every rank's step. Per-rank locks would deadlock: a
+trainer rank holding rank 1's lock while vLLM's rank 0 waits inside a step for rank 1. The one
+read before the first collective is the vocab-parallel embedding lookup, which the trainer
+therefore does not train under tensor parallelism (server/runtime.py).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ import torch
 
 from hooks.consistency import StepLock, UpdateCounter
 from hooks.export import export_module
+from hooks.sharding import parameter_shards
 
 logger = logging.getLogger("vllm_apollo.hooks")
 
@@ -43,12 +53,14 @@ def _exporting_load_model(original, export_dir: str):
             get_tensor_model_parallel_world_size,
         )
 
-        rank = get_tensor_model_parallel_rank()
-        self._apollo_lock = StepLock(export_dir, rank)
-        self._apollo_waited = UpdateCounter(export_dir, f"rank{rank}.stall_ns")
+        rank, world = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        if rank == 0:  # the one lock for all ranks (module docstring)
+            self._apollo_lock = StepLock(export_dir, rank)
+            self._apollo_waited = UpdateCounter(export_dir, f"rank{rank}.stall_ns")
         self._apollo_cuda = next(model.parameters()).is_cuda
         path = export_module(model, export_dir, model_path=self.model_config.model, rank=rank,
-                             world_size=get_tensor_model_parallel_world_size())
+                             world_size=world,
+                             shards=parameter_shards(model) if world > 1 else None)
         logger.info("apollo: exported %d live parameters to %s",
                     sum(1 for _ in model.parameters()), path)
         return result

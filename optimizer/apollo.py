@@ -65,6 +65,16 @@ from optimizer.functional import (
     projection,
 )
 from optimizer.kernels import project_rank1_, write_
+from optimizer.sharding import (
+    MatrixShard,
+    all_reduce_norms,
+    all_reduce_sum_,
+    local,
+    local_low_rank_shape,
+    local_projection,
+    shard_of,
+    splits_projection,
+)
 
 Pending = tuple[Tensor, Tensor, Tensor, float, bool, int]  # p, direction, coef, decay, sr, index
 
@@ -110,11 +120,19 @@ class Apollo(Optimizer):
         super().__init__(params, defaults)
         self.capturable = capturable
         self._index: dict[Tensor, int] = {}
+        # Tensor parallelism: DTensor parameters sharded across ranks (optimizer/sharding.py)
+        self._shards: dict[Tensor, MatrixShard] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 self._index[p] = len(self._index) + 1
                 if p.requires_grad:
                     self.state[p]["seed"] = self._index[p]
+                if (shard := shard_of(p)) is not None:
+                    self._shards[p] = shard
+        if self._shards and capturable:
+            raise ValueError("capturable=True draws refreshed projections from each device's "
+                             "own generator; with sharded (DTensor) parameters they would "
+                             "differ between ranks")
         self._skipped: Tensor | None = None  # device counters: reading them is the sync
         self._skipped_params: Tensor | None = None
         self._rounding_seed: Tensor | None = None
@@ -169,6 +187,10 @@ class Apollo(Optimizer):
         gradients never exist all at once. One accumulation step per backward. A parameter
         whose gradient is not finite is skipped (counted in skipped_params); the others of
         that backward are still updated. Returns the hook handles (call .remove() to stop)."""
+        if self._shards:
+            raise NotImplementedError("layer-wise mode with sharded (tensor-parallel) "
+                                      "parameters: the ranks' hooks would need matching "
+                                      "collectives per parameter; use the standard mode")
         group_of = {p: g for g in self.param_groups for p in g["params"]}
 
         @torch.no_grad()
@@ -189,7 +211,7 @@ class Apollo(Optimizer):
         return (~ok).long() if counter is None else counter.add_(~ok)
 
     def _prepare(self, work: list[tuple[dict, list[Tensor]]]) -> tuple[Tensor, list[Pending]]:
-        norms: dict[Tensor, Tensor] = {}
+        norms: dict[Tensor, Tensor] = {}  # ||G|| per parameter (per channel: see _grad_norms)
         projected = []  # per group: (matrices, their projections) and the other parameters
         for group, ps in work:
             for p in ps:
@@ -200,6 +222,8 @@ class Apollo(Optimizer):
             projected.append((mats, self._project(group, mats, norms) if mats else None,
                               others))
         self._grad_norms(work, norms)
+        if self._shards:
+            self._reduce_grad_norms(norms)
         # The gradient norms APOLLO needs anyway double as the finiteness check (a norm is
         # finite iff every element is, barring fp32 overflow, which is as destructive).
         ok = torch.cat([n.reshape(-1) for n in norms.values()]).isfinite().all()
@@ -225,12 +249,32 @@ class Apollo(Optimizer):
             per_channel = [p for p in ps if channel and self._uses_apollo(group, p)]
             whole = [p for p in ps if not (channel and self._uses_apollo(group, p))]
             if whole:
-                norms.update(zip(whole, torch._foreach_norm([p.grad for p in whole], 2,
+                norms.update(zip(whole, torch._foreach_norm([local(p.grad) for p in whole], 2,
                                                             dtype=torch.float32),
                                  strict=True))
             for p in per_channel:
-                norms[p] = torch.linalg.vector_norm(p.grad, dim=channel_dim(p.shape),
+                norms[p] = torch.linalg.vector_norm(local(p.grad), dim=channel_dim(p.shape),
                                                     dtype=torch.float32)
+
+    def _reduce_grad_norms(self, norms: dict[Tensor, Tensor]) -> None:
+        """Shards' norms -> the whole tensor's: one all-reduce for every per-tensor norm, one
+        per channel-norm vector whose channels are split across ranks."""
+        whole = [p for p in norms if p in self._shards and norms[p].dim() == 0]
+        if whole:
+            group = self._shards[whole[0]].group
+            norms.update(zip(whole, all_reduce_norms(torch.stack([norms[p] for p in whole]),
+                                                     group).unbind(0), strict=True))
+        for p, n in list(norms.items()):
+            if n.dim() and splits_projection(tuple(p.shape), self._shards.get(p)):
+                norms[p] = all_reduce_norms(n, self._shards[p].group)
+
+    def _projection(self, p: Tensor, rank: int, seed: int) -> Tensor:
+        full = projection(tuple(p.shape), rank, seed, p.device)
+        return local_projection(full, tuple(p.shape), self._shards.get(p))
+
+    def _low_shape(self, p: Tensor, rank: int) -> tuple[int, int]:
+        return local_low_rank_shape(low_rank_shape(tuple(p.shape), rank), self._shards.get(p),
+                                    tuple(p.shape))
 
     def _init_state(self, p: Tensor, group: dict) -> None:
         state = self.state[p]
@@ -238,15 +282,15 @@ class Apollo(Optimizer):
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         if self._uses_apollo(group, p):
             state["calls"] = 0
-            state["proj"] = projection(tuple(p.shape), group["rank"], state["seed"], p.device)
-            low = low_rank_shape(tuple(p.shape), group["rank"])
+            state["proj"] = self._projection(p, group["rank"], state["seed"])
+            low = self._low_shape(p, group["rank"])
             state["exp_avg"] = torch.zeros(low, dtype=torch.float32, device=p.device)
             state["exp_avg_sq"] = torch.zeros(low, dtype=torch.float32, device=p.device)
             # inf: the limiter leaves the first update alone, as the reference does
             state["update_norm"] = torch.full((), torch.inf, device=p.device)
         else:
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(local(p), dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(local(p), dtype=torch.float32)
 
     def _project(self, group: dict, ps: list[Tensor], norms: dict[Tensor, Tensor]
                  ) -> tuple[Tensor, list[Tensor]]:
@@ -259,19 +303,22 @@ class Apollo(Optimizer):
             state["calls"] += 1
             if not self.capturable and calls > 0 and calls % gap == 0:  # host schedule
                 state["seed"] = next_seed(state["seed"])
-                state["proj"].copy_(projection(tuple(p.shape), rank, state["seed"], p.device))
-        shapes = [low_rank_shape(tuple(p.shape), rank) for p in ps]
+                state["proj"].copy_(self._projection(p, rank, state["seed"]))
+        shapes = [self._low_shape(p, rank) for p in ps]
         flat = torch.empty(sum(a * b for a, b in shapes), dtype=torch.float32,
                            device=ps[0].device)
         lows = [v.view(s) for v, s in zip(flat.split([a * b for a, b in shapes]), shapes,
                                           strict=True)]
-        if rank == 1 and group["scale_type"] == "tensor":
+        if rank == 1 and group["scale_type"] == "tensor" and not self._shards:
             norms.update(zip(ps, project_rank1_([p.grad for p in ps],
                                                 [self.state[p]["proj"] for p in ps], flat),
                              strict=True))
-        else:
+        else:  # (a shard's own shape may be oriented otherwise than the matrix's)
             for p, low in zip(ps, lows, strict=True):
-                project_into(p.grad, self.state[p]["proj"], low)
+                project_into(local(p.grad), self.state[p]["proj"], low,
+                             along_rows=p.shape[0] >= p.shape[1])
+                if splits_projection(tuple(p.shape), self._shards.get(p)):
+                    all_reduce_sum_(low, self._shards[p].group)  # partial sums of R
         return flat, lows
 
     def _prepare_apollo(self, group: dict, ps: list[Tensor], flat: Tensor, lows: list[Tensor],
@@ -283,8 +330,9 @@ class Apollo(Optimizer):
                                lows, ok, beta1, beta2, group["eps"])
 
         if group["scale_type"] == "tensor":
-            factors = (torch.stack(torch._foreach_norm(normed)) /
-                       (torch.stack(torch._foreach_norm(lows)) + SCALE_EPS))
+            r_norms = self._reduce_low_norms(ps, torch.stack(
+                [*torch._foreach_norm(normed), *torch._foreach_norm(lows)]))
+            factors = r_norms[:len(ps)] / (r_norms[len(ps):] + SCALE_EPS)
             update_norm = torch.stack([norms[p] for p in ps]) * factors
             factors = list(factors.unbind(0))
         else:
@@ -296,7 +344,7 @@ class Apollo(Optimizer):
                 # ||G * f|| without materialising it: per-channel norms of G
                 update_norms.append((norms[p].view_as(f) * f).norm())
                 factors.append(f)
-            update_norm = torch.stack(update_norms)
+            update_norm = self._reduce_low_norms(ps, torch.stack(update_norms))
         previous = torch.stack([s["update_norm"] for s in states])
         limiter = norm_limiter(update_norm, previous)
         torch._foreach_copy_([s["update_norm"] for s in states],
@@ -315,20 +363,32 @@ class Apollo(Optimizer):
         scaled = -math.sqrt(group["scale"]) * lr_t / limiter
         decay = group["lr"] * group["weight_decay"]
         stochastic = group["stochastic_rounding"]
-        return [(p, p.grad, f * s, decay, stochastic, self._index[p])
+        return [(local(p), local(p.grad), f * s, decay, stochastic, self._index[p])
                 for p, f, s in zip(ps, factors, scaled.unbind(0), strict=True)]
 
     def _prepare_adamw(self, group: dict, ps: list[Tensor], ok: Tensor) -> list[Pending]:
         beta1, beta2 = group["betas"]
         states = [self.state[p] for p in ps]
-        grads = [torch.where(ok, p.grad.float(), 0.0) for p in ps]
+        grads = [torch.where(ok, local(p.grad).float(), 0.0) for p in ps]
         directions = adam_moments_([s["exp_avg"] for s in states],
                                    [s["exp_avg_sq"] for s in states], grads, ok, beta1, beta2,
                                    group["eps"])
         _, lr_t = self._advance_steps(group, states, ok)
         decay = group["lr"] * group["weight_decay"]
-        return [(p, d, -s, decay, group["stochastic_rounding"], self._index[p])
+        return [(local(p), d, -s, decay, group["stochastic_rounding"], self._index[p])
                 for p, d, s in zip(ps, directions, lr_t.unbind(0), strict=True)]
+
+    def _reduce_low_norms(self, ps: list[Tensor], norms: Tensor) -> Tensor:
+        """Norms computed from R-sized (row-/column-sharded) pieces, over the whole matrix:
+        `norms` holds one or more entries per parameter of `ps`, in order, repeated."""
+        sharded = [i for i, p in enumerate(ps) if p in self._shards and
+                   not splits_projection(tuple(p.shape), self._shards[p])]
+        if not sharded:
+            return norms
+        index = torch.tensor([i + k * len(ps) for k in range(len(norms) // len(ps))
+                              for i in sharded], device=norms.device)
+        reduced = all_reduce_norms(norms[index], self._shards[ps[sharded[0]]].group)
+        return norms.index_copy(0, index, reduced)
 
     @staticmethod
     def _advance_steps(group: dict, states: list[dict], ok: Tensor) -> tuple[Tensor, Tensor]:

@@ -35,12 +35,14 @@ def low_rank_shape(shape: tuple[int, ...], rank: int) -> tuple[int, int]:
     return (m, rank) if m >= n else (rank, n)
 
 
-def project_into(grad: Tensor, proj: Tensor, out: Tensor) -> None:
+def project_into(grad: Tensor, proj: Tensor, out: Tensor, along_rows: bool | None = None
+                 ) -> None:
     """out (fp32) = the projected gradient R. A bf16 gradient is projected in bf16 (the
-    matmul accumulates in fp32) rather than copied to fp32 first: one read of G, no copy."""
+    matmul accumulates in fp32) rather than copied to fp32 first: one read of G, no copy.
+    `along_rows` (R = G P^T): by default m >= n; a shard passes its whole matrix's."""
     m, n = grad.shape
     p = proj if proj.dtype == grad.dtype else proj.to(grad.dtype)
-    a, b = (grad, p.t()) if m >= n else (p.t(), grad)
+    a, b = (grad, p.t()) if (m >= n if along_rows is None else along_rows) else (p.t(), grad)
     if grad.dtype == out.dtype:
         torch.matmul(a, b, out=out)
     else:

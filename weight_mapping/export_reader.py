@@ -13,6 +13,7 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers the rebuild functions handles refer to)
 
 from hooks.consistency import StepLock, UpdateCounter
+from weight_mapping.sharded import ShardSpec
 
 SUPPORTED_FORMAT = 1
 
@@ -27,6 +28,20 @@ class Export:
     @property
     def model_path(self) -> str:
         return self.manifest["model_path"]
+
+    @property
+    def rank(self) -> int:
+        return int(self.manifest.get("rank", 0))
+
+    @property
+    def world_size(self) -> int:
+        return int(self.manifest.get("world_size", 1))
+
+    @property
+    def shards(self) -> dict[str, ShardSpec]:
+        """Tensor parallelism: which slice of the full tensor each sharded parameter holds."""
+        return {p["name"]: ShardSpec.from_manifest(p["shard"])
+                for p in self.manifest["params"] if "shard" in p}
 
     @property
     def owner_pid(self) -> int:

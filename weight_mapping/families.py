@@ -59,6 +59,10 @@ FAMILIES: dict[str, Family] = {
     "Phi3ForCausalLM": ALREADY_FUSED,
 }
 
+# Replicated parameters that act on each attention head separately: under tensor parallelism a
+# rank applies them to its own heads only (weight_mapping/sharded.py sums their gradients).
+HEAD_LOCAL = (".q_norm.", ".k_norm.")
+
 
 # Multimodal checkpoints whose text model vLLM serves under a prefix. The trainer trains that
 # text model alone; the vision tower and projector are never mapped, so never changed.

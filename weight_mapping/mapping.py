@@ -8,9 +8,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
-from weight_mapping.families import Family, family_for, text_model_part
+from weight_mapping.families import HEAD_LOCAL, Family, family_for, text_model_part
+from weight_mapping.sharded import (
+    ShardSpec,
+    as_dtensor,
+    full_shape,
+    local_part,
+    parallelize,
+    reduce_grad_across,
+)
 
 
 @contextlib.contextmanager
@@ -71,41 +81,77 @@ def _view(tensor: torch.Tensor, src: Source) -> torch.Tensor:
     return tensor if src.start is None else tensor[src.start:src.stop]
 
 
-def build_model(tensors: dict[str, torch.Tensor], config: PretrainedConfig) -> nn.Module:
+def build_model(tensors: dict[str, torch.Tensor], config: PretrainedConfig, *,
+                shards: dict[str, ShardSpec] | None = None,
+                mesh: DeviceMesh | None = None) -> nn.Module:
     """A transformers model of `config` whose every parameter aliases one of `tensors`. For a
     multimodal wrapper, the text model alone (from its text_config, on the tensors under the
-    wrapper's prefix): vision weights are not part of it and so are never trained."""
+    wrapper's prefix): vision weights are not part of it and so are never trained.
+
+    Tensor parallelism (`shards`, from one rank's manifest, and a 1-D `mesh`): parameters of
+    sharded vLLM tensors become DTensors whose local shards are views of `tensors`
+    (weight_mapping/sharded.py); replicated ones stay plain tensors."""
     prefix, config = text_model_part(config)
+    shards = shards or {}
     if prefix:
         tensors = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        shards = {k[len(prefix):]: v for k, v in shards.items() if k.startswith(prefix)}
     family = family_for(config)
     config = config.__class__.from_dict(config.to_dict())
     dtype = next(iter(tensors.values())).dtype
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    exported = {name: t.shape for name, t in tensors.items()}
+    exported = {name: full_shape(t.shape, shards.get(name)) for name, t in tensors.items()}
     device = next(iter(tensors.values())).device
 
-    made: dict[Source, nn.Parameter] = {}
+    views: dict[str, tuple[Source, torch.Tensor, Placement | None]] = {}
     unmapped: list[str] = []
-    for full_name, param in list(model.named_parameters(remove_duplicate=False)):
+    for full_name, param in model.named_parameters(remove_duplicate=False):
         src = locate(full_name, param.shape, config, family, exported)
         if src is None:
             unmapped.append(full_name)
             continue
-        view = _view(tensors[src.name], src)
-        if view.shape != param.shape:
+        spec = shards.get(src.name)
+        if spec is None:
+            view, placement = _view(tensors[src.name], src), None
+        else:
+            rows = None if src.start is None else (src.start, src.stop)
+            view = local_part(tensors[src.name], rows, spec, param.shape, mesh.get_local_rank(),
+                              mesh.size(), full_name)
+            placement = Shard(spec.dim)
+        expected = list(param.shape)
+        if spec is not None:  # local_part checked the sharded dim against DTensor's chunk
+            expected[spec.dim] = view.shape[spec.dim]
+        if list(view.shape) != expected:
             raise UnmappedParameterError(
                 f"{full_name}: shape {tuple(param.shape)} but vLLM's {src.name} gives "
                 f"{tuple(view.shape)} (rows {src.start}:{src.stop})")
-        if src not in made:
-            made[src] = nn.Parameter(view, requires_grad=True)
-        module_name, _, leaf = full_name.rpartition(".")
-        model.get_submodule(module_name)._parameters[leaf] = made[src]
+        views[full_name] = (src, view, placement)
     if unmapped:
         raise UnmappedParameterError(
             f"{len(unmapped)} parameter(s) of {type(model).__name__} have no counterpart in "
             f"vLLM's export: {', '.join(unmapped[:10])}{' ...' if len(unmapped) > 10 else ''}")
+
+    if mesh is not None:
+        parallelize(model, {n: p for n, (_, _, p) in views.items()}, mesh)
+    made: dict[Source, nn.Parameter] = {}
+    head_local = []
+    for full_name, (src, view, placement) in views.items():
+        module_name, _, leaf = full_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if src not in made:
+            current = module._parameters[leaf]
+            if placement is not None:
+                made[src] = as_dtensor(view, placement, current.shape, mesh)
+            elif isinstance(current, DTensor):  # e.g. a row-parallel linear's bias
+                made[src] = as_dtensor(view, Replicate(), current.shape, mesh)
+            else:
+                made[src] = nn.Parameter(view, requires_grad=True)
+                if mesh is not None and any(h in full_name for h in HEAD_LOCAL):
+                    head_local.append(made[src])
+        module._parameters[leaf] = made[src]
+    if head_local:
+        reduce_grad_across(head_local, mesh)
     for module in model.modules():
         for key, buf in module._buffers.items():
             if buf is not None and buf.device != device:
