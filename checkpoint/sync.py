@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,11 +91,16 @@ class Checkpointer:
 
     def __init__(self, model_dir: str | os.PathLike, live: dict[str, torch.Tensor],
                  chunk_bytes: int = CHUNK_BYTES, durable: bool = True,
-                 file_names: Mapping[str, str] | None = None):
+                 file_names: Mapping[str, str] | None = None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """`file_names`: the file's name for a live name where they differ (a multimodal
-        checkpoint nests the text model the trainer holds); `sync()` takes live names."""
+        checkpoint nests the text model the trainer holds); `sync()` takes live names.
+        `gather`: makes a live tensor whole before it is compared and written (tensor
+        parallelism: the shards of a DTensor, gathered to this rank one tensor at a time)."""
         self.model_dir = Path(model_dir)
         self._file_name = dict(file_names or {})
+        self._live_name = {self._file_name.get(n, n): n for n in live}
+        self._gather = gather
         live = {self._file_name.get(name, name): t for name, t in live.items()}
         self.durable = durable  # fsync (survives OS crashes) or not (survives process crashes)
         self.chunk_bytes = chunk_bytes
@@ -129,7 +134,15 @@ class Checkpointer:
 
     def _as_saved(self, name: str) -> torch.Tensor:
         t = self.live[name].detach()
+        if self._gather is not None:
+            t = self._gather(t)
         return t.to(self.slots[name].dtype).contiguous()  # a save's conversion, if any
+
+    def plan(self, candidates: Iterable[str] | None = None) -> list[str]:
+        """The live names sync(candidates) reads, in the order it reads them."""
+        names = self.live if candidates is None else [
+            n for n in (self._file_name.get(c, c) for c in candidates) if n in self.live]
+        return [self._live_name[n] for n in names]
 
     def sync(self, candidates: Iterable[str] | None = None) -> SyncResult:
         """Write the changed chunks, all or nothing. The caller keeps the weights still.
@@ -140,9 +153,7 @@ class Checkpointer:
         start = time.perf_counter()
         writes: list[journal.Write] = []
         new_sums: dict[str, torch.Tensor] = {}
-        names = self.live if candidates is None else [
-            n for n in (self._file_name.get(c, c) for c in candidates) if n in self.live]
-        for name in names:
+        for name in (self._file_name.get(n, n) for n in self.plan(candidates)):
             saved = self._as_saved(name)
             sums = chunk_checksums(saved, self.chunk_bytes)
             changed = (sums != self.baseline[name]).any(dim=1).nonzero().flatten().tolist()

@@ -36,6 +36,24 @@ VLLM_EXTRA+=("$@")
 "$PY" -m checkpoint recover "$MODEL_DIR" >&2
 # vLLM's CPU backend reserves a fraction of RAM unless the KV cache size is given (GiB).
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+# Tensor parallelism: the training server starts one trainer rank per vLLM rank by itself.
+# vLLM's CPU backend needs each rank's cores named ("0|1" for two ranks on two cores).
+TP=1
+for ((i = 0; i < ${#VLLM_EXTRA[@]}; i++)); do
+  case "${VLLM_EXTRA[i]}" in
+    --tensor-parallel-size|-tp) TP=${VLLM_EXTRA[i+1]:-1} ;;
+    --tensor-parallel-size=*) TP=${VLLM_EXTRA[i]#*=} ;;
+  esac
+done
+if [ "$TP" -gt 1 ] && [ -z "${VLLM_CPU_OMP_THREADS_BIND:-}" ]; then
+  per=$(( $(nproc) / TP )); [ "$per" -ge 1 ] || per=1
+  binds=()
+  for ((r = 0; r < TP; r++)); do
+    a=$(( (r * per) % $(nproc) )); b=$(( a + per - 1 ))
+    if [ "$a" = "$b" ]; then binds+=("$a"); else binds+=("$a-$b"); fi
+  done
+  export VLLM_CPU_OMP_THREADS_BIND=$(IFS='|'; echo "${binds[*]}")  # ignored by GPU vLLM
+fi
 
 # vLLM's dev endpoints (/collective_rpc, /reset_prefix_cache, ...) must never face a network.
 case "$BIND_HOST" in

@@ -172,11 +172,12 @@ def create_app(settings: Settings,
                 Path(runtime.model_path) / ".apollo" / "examples.jsonl"
             journal = Journal(path)
         trainer = Trainer(runtime.model, runtime.optimizer,
-                          pad_id=runtime.tokenizer.pad_token_id or 0,
+                          pad_id=runtime.pad_id,
                           batch_size=settings.batch_size,
                           steps_per_batch=settings.steps_per_batch,
                           max_queue=settings.max_queue, journal=journal, live=runtime.live,
-                          layerwise=settings.optimizer_mode == "layerwise")
+                          layerwise=settings.optimizer_mode == "layerwise",
+                          group=runtime.group)
         app.state.runtime, app.state.trainer = runtime, trainer
         app.state.checkpoints = None
         if runtime.checkpointer is not None:

@@ -33,10 +33,17 @@ class CheckpointService:
         self._full_scan = True
 
     def sync(self) -> dict:
+        return self.trainer.run_in_worker(self._sync)
+
+    def _sync(self) -> dict:
         with self._lock, self.trainer.weights_lock:
             step = self.trainer.stats.optimizer_steps
             names = None if self._full_scan else [
                 n for pid in self.trainer.stepped for n in self._names_of.get(pid, [])]
+            group = self.trainer.group
+            if group is not None:  # the other ranks send their shards of the same tensors
+                names = self.checkpointer.plan(names)
+                group.broadcast(("checkpoint", names))
             result = self.checkpointer.sync(names)
             self.trainer.stepped.clear()
             self._full_scan = False

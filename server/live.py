@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 
+from server.distributed import Group
 from weight_mapping import Export
 
 
@@ -39,11 +40,15 @@ class ExportedWeights(LocalWeights):
     "always", "never", or a number of seconds (at most one reset per interval)."""
 
     def __init__(self, export: Export, consistency: str = "step",
-                 prefix_cache_reset: str = "always"):
+                 prefix_cache_reset: str = "always", group: Group | None = None):
         super().__init__()
         if consistency not in ("step", "none"):
             raise ValueError(f"consistency must be 'step' or 'none', got {consistency!r}")
-        self._lock = export.step_lock() if consistency == "step" else None
+        # Tensor parallelism: rank 0 holds the one lock for all vLLM ranks and keeps the
+        # counters; every rank writes between two barriers, inside rank 0's lock.
+        self._group = group
+        self._leader = export.rank == 0
+        self._lock = export.step_lock() if consistency == "step" and self._leader else None
         self._updates = export.update_counter("updates")
         self._steps_counter = export.update_counter("steps")
         self._vllm_waited = export.update_counter(f"rank{export.manifest['rank']}.stall_ns")
@@ -55,11 +60,15 @@ class ExportedWeights(LocalWeights):
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
-        if self._lock is None:
-            yield
-            return
-        with self._lock.write():
-            yield
+        with self._lock.write() if self._lock is not None else contextlib.nullcontext():
+            if self._group is None:
+                yield
+                return
+            self._group.barrier()  # every rank's write starts inside rank 0's lock ...
+            try:
+                yield
+            finally:
+                self._group.barrier()  # ... and ends before it is released
 
     def applied_steps(self) -> int:
         return self._steps_counter.read()
@@ -70,12 +79,14 @@ class ExportedWeights(LocalWeights):
 
     def step_applied(self) -> None:
         """Call inside write(): the step counts as applied once this returns."""
+        if not self._leader:
+            return
         self._steps_counter.bump()
         self._pending_reset = True
         self.flush_prefix_cache_reset()
 
     def flush_prefix_cache_reset(self) -> None:
-        if not self._pending_reset or self._policy == "never":
+        if not self._pending_reset or self._policy == "never" or not self._leader:
             return
         now = time.monotonic()
         if self._interval is not None and now - self._last_reset < self._interval:

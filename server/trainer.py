@@ -10,11 +10,14 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from server.distributed import Group
 from server.journal import Journal
 from server.live import LocalWeights
 from server.tokenization import IGNORE_INDEX, Encoded
@@ -85,7 +88,7 @@ class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, pad_id: int,
                  batch_size: int = 8, steps_per_batch: int = 1, max_queue: int = 1024,
                  journal: Journal | None = None, live: LocalWeights | None = None,
-                 layerwise: bool = False):
+                 layerwise: bool = False, group: Group | None = None):
         self.model = model
         self.optimizer = optimizer
         self.pad_id = pad_id
@@ -109,6 +112,10 @@ class Trainer:
         self.after_batch: list = []  # callables run by the worker thread after each batch
         self.stepped: set[int] = set()  # id() of parameters stepped since the last checkpoint
         self.layerwise = layerwise
+        # Tensor parallelism: rank 0's worker thread sends each batch (and every other
+        # collective work, see run_in_worker) to the other ranks first (server/distributed.py)
+        self.group = group
+        self._tasks: deque[tuple[Callable, Future]] = deque()
         if layerwise:  # the optimizer steps each parameter during backward, lock per write
             self._hooks = optimizer.layerwise(write_guard=self._param_write)
         if journal is not None:
@@ -177,19 +184,44 @@ class Trainer:
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout)
+        if self.group is not None and self.group.leader and not self._thread.is_alive():
+            self.group.broadcast(("stop",))
+
+    def run_in_worker(self, fn: Callable):
+        """fn() on the worker thread, between batches; its result. Under tensor parallelism
+        all collectives must come from one thread in one order: a checkpoint goes through
+        here. Without it, fn runs on the calling thread."""
+        if self.group is None or threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        with self._cond:
+            if self._stop or not self._thread.is_alive():
+                raise RuntimeError("the trainer is not running")
+            self._tasks.append((fn, future))
+            self._cond.notify()
+        return future.result()
+
+    def train_batch(self, examples: list[Encoded], steps: int) -> None:
+        """A follower rank's part of a batch that rank 0 sent: the same steps, no journal."""
+        self._train([Record(id=str(i), encoded=e) for i, e in enumerate(examples)], steps)
+        self.optimizer.zero_grad(set_to_none=True)
 
     # --- worker ---
-    def _next_batch(self) -> tuple[list[Record], int] | None:
+    def _next_batch(self) -> tuple[list[Record], int] | tuple[Callable, Future] | None:
         with self._cond:
             if self._resume is not None:
                 batch, steps = self._resume
                 self._resume = None
             else:
-                while not self._queue and not self._stop:
+                while not self._queue and not self._stop and not self._tasks:
                     if not self._cond.wait(timeout=1.0):
                         self.live.flush_prefix_cache_reset()  # an interval policy's due reset
                 if self._stop:
+                    for _, future in self._tasks:
+                        future.set_exception(RuntimeError("the trainer stopped"))
                     return None
+                if self._tasks:
+                    return self._tasks.popleft()
                 n = min(self.batch_size, len(self._queue))
                 batch, steps = [self._queue.popleft() for _ in range(n)], self.steps_per_batch
             self._in_flight = len(batch)
@@ -197,10 +229,19 @@ class Trainer:
 
     def _run(self) -> None:
         while (item := self._next_batch()) is not None:
+            if isinstance(item[1], Future):
+                fn, future = item
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+                continue
             batch, steps = item
             try:
                 if self.journal is not None:
                     self.journal.begin([r.id for r in batch], steps, self.live.applied_steps())
+                if self.group is not None:
+                    self.group.broadcast(("train", [r.encoded for r in batch], steps))
                 self._train(batch, steps)
             except Exception as exc:  # isolate: mark the batch failed, keep serving
                 log.exception("training batch failed")

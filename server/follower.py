@@ -1,0 +1,33 @@
+"""Trainer ranks 1..N-1 under tensor parallelism: attach to vLLM's rank r, then do what rank 0
+says (server/distributed.py). They serve no HTTP and keep no journal; rank 0 does both."""
+
+from __future__ import annotations
+
+import logging
+
+from server.config import Settings
+from server.distributed import gather_to_leader
+from server.runtime import load_runtime
+from server.trainer import Trainer
+
+log = logging.getLogger("vllm_apollo.follower")
+
+
+def follower_main(settings: Settings, rank: int, port: int) -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    runtime = load_runtime(settings, rank=rank, port=port)
+    group = runtime.group
+    trainer = Trainer(runtime.model, runtime.optimizer, pad_id=runtime.pad_id,
+                      live=runtime.live, group=group)
+    params = dict(runtime.model.named_parameters(remove_duplicate=False))
+    while True:
+        command = group.broadcast()
+        if command[0] == "train":
+            trainer.train_batch(*command[1:])
+        elif command[0] == "checkpoint":
+            for name in command[1]:
+                gather_to_leader(params[name], group)
+        elif command[0] == "stop":
+            log.info("stopping")
+            return
