@@ -27,13 +27,14 @@ TAUGHT = 123  # the token taught to follow PROMPT
 class VllmHost:
     """tests/vllm_host.py: vLLM's engine in a child process, asked for log-probs."""
 
-    def __init__(self, model_dir, export_dir, log):
+    def __init__(self, model_dir, export_dir, log, tp: int = 1):
         self.export_dir = export_dir
         env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_APOLLO_EXPORT_DIR": str(export_dir),
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "VLLM_LOGGING_STREAM": "ext://sys.stderr"}
+               "VLLM_LOGGING_STREAM": "ext://sys.stderr", "VLLM_CPU_OMP_THREADS_BIND":
+               "|".join(str(r % (os.cpu_count() or 1)) for r in range(tp)) if tp > 1 else "auto"}
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/vllm_host.py"),
-                                      str(model_dir)], stdin=subprocess.PIPE,
+                                      str(model_dir), str(tp)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
                                      env=env, cwd=ROOT)
         self.ready = False

@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
+from tests.test_e2e_families import PROMPT, VllmHost
 from tests.tiny_models import make_tiny_model
 
 
@@ -47,3 +49,23 @@ def test_tp2_training_equals_tp1(tmp_path, family, optimizer):
     assert r["logit_diff"] <= 1e-5
     assert r["moved"] > 1e-3  # the steps changed the weights, so equality means something
     assert r["weight_rel_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_mapped_tp2_model_equals_vllm_tp2(tmp_path, family):
+    """Real vLLM with tensor_parallel_size=2 and the hook: each trainer rank maps its own
+    vLLM rank's shards (views, no full copies) and the DTensor model's next-token
+    distribution equals vLLM's at every position."""
+    model = make_tiny_model(family, tmp_path / family, num_key_value_heads=2)
+    export = tmp_path / "export"
+    host = VllmHost(model, export, tmp_path / "vllm.log", tp=2).wait_ready()
+    try:
+        vllm = host.logprobs(PROMPT)["prompt"]
+        r = run_ranks(str(ROOT / "tests" / "tp_vllm_child.py"), str(export), json.dumps(PROMPT))
+    finally:
+        host.close()
+    ours = torch.tensor(r["logprobs"], dtype=torch.float64)[:-1]  # vLLM: positions 1..n-1
+    assert r["aliased"], "a rank's parameters are not views of its vLLM rank's tensors"
+    assert r["sharded"] == 16
+    assert r["local_numel"] < 0.6 * r["full_numel"]  # each rank holds about half
+    assert (ours - vllm).abs().max() <= 1e-4
