@@ -30,20 +30,22 @@ def _free_port() -> int:
 
 
 class Stack:
-    def __init__(self, run_dir: Path, model_dir: Path | None = None):
+    def __init__(self, run_dir: Path, model_dir: Path | None = None,
+                 vllm_args: tuple[str, ...] = (), train_args: str = ""):
         self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.vllm = f"http://127.0.0.1:{_free_port()}"
         self.train = f"http://127.0.0.1:{_free_port()}"
         env = {**os.environ, "VLLM_PORT": self.vllm.rsplit(":", 1)[1],
                "TRAIN_PORT": self.train.rsplit(":", 1)[1], "VLLM_APOLLO_RUN_DIR": str(run_dir),
                # the journal's default lives in the model directory: keep tests independent
-               "TRAIN_ARGS": f"--journal {run_dir / 'examples.jsonl'}"}
+               "TRAIN_ARGS": f"--journal {run_dir / 'examples.jsonl'} {train_args}"}
         self.log = open(run_dir / "launcher.log", "w")  # noqa: SIM115
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [str(ROOT / "scripts/start_vllm_with_apollo.sh"),
              *([str(model_dir), "--dtype", "float32"] if model_dir else []),
-             "--enforce-eager", "--max-model-len", "1024"],
+             "--enforce-eager", "--max-model-len", "1024", *vllm_args],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             self.seconds_to_healthy = self._wait_healthy(900)
@@ -99,7 +101,8 @@ class Stack:
         return out
 
     def stop(self) -> int:
-        os.kill(self.proc.pid, signal.SIGTERM)
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
         try:
             rc = self.proc.wait(120)
         except subprocess.TimeoutExpired:

@@ -3,7 +3,6 @@ nothing is trained twice."""
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,21 +17,14 @@ from server.journal import Journal
 from server.tokenization import Encoded
 from tests.conftest import ROOT
 from tests.test_e2e import _free_port
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_tiny_chat_model
 from weight_mapping import attach
 
 E = Encoded([1, 2, 3], [-100, 2, 3])
 
 
 def _tiny_chat_model(tmp_path, default_model_dir):
-    """A tiny Llama with the default model's vocabulary and tokenizer: the training server
-    runs on it as on a real chat model, in seconds."""
-    model_dir = make_tiny_model("llama", tmp_path / "model", vocab_size=49152,
-                                tie_word_embeddings=True)
-    for f in default_model_dir.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, model_dir / f.name)
-    return model_dir
+    return make_tiny_chat_model(tmp_path / "model", default_model_dir)
 
 
 def test_replay_resolves_an_interrupted_batch_with_the_applied_counter(tmp_path):

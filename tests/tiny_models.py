@@ -3,6 +3,7 @@ which vLLM's CPU attention accepts)."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -70,3 +71,14 @@ def make_tiny_model(family: str, directory: Path, seed: int = 0, **overrides) ->
                 p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p))
     model.save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def make_tiny_chat_model(directory: Path, tokenizer_dir: Path, **overrides) -> Path:
+    """A tiny Llama with the default model's vocabulary and tokenizer: the training server
+    and vLLM's chat API run on it as on a real chat model, in seconds."""
+    model_dir = make_tiny_model("llama", directory, vocab_size=49152, tie_word_embeddings=True,
+                                **overrides)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, model_dir / f.name)
+    return model_dir

@@ -1,7 +1,8 @@
 """One rank of a tensor-parallel trainer on stand-in shards (tests/tp_standin.py), beside an
-unsharded copy of the same model: checks logits, then trains both for STEPS steps and compares
-the gathered weights. Run by tests/test_tensor_parallel.py with torch.distributed's env vars
-(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); rank 0 prints one JSON line."""
+unsharded copy of the same model: checks logits, then, for APOLLO-Mini and APOLLO rank 4 in
+turn, trains both from the same weights for STEPS steps and compares the gathered weights.
+Run by tests/test_tensor_parallel.py with torch.distributed's env vars (RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT); rank 0 prints one JSON line."""
 
 import json
 import sys
@@ -25,13 +26,22 @@ STEPS = 20
 
 
 def main() -> None:
-    model_dir, kind = sys.argv[1], sys.argv[2]
+    model_dir = sys.argv[1]
     torch.manual_seed(0)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     config = load_config(model_dir)
     state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+    ids = torch.randint(0, config.vocab_size, (4, 3, 24))
+    results = {kind: train_both(model_dir, config, state, ids, kind, rank, world, mesh)
+               for kind in ("mini", "rank4")}
+    if rank == 0:
+        print(json.dumps(results), flush=True)
+    dist.destroy_process_group()
+
+
+def train_both(model_dir, config, state, ids, kind, rank, world, mesh) -> dict:
     tensors, specs = shard_model(state, config, rank, world)
     tp = build_model(tensors, config, shards={n: ShardSpec.from_manifest(s)
                                               for n, s in specs.items()}, mesh=mesh)
@@ -40,7 +50,6 @@ def main() -> None:
                   for p in tp.parameters())
     sharded = sum(isinstance(p, DTensor) for p in tp.parameters())
 
-    ids = torch.randint(0, config.vocab_size, (4, 3, 24))
     mask = torch.ones_like(ids[0])
     with torch.no_grad():
         logit_diff = (tp(input_ids=ids[0]).logits - ref(input_ids=ids[0]).logits).abs().max()
@@ -65,11 +74,9 @@ def main() -> None:
         full = p.full_tensor() if isinstance(p, DTensor) else p
         worst = max(worst, float((full - q).abs().max() / q.abs().max()))
         if name in start:
-            moved = max(moved, float((q - start[name]).abs().max()))
-    if rank == 0:
-        print(json.dumps({"logit_diff": float(logit_diff), "weight_rel_diff": worst,
-                          "moved": moved, "aliased": aliased, "sharded": sharded}), flush=True)
-    dist.destroy_process_group()
+            moved = max(moved, float((q - start[name]).detach().abs().max()))
+    return {"logit_diff": float(logit_diff), "weight_rel_diff": worst, "moved": moved,
+            "aliased": aliased, "sharded": sharded}
 
 
 if __name__ == "__main__":
