@@ -11,10 +11,12 @@ import httpx
 import pytest
 import torch
 
+from bench.standin_tp import shard_spec
 from tests.conftest import ROOT
 from tests.test_e2e import Stack, _wait_trained
 from tests.test_e2e_families import PROMPT, VllmHost
 from tests.tiny_models import make_tiny_chat_model, make_tiny_model
+from weight_mapping import load_config
 
 TAUGHT = "My name is Apollo."
 
@@ -66,6 +68,13 @@ def test_mapped_tp2_model_equals_vllm_tp2(tmp_path, family):
     export = tmp_path / "export"
     host = VllmHost(model, export, tmp_path / "vllm.log", tp=2).wait_ready()
     try:
+        config = load_config(model)
+        for rank in (0, 1):  # the hook's sharding = the stand-in's (bench/standin_tp.py)
+            for p in json.loads((export / f"rank{rank}.json").read_text())["params"]:
+                full = list(p["shape"])
+                if "shard" in p:
+                    full[p["shard"]["dim"]] = p["shard"]["full"]
+                assert p.get("shard") == shard_spec(p["name"], full, config, rank, 2), p
         vllm = host.logprobs(PROMPT)["prompt"]
         r = run_ranks(str(ROOT / "tests" / "tp_vllm_child.py"), str(export), json.dumps(PROMPT))
     finally:

@@ -1,4 +1,4 @@
-"""One rank of a tensor-parallel trainer on stand-in shards (tests/tp_standin.py), beside an
+"""One rank of a tensor-parallel trainer on stand-in shards (bench/standin_tp.py), beside an
 unsharded copy of the same model: checks logits, then, for APOLLO-Mini and APOLLO rank 4 in
 turn, trains both from the same weights for STEPS steps and compares the gathered weights.
 Run by tests/test_tensor_parallel.py with torch.distributed's env vars (RANK, WORLD_SIZE,
@@ -13,14 +13,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
+from bench.standin_tp import shard_model
 from optimizer import Apollo, ApolloMini
 from server.runtime import param_groups
 from server.trainer import causal_lm_loss
 from weight_mapping import build_model, fuse_state_dict, load_config, shares_storage
 from weight_mapping.sharded import ShardSpec
-
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from tp_standin import shard_model  # noqa: E402
 
 STEPS = 20
 
