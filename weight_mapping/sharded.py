@@ -85,6 +85,7 @@ def parallelize(model: nn.Module, placements: dict[str, Placement], mesh: Device
     """Give each module with sharded parameters torch's TP style for its placement. Must run
     before the parameters are replaced by DTensors over vLLM's memory (it re-partitions)."""
     head = model.get_output_embeddings()
+    columns: dict[str, int] = {}  # parent module -> its column-parallel linears
     for name, module in model.named_modules():
         p = placements.get(f"{name}.weight")
         if not isinstance(p, Shard):
@@ -95,10 +96,36 @@ def parallelize(model: nn.Module, placements: dict[str, Placement], mesh: Device
             style = RowwiseParallel(input_layouts=Replicate())  # vocab-parallel lookup
         elif p.dim == 0:
             style = ColwiseParallel()
+            parent = name.rpartition(".")[0]
+            columns[parent] = columns.get(parent, 0) + 1
         else:
             style = RowwiseParallel()
         style.src_data_rank = None  # meta parameters: nothing to scatter
         parallelize_module(module, mesh, style)
+    for parent, count in columns.items():
+        if count > 1:  # q/k/v, gate/up: one input
+            model.get_submodule(parent).register_forward_pre_hook(
+                _replicated_input(mesh), with_kwargs=True)
+
+
+def _replicated_input(mesh: DeviceMesh):
+    """Make a module's input one replicated DTensor before its column-parallel linears read
+    it: their input gradients then add up as one partial sum and take one all-reduce in
+    backward (Megatron's "f"), instead of one per linear."""
+
+    def convert(x):
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) and x.is_floating_point():
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        return x
+
+    def hook(module, args, kwargs):
+        if args:
+            args = (convert(args[0]), *args[1:])
+        if "hidden_states" in kwargs:  # transformers passes the attention's input by name
+            kwargs["hidden_states"] = convert(kwargs["hidden_states"])
+        return args, kwargs
+
+    return hook
 
 
 def reduce_grad_across(params: list[nn.Parameter], mesh: DeviceMesh) -> None:
