@@ -5,8 +5,8 @@
 A random Llama in vLLM's layout (bench/standin_tp.py shards it as vLLM's ranks hold it); each
 rank builds the trainer's DTensor model over its shards and takes APOLLO-Mini steps on the
 same batch. Prints per-step time (forward + backward + optimizer), the optimizer step alone,
-and the weights and optimizer state one rank holds (docs/scaling.md derives the collective
-volume).
+the weights and optimizer state one rank holds, and the collectives of one TP=2 step
+(docs/scaling.md derives their volume).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.debug import CommDebugMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bench.standin_tp import shard_model
@@ -61,6 +62,10 @@ def run(rank: int, world: int, port: int, args, state_path: str, out: dict) -> N
         if i >= 2:
             steps.append(t2 - t0)
             opt_s.append(t2 - t1)
+    with CommDebugMode() as model_comms:  # one more step, its collectives counted
+        causal_lm_loss(model, ids, ids, mask).backward()
+    with CommDebugMode() as opt_comms:
+        opt.step()
     local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
     state_bytes = sum(v.numel() * v.element_size() for s in opt.state.values()
                       for v in s.values() if torch.is_tensor(v))
@@ -68,8 +73,14 @@ def run(rank: int, world: int, port: int, args, state_path: str, out: dict) -> N
         out[world] = {"step_ms": 1e3 * sorted(steps)[len(steps) // 2],
                       "opt_ms": 1e3 * sorted(opt_s)[len(opt_s) // 2],
                       "weights_mib": sum(t.numel() * t.element_size() for t in local) / 2**20,
-                      "state_kib": state_bytes / 1024}
+                      "state_kib": state_bytes / 1024,
+                      "model_comms": _counts(model_comms), "opt_comms": _counts(opt_comms)}
     dist.destroy_process_group()
+
+
+def _counts(mode: CommDebugMode) -> str:
+    counts = mode.get_comm_counts()
+    return ", ".join(f"{n} {str(op).rsplit('.', 1)[-1]}" for op, n in counts.items()) or "-"
 
 
 def main() -> None:
@@ -101,6 +112,8 @@ def main() -> None:
         print(f"TP={world:<3} {r['step_ms']:9.1f} {r['step_ms'] / base['step_ms']:6.2f} "
               f"{r['opt_ms']:8.2f} {r['opt_ms'] / base['opt_ms']:6.2f} "
               f"{r['weights_mib']:17.1f} {r['state_kib']:15.1f}")
+    print(f"TP=2 collectives per step: forward + backward: {out[2]['model_comms']}; "
+          f"optimizer: {out[2]['opt_comms']}")
 
 
 if __name__ == "__main__":
