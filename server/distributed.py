@@ -64,12 +64,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def join(rank: int, world: int, port: int, device: torch.device) -> Group:
+def join(rank: int, world: int, port: int, device: torch.device,
+         timeout: float = 600.0) -> Group:
+    """Join the trainer's group; fails after `timeout` s if a rank never comes (e.g. it could
+    not attach to its vLLM rank), rather than waiting forever."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=timedelta(seconds=timeout))
     mesh = init_device_mesh(device.type, (world,))
     commands = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     return Group(rank, world, mesh, commands)

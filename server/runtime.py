@@ -77,7 +77,8 @@ def load_runtime(settings: Settings, rank: int = 0, port: int = 0) -> Runtime:
 
             port = free_port()
             start_followers(follower_main, settings, export.world_size, port)
-        group = join(rank, export.world_size, port, export.device)
+        group = join(rank, export.world_size, port, export.device,
+                     timeout=settings.attach_timeout + 60)
     config = load_config(export.model_path)
     model = build_model(export.tensors, config, shards=export.shards,
                         mesh=group.mesh if group else None)

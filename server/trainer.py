@@ -185,7 +185,10 @@ class Trainer:
             self._cond.notify_all()
         self._thread.join(timeout)
         if self.group is not None and self.group.leader and not self._thread.is_alive():
-            self.group.broadcast(("stop",))
+            try:
+                self.group.broadcast(("stop",))
+            except Exception:  # a follower already gone: nothing left to stop
+                log.warning("could not tell the other trainer ranks to stop", exc_info=True)
 
     def run_in_worker(self, fn: Callable):
         """fn() on the worker thread, between batches; its result. Under tensor parallelism

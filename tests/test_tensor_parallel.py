@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
+import psutil
 import pytest
 import torch
 
@@ -113,8 +115,12 @@ def test_launcher_tp2_learns_live_and_a_checkpoint_restarts_the_same(tmp_path,
         assert after[0] == TAUGHT, after  # served by the same vLLM processes, not restarted
         synced = httpx.post(f"{stack.train}/checkpoint", timeout=120).json()
         assert synced["tensors"] > 0
+        children = stack.descendants()  # vLLM's ranks, the trainer's ranks
     finally:
         stack.stop()
+    time.sleep(1)
+    assert not [p for p in children if psutil.pid_exists(p) and
+                psutil.Process(p).status() != psutil.STATUS_ZOMBIE], "processes left running"
     stack = Stack(tmp_path / "run2", model, **args)
     try:
         assert [stack.ask(q) for q in questions] == after
