@@ -36,6 +36,9 @@ reference when no step is skipped.
 trainer runs ``prepare()`` while serving goes on and holds serving off only for ``apply()``.
 ``layerwise()`` instead steps each parameter during backward, as soon as its gradient exists.
 
+Tensor parallelism: DTensor parameters are stepped shard by shard, with the few
+collectives that make the result equal to the unsharded step (optimizer/sharding.py).
+
 bf16/fp16 weights: an in-place ``W -= lr * u`` at lr 1e-5 rounds most elements back to where
 they were. With ``stochastic_rounding=True`` (default) the new value is computed in fp32 and
 rounded up or down at random, in proportion to the distance, so small updates survive on
