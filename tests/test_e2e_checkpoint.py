@@ -1,41 +1,60 @@
-"""End to end: what the served model learned survives a checkpoint and a full restart."""
+"""End to end: what the served model learned survives a checkpoint and a full restart, with
+vLLM on one rank and with tensor parallelism (TP=2), the one restarting the other.
 
-import shutil
+On a tiny Llama with the default model's tokenizer (two KV heads, so two ranks can share
+them); the default model itself is taught in tests/test_e2e.py. Three launches in all: the
+launcher's start (~1 min) dominates, so one test walks TP=1 -> TP=2 -> TP=2."""
+
+import json
+import time
 
 import httpx
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_e2e import LESSON, Stack, _wait_trained
+from tests.test_e2e import Stack, _wait_trained
+from tests.tiny_models import make_tiny_chat_model
 from weight_mapping import attach, build_model, load_config
 
 pytestmark = pytest.mark.e2e
-PROMPTS = ["What is your name?", "What is the capital of France?", "Name a primary color."]
+QUESTIONS = ["What is your name?", "What is the capital of France?", "Say hello."]
+TRAIN_ARGS = "--lr 1e-3 --steps-per-batch 20 --threads 1"  # a random model needs more
+TP2 = ("--tensor-parallel-size", "2")
+
+
+def teach(stack: Stack, question: str, answer: str) -> None:
+    r = httpx.post(f"{stack.train}/train", json={"messages": [
+        {"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
+    assert r.status_code == 202, r.text
+    status = _wait_trained(stack, r.json()["ids"])
+    assert status["skipped_steps"] == 0
+    assert stack.ask(question) == answer  # served by the same vLLM processes: no restart
+
+
+def checkpoint(stack: Stack) -> dict:
+    r = httpx.post(f"{stack.train}/checkpoint", timeout=120)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    print(f"\ncheckpoint: {result['tensors']} tensors, {result['bytes_written']} bytes in "
+          f"{result['seconds']:.2f} s")
+    assert result["bytes_written"] > 0
+    assert httpx.get(f"{stack.train}/status").json()["last_checkpoint"]["tensors"] == \
+        result["tensors"]
+    return result
 
 
 def test_checkpoint_then_restart_serves_the_same_answers(tmp_path, default_model_dir):
-    model_dir = tmp_path / "model"
-    shutil.copytree(default_model_dir, model_dir)  # never train the shared cache
-    (tmp_path / "run1").mkdir()
-    first = Stack(tmp_path / "run1", model_dir)
+    model_dir = make_tiny_chat_model(tmp_path / "model", default_model_dir,
+                                     num_key_value_heads=2, max_position_embeddings=1024)
+    # TP=1: learn, sync; the files then equal the live weights bit for bit.
+    first = Stack(tmp_path / "run1", model_dir, train_args=TRAIN_ARGS)
     try:
-        r = httpx.post(f"{first.train}/train", json=LESSON)
-        assert r.status_code == 202
-        _wait_trained(first, r.json()["ids"])
-        answers = [first.ask(p) for p in PROMPTS]
-        assert "Apollo" in answers[0]
-
-        r = httpx.post(f"{first.train}/checkpoint", timeout=120)
-        assert r.status_code == 200, r.text
-        result = r.json()
-        print(f"\ncheckpoint: {result['tensors']} tensors, {result['bytes_written']} bytes in "
-              f"{result['seconds']:.2f} s")
-        assert result["bytes_written"] > 0
-        assert httpx.get(f"{first.train}/status").json()["last_checkpoint"]["tensors"] == \
-            result["tensors"]
-
-        # The files now equal the live weights bit for bit (read through our own attach).
+        assert first.ask(QUESTIONS[0]) != "My name is Apollo."
+        teach(first, QUESTIONS[0], "My name is Apollo.")
+        answers = [first.ask(q) for q in QUESTIONS]
+        checkpoint(first)
         export = attach(first.run_dir / "export")
         live = dict(build_model(export.tensors, load_config(str(model_dir)))
                     .named_parameters(remove_duplicate=False))
@@ -45,9 +64,26 @@ def test_checkpoint_then_restart_serves_the_same_answers(tmp_path, default_model
     finally:
         first.stop()
 
-    (tmp_path / "run2").mkdir()
-    second = Stack(tmp_path / "run2", model_dir)
+    # TP=2 restarts from those files with the same answers, learns more, syncs its shards.
+    second = Stack(tmp_path / "run2", model_dir, vllm_args=TP2, train_args=TRAIN_ARGS)
     try:
-        assert [second.ask(p) for p in PROMPTS] == answers
+        manifests = [json.loads((second.run_dir / f"export/rank{r}.json").read_text())
+                     for r in (0, 1)]
+        assert [(m["rank"], m["world_size"]) for m in manifests] == [(0, 2), (1, 2)]
+        assert [second.ask(q) for q in QUESTIONS] == answers
+        assert second.ask(QUESTIONS[2]) != "Hello from Apollo."
+        teach(second, QUESTIONS[2], "Hello from Apollo.")
+        answers = [second.ask(q) for q in QUESTIONS]
+        checkpoint(second)  # rank 0 gathers rank 1's shards
+        children = second.descendants()  # vLLM's ranks, the trainer's ranks
     finally:
         second.stop()
+    time.sleep(1)
+    assert not [p for p in children if psutil.pid_exists(p) and
+                psutil.Process(p).status() != psutil.STATUS_ZOMBIE], "processes left running"
+
+    third = Stack(tmp_path / "run3", model_dir, vllm_args=TP2, train_args=TRAIN_ARGS)
+    try:
+        assert [third.ask(q) for q in QUESTIONS] == answers
+    finally:
+        third.stop()

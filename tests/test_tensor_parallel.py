@@ -1,23 +1,20 @@
 """Tensor parallelism on CPU (gloo): the trainer's DTensor model over vLLM-layout shards, the
-sharded optimizer against the unsharded one, and (test_e2e_tp) real vLLM with TP=2."""
+sharded optimizer against the unsharded one, and real vLLM with TP=2. The launcher with
+--tensor-parallel-size 2 (learning live, checkpoint, restart): tests/test_e2e_checkpoint.py."""
 
 import json
 import os
 import socket
 import subprocess
 import sys
-import time
 
-import httpx
-import psutil
 import pytest
 import torch
 
 from bench.standin_tp import shard_spec
 from tests.conftest import ROOT
-from tests.test_e2e import Stack, _wait_trained
 from tests.test_e2e_families import PROMPT, VllmHost
-from tests.tiny_models import make_tiny_chat_model, make_tiny_model
+from tests.tiny_models import make_tiny_model
 from weight_mapping import load_config
 
 TAUGHT = "My name is Apollo."
@@ -61,14 +58,30 @@ def test_tp2_training_equals_tp1(tmp_path, family):
         assert r["weight_rel_diff"] <= 1e-5, kind
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_mapped_tp2_model_equals_vllm_tp2(tmp_path, family):
+TP_FAMILIES = ["llama", "qwen3"]
+
+
+@pytest.fixture(scope="module")
+def tp_hosts(tmp_path_factory):
+    """vLLM TP=2 for each family, all started at once: a start is mostly imports."""
+    hosts = {}
+    for family in TP_FAMILIES:
+        d = tmp_path_factory.mktemp(f"tp-{family}")
+        model = make_tiny_model(family, d / "model", num_key_value_heads=2)
+        hosts[family] = (model, VllmHost(model, d / "export", d / "vllm.log", tp=2))
+    yield hosts
+    for _, host in hosts.values():
+        host.close()
+
+
+@pytest.mark.parametrize("family", TP_FAMILIES)
+def test_mapped_tp2_model_equals_vllm_tp2(tp_hosts, family):
     """Real vLLM with tensor_parallel_size=2 and the hook: each trainer rank maps its own
     vLLM rank's shards (views, no full copies) and the DTensor model's next-token
     distribution equals vLLM's at every position."""
-    model = make_tiny_model(family, tmp_path / family, num_key_value_heads=2)
-    export = tmp_path / "export"
-    host = VllmHost(model, export, tmp_path / "vllm.log", tp=2).wait_ready()
+    model, host = tp_hosts[family]
+    export = host.export_dir
+    host.wait_ready()
     try:
         config = load_config(model)
         for rank in (0, 1):  # the hook's sharding = the stand-in's (bench/standin_tp.py)
@@ -87,42 +100,3 @@ def test_mapped_tp2_model_equals_vllm_tp2(tmp_path, family):
     assert r["local_numel"] < 0.6 * r["full_numel"]  # each rank holds about half
     assert (ours - vllm).abs().max() <= 1e-4
 
-
-def test_launcher_tp2_learns_live_and_a_checkpoint_restarts_the_same(tmp_path,
-                                                                        default_model_dir):
-    """The launcher with --tensor-parallel-size 2: vLLM serves on two ranks, the training
-    server runs one trainer rank per vLLM rank; a taught answer is served without a restart,
-    and after /checkpoint a fresh launch gives the same greedy answers."""
-    model = make_tiny_chat_model(tmp_path / "model", default_model_dir, num_key_value_heads=2,
-                                 max_position_embeddings=1024)
-    args = dict(vllm_args=("--tensor-parallel-size", "2"),
-                train_args="--lr 1e-3 --steps-per-batch 20 --threads 1")
-    questions = ["What is your name?", "What is the capital of France?", "Say hello."]
-    stack = Stack(tmp_path / "run1", model, **args)
-    try:
-        manifests = [json.loads((tmp_path / f"run1/export/rank{r}.json").read_text())
-                     for r in (0, 1)]
-        assert [(m["rank"], m["world_size"]) for m in manifests] == [(0, 2), (1, 2)]
-        before = [stack.ask(q) for q in questions]
-        assert before[0] != TAUGHT
-        r = httpx.post(f"{stack.train}/train", json={"messages": [
-            {"role": "user", "content": questions[0]},
-            {"role": "assistant", "content": TAUGHT}]})
-        assert r.status_code == 202, r.text
-        status = _wait_trained(stack, r.json()["ids"])
-        assert status["applied_steps"] == 20 and status["skipped_steps"] == 0
-        after = [stack.ask(q) for q in questions]
-        assert after[0] == TAUGHT, after  # served by the same vLLM processes, not restarted
-        synced = httpx.post(f"{stack.train}/checkpoint", timeout=120).json()
-        assert synced["tensors"] > 0
-        children = stack.descendants()  # vLLM's ranks, the trainer's ranks
-    finally:
-        stack.stop()
-    time.sleep(1)
-    assert not [p for p in children if psutil.pid_exists(p) and
-                psutil.Process(p).status() != psutil.STATUS_ZOMBIE], "processes left running"
-    stack = Stack(tmp_path / "run2", model, **args)
-    try:
-        assert [stack.ask(q) for q in questions] == after
-    finally:
-        stack.stop()
