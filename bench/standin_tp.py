@@ -7,29 +7,22 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
+from hooks.sharding import split_ranges
 from weight_mapping import fuse_state_dict
 from weight_mapping.families import gate_up_rows, qkv_rows
 
 VOCAB_PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
 
 
-def _ranges(sizes, rank: int, world: int) -> list[list[int]]:
-    out, offset = [], 0
-    for size in sizes:
-        out.append([offset + rank * size // world, offset + (rank + 1) * size // world])
-        offset += size
-    return out
-
-
 def shard_spec(name: str, shape: torch.Size, config: PretrainedConfig, rank: int,
                world: int) -> dict | None:
     if ".qkv_proj." in name:
-        return {"dim": 0, "full": shape[0], "pieces": _ranges(qkv_rows(config), rank, world)}
+        return {"dim": 0, "full": shape[0], "pieces": split_ranges(qkv_rows(config), rank, world)}
     if ".gate_up_proj." in name:
         return {"dim": 0, "full": shape[0],
-                "pieces": _ranges(gate_up_rows(config), rank, world)}
+                "pieces": split_ranges(gate_up_rows(config), rank, world)}
     if name.endswith(("o_proj.weight", "down_proj.weight")):
-        return {"dim": 1, "full": shape[1], "pieces": _ranges([shape[1]], rank, world)}
+        return {"dim": 1, "full": shape[1], "pieces": split_ranges([shape[1]], rank, world)}
     if name in ("model.embed_tokens.weight", "lm_head.weight"):
         padded = -(-shape[0] // VOCAB_PADDING) * VOCAB_PADDING
         per = padded // world

@@ -138,11 +138,15 @@ class Checkpointer:
             t = self._gather(t)
         return t.to(self.slots[name].dtype).contiguous()  # a save's conversion, if any
 
+    def _to_check(self, candidates: Iterable[str] | None) -> list[str]:
+        """File names of the tensors sync(candidates) reads, in order."""
+        if candidates is None:
+            return list(self.live)
+        return [n for n in (self._file_name.get(c, c) for c in candidates) if n in self.live]
+
     def plan(self, candidates: Iterable[str] | None = None) -> list[str]:
         """The live names sync(candidates) reads, in the order it reads them."""
-        names = self.live if candidates is None else [
-            n for n in (self._file_name.get(c, c) for c in candidates) if n in self.live]
-        return [self._live_name[n] for n in names]
+        return [self._live_name[n] for n in self._to_check(candidates)]
 
     def sync(self, candidates: Iterable[str] | None = None) -> SyncResult:
         """Write the changed chunks, all or nothing. The caller keeps the weights still.
@@ -153,7 +157,7 @@ class Checkpointer:
         start = time.perf_counter()
         writes: list[journal.Write] = []
         new_sums: dict[str, torch.Tensor] = {}
-        for name in (self._file_name.get(n, n) for n in self.plan(candidates)):
+        for name in self._to_check(candidates):
             saved = self._as_saved(name)
             sums = chunk_checksums(saved, self.chunk_bytes)
             changed = (sums != self.baseline[name]).any(dim=1).nonzero().flatten().tolist()

@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 
-def _ranges(sizes: list[int], rank: int, tp: int) -> list[list[int]]:
+def split_ranges(sizes: list[int], rank: int, tp: int) -> list[list[int]]:
     """Rank `rank`'s 1/tp of each consecutive part of sizes `sizes` (a fused column shard)."""
     out, offset = [], 0
     for size in sizes:
@@ -63,15 +63,15 @@ def parameter_shards(model: nn.Module) -> dict[str, dict]:
                     "pieces": pieces}
         elif isinstance(module, MergedColumnParallelLinear):
             spec = {"dim": 0, "full": sum(module.output_sizes),
-                    "pieces": _ranges(module.output_sizes, module.tp_rank, tp)}
+                    "pieces": split_ranges(module.output_sizes, module.tp_rank, tp)}
         elif isinstance(module, ColumnParallelLinear):
             spec = {"dim": 0, "full": module.output_size,
-                    "pieces": _ranges([module.output_size], module.tp_rank, tp)}
+                    "pieces": split_ranges([module.output_size], module.tp_rank, tp)}
         elif isinstance(module, RowParallelLinear):
             # weight (out, in) sharded along `in`; the bias is added once, after the reduce
             shards[f"{prefix}.weight"] = {
                 "dim": 1, "full": module.input_size,
-                "pieces": _ranges([module.input_size], module.tp_rank, tp)}
+                "pieces": split_ranges([module.input_size], module.tp_rank, tp)}
             continue
         if spec is None:
             continue

@@ -4,7 +4,6 @@ sharded optimizer against the unsharded one, and real vLLM with TP=2. The launch
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ import torch
 
 from bench.standin_tp import shard_spec
 from tests.conftest import ROOT
+from tests.test_e2e import _free_port
 from tests.test_e2e_families import PROMPT, VllmHost
 from tests.tiny_models import make_tiny_model
 from weight_mapping import load_config
@@ -20,15 +20,9 @@ from weight_mapping import load_config
 TAUGHT = "My name is Apollo."
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(script: str, *args: str, world: int = 2, timeout: float = 300) -> dict:
     """Run `script` as `world` ranks of a gloo process group; rank 0's JSON line."""
-    port = free_port()
+    port = _free_port()
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),

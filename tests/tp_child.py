@@ -32,14 +32,14 @@ def main() -> None:
     config = load_config(model_dir)
     state = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
     ids = torch.randint(0, config.vocab_size, (4, 3, 24))
-    results = {kind: train_both(model_dir, config, state, ids, kind, rank, world, mesh)
+    results = {kind: train_both(config, state, ids, kind, rank, world, mesh)
                for kind in ("mini", "rank4")}
     if rank == 0:
         print(json.dumps(results), flush=True)
     dist.destroy_process_group()
 
 
-def train_both(model_dir, config, state, ids, kind, rank, world, mesh) -> dict:
+def train_both(config, state, ids, kind, rank, world, mesh) -> dict:
     tensors, specs = shard_model(state, config, rank, world)
     tp = build_model(tensors, config, shards={n: ShardSpec.from_manifest(s)
                                               for n, s in specs.items()}, mesh=mesh)
@@ -67,12 +67,11 @@ def train_both(model_dir, config, state, ids, kind, rank, world, mesh) -> dict:
             opt.zero_grad(set_to_none=True)
 
     worst, moved = 0.0, 0.0
-    start = dict(AutoModelForCausalLM.from_pretrained(model_dir).named_parameters())
     for (name, p), q in zip(tp.named_parameters(), ref.parameters(), strict=True):
         full = p.full_tensor() if isinstance(p, DTensor) else p
         worst = max(worst, float((full - q).abs().max() / q.abs().max()))
-        if name in start:
-            moved = max(moved, float((q - start[name]).detach().abs().max()))
+        if name in state:
+            moved = max(moved, float((q - state[name]).detach().abs().max()))
     return {"logit_diff": float(logit_diff), "weight_rel_diff": worst, "moved": moved,
             "aliased": aliased, "sharded": sharded}
 
