@@ -8,6 +8,7 @@ dry run CI uses so the kit cannot rot.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -128,6 +129,24 @@ def agreement_check(device: str) -> tuple[str, str, str]:
             "20 steps, max rel diff " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
 
 
+def tune_projection(device: str, logdir: Path, rows: list) -> list[str]:
+    """Time the rank-1 projection's launch shapes (bench/tune_projection.py); returns the
+    best as bench.optimizer arguments, so one run both tunes and measures the step. The CPU
+    dry run runs two candidates on small shapes in Triton's interpreter."""
+    gpu = device.startswith("cuda")
+    args = [] if gpu else ["--shrink", "32", "--layers", "1", "--quick"]
+    env = {**os.environ} if gpu else {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-m", "bench.tune_projection", "--device", device,
+                          *args], capture_output=True, text=True, cwd=ROOT, env=env)
+    (logdir / "tune_projection.md").write_text(out.stdout + out.stderr)
+    best = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("best:")]
+    ok = out.returncode == 0 and best
+    rows.append(("projection launch shapes", "ok" if ok else "FAIL",
+                 " ".join(best[0][1:]) + "; table in tune_projection.md" if ok else
+                 out.stderr[-300:]))
+    return best[0] if ok else []
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -202,16 +221,18 @@ def main() -> None:
         except Exception as exc:  # report it in the table and go on with the benchmark
             rows.append((check.__name__, "FAIL", f"{type(exc).__name__}: {exc}"[:300]))
 
+    tiles = tune_projection(a.device, logdir, rows)
     bench_log = logdir / "optimizer_bench.md"
     layers = "8" if gpu else "1"
     out = subprocess.run([sys.executable, "-m", "bench.optimizer", "--device", a.device,
-                          "--layers", layers, "--steps", "3" if gpu else "1",
-                          "--shrink", "1" if gpu else "4"],
+                          "--layers", layers, "--steps", "10" if gpu else "1",
+                          "--shrink", "1" if gpu else "4", *tiles],
                          capture_output=True, text=True, cwd=ROOT)
     bench_log.write_text(out.stdout + out.stderr)
     rows.append(("optimizer bench", "ok" if out.returncode == 0 else "FAIL",
                  f"{layers} layer(s); table in {bench_log.name}"))
 
+    print((logdir / "tune_projection.md").read_text())
     print(out.stdout)
     print(f"GPU check on {card}; logs in {logdir}")
     print("| check | result | detail |\n|---|---|---|")

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from optimizer import Apollo, ApolloMini
+from optimizer import Apollo, ApolloMini, kernels
+from optimizer.kernels import Tiles
 
 HIDDEN, INTER, KV = 4096, 14336, 1024
 LAYER = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
@@ -55,6 +56,21 @@ def make_params(layers: int, dtype, device, shrink: int = 1) -> list[torch.Tenso
             p.grad = torch.randn(shape, generator=g, device=device, dtype=dtype) * 1e-3
             params.append(p)
     return params
+
+
+def parse_tiles(text: str) -> dict[str, Tiles]:
+    """'rows=4x512x1x4,cols=32x64x8x4' (bm x bn x splits x warps) -> a TILES dict."""
+    tiles = dict(kernels.TILES)
+    for part in filter(None, text.split(",")):
+        key, _, spec = part.partition("=")
+        if key not in tiles:
+            raise SystemExit(f"--tiles: unknown orientation {key!r} (rows or cols)")
+        tiles[key] = Tiles(*(int(v) for v in spec.split("x")))
+    return tiles
+
+
+def format_tiles(tiles: dict[str, Tiles]) -> str:
+    return ",".join(f"{k}={t.bm}x{t.bn}x{t.splits}x{t.warps}" for k, t in tiles.items())
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -97,7 +113,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--shrink", type=int, default=1,
                     help="divide every dimension (CI's dry run of the GPU kit: 4)")
+    ap.add_argument("--tiles", default="",
+                    help="rank-1 projection launch shapes, as bench.tune_projection prints")
     a = ap.parse_args()
+    if a.tiles:
+        kernels.TILES = parse_tiles(a.tiles)
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     layers = a.layers or (8 if cuda else 1)
@@ -125,6 +145,8 @@ def main() -> None:
     shapes = "" if a.shrink == 1 else f" with every dimension / {a.shrink}"
     print(f"{layers} Llama-3-8B layer(s){shapes}, {n / 1e9:.3f} B params, {dtype}, {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}")
+    if a.tiles:
+        print(f"rank-1 projection tiles: {format_tiles(kernels.TILES)}")
     rows = []
     for name, (make, graph) in candidates.items():
         params = make_params(layers, dtype, device, a.shrink)

@@ -11,12 +11,8 @@ stall (time vLLM's engine steps were excluded by in-place writes).
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -24,31 +20,12 @@ from pathlib import Path
 
 import httpx
 
+from bench.stack import Stack
 from server.default_model import build
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["What is your name?", "Name a fruit.", "What is 2 + 2?", "Say hello.",
              "What color is the sky?", "Who wrote Hamlet?", "Give me a word.", "Count to 3."]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(urls: list[str], proc: subprocess.Popen, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("launcher exited")
-        try:
-            if all(httpx.get(f"{u}/health", timeout=2).status_code == 200 for u in urls):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("stack not healthy")
 
 
 def run_phase(vllm: str, train: str, model: str, seconds: float, posters: int) -> dict:
@@ -107,20 +84,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-swt-"))
     model_dir = work / "model"
     shutil.copytree(build(), model_dir)
-    vllm, train = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "VLLM_PORT": vllm.rsplit(":", 1)[1],
-           "TRAIN_PORT": train.rsplit(":", 1)[1], "TRAIN_ARGS": "--steps-per-batch 1"}
-    log = open(work / "launcher.log", "w")  # noqa: SIM115
-    proc = subprocess.Popen([str(ROOT / "scripts/start_vllm_with_apollo.sh"), str(model_dir),
-                             "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    stack = Stack(work / "run", model_dir, train_args="--steps-per-batch 1")
     try:
-        wait_healthy([vllm, train], proc)
         model = str(model_dir)
-        idle = run_phase(vllm, train, model, args.seconds, posters=0)
-        busy = run_phase(vllm, train, model, args.seconds, posters=4)
-        st = httpx.get(f"{train}/status").json()
+        idle = run_phase(stack.vllm, stack.train, model, args.seconds, posters=0)
+        busy = run_phase(stack.vllm, stack.train, model, args.seconds, posters=4)
+        st = httpx.get(f"{stack.train}/status").json()
         print("| phase | chat requests | p50 s | p99 s | 5xx | deadlock |")
         print("|---|---|---|---|---|---|")
         for name, r in (("8 chat clients", idle), ("8 chat + 4 /train posters", busy)):
@@ -134,10 +103,8 @@ def main() -> None:
               f"{1e3 * (st['last_write_seconds'] or 0):.1f} ms, last step "
               f"{st['last_step_seconds'] or 0:.2f} s)")
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        proc.wait(120)
+        stack.stop()
         shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ torch's generator on the fallback path.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -194,33 +195,49 @@ def write_triton_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: 
                         BM=bm, BN=bn)
 
 
-SPLITS = 8  # chunks of a long reduced dimension (m < n): more programs keep HBM busy
+@dataclass(frozen=True)
+class Tiles:
+    """How the rank-1 projection kernel covers one orientation of G: BM x BN tiles, the
+    reduced dimension cut into `splits` chunks (partial sums, each its own program), `warps`
+    warps per program. bench/tune_projection.py times the candidates on a GPU."""
+
+    bm: int
+    bn: int
+    splits: int
+    warps: int = 4
 
 
-def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor) -> list[Tensor]:
+# "rows": m >= n, each row reduced (whole rows: a matrix has enough of them to fill the GPU);
+# "cols": m < n, each column reduced over row chunks (its columns alone give too few programs).
+# The kept tiles of the H200 tuning (bench/RESULTS.md).
+TILES = {"rows": Tiles(bm=4, bn=512, splits=1), "cols": Tiles(bm=32, bn=64, splits=8)}
+
+
+def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor,
+                   tiles: dict[str, Tiles] | None = None) -> list[Tensor]:
     """For matrices G_i with rank-1 projections P_i: fills `low` (fp32, the R_i concatenated)
     and returns ||G_i|| (0-d fp32 each). On Triton, one pass over each G gives both: the
-    squared norms per row (m >= n) or column (m < n) come with the dot products; a matrix
-    with m < n is reduced over rows in SPLITS chunks (its columns alone give too few
-    programs) and the partial sums are reduced in a fixed order for the whole group
-    (deterministic). Elsewhere: a matmul and a norm per matrix."""
+    squared norms per row (m >= n) or column (m < n) come with the dot products. Partial sums
+    of the chunks (`TILES`) land in zero-initialised rows and are reduced in a fixed order for
+    the whole group (deterministic); a chunk no program covers stays zero, so the grid holds
+    only programs with work. Elsewhere: a matmul and a norm per matrix."""
     sizes = [max(g.shape) for g in grads]
     if triton_usable(*grads, *projs, low):
-        dot_parts = torch.empty(SPLITS, low.numel(), dtype=torch.float32, device=low.device)
-        sq_parts = torch.empty_like(dot_parts)
+        tiles = tiles or TILES
+        splits = max(t.splits for t in tiles.values())
+        dot_parts = torch.zeros(splits, low.numel(), dtype=torch.float32, device=low.device)
+        sq_parts = torch.zeros_like(dot_parts)
         offset = 0
         for g, p, size in zip(grads, projs, sizes, strict=True):
             m, n = g.shape
-            if m >= n:  # one program per 4 rows, whole rows: split 0 does all, others zero
-                bm, bn, chunk = 4, 512, n
-                grid = (triton.cdiv(m, bm), SPLITS)
-            else:
-                bm, bn = 32, 64
-                chunk = triton.cdiv(triton.cdiv(m, SPLITS), bm) * bm
-                grid = (triton.cdiv(n, bn), SPLITS)
-            _project_rank1_kernel[grid](g, p, dot_parts[:, offset:], sq_parts[:, offset:], m,
-                                        n, chunk, low.numel(), ALONG_ROWS=m >= n, BM=bm,
-                                        BN=bn, STEP=bn if m >= n else bm)
+            along_rows = m >= n
+            t = tiles["rows" if along_rows else "cols"]
+            step = t.bn if along_rows else t.bm
+            chunk = triton.cdiv(triton.cdiv(n if along_rows else m, t.splits), step) * step
+            programs = triton.cdiv(m, t.bm) if along_rows else triton.cdiv(n, t.bn)
+            _project_rank1_kernel[(programs, t.splits)](
+                g, p, dot_parts[:, offset:], sq_parts[:, offset:], m, n, chunk, low.numel(),
+                ALONG_ROWS=along_rows, BM=t.bm, BN=t.bn, STEP=step, num_warps=t.warps)
             offset += size
         torch.sum(dot_parts, 0, out=low)
         squares = list(sq_parts.sum(0).split(sizes))

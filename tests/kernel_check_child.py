@@ -71,6 +71,13 @@ for dtype in (torch.float32, torch.bfloat16):
     kernels.triton_usable = usable
     torch.testing.assert_close(low, want_low, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.stack(norms), torch.stack(want_norms), rtol=1e-5, atol=0)
+    # other launch shapes (bench/tune_projection.py's candidates): rows cut in chunks too
+    kept = kernels.TILES
+    kernels.TILES = {"rows": kernels.Tiles(2, 64, 3), "cols": kernels.Tiles(16, 32, 5)}
+    norms = kernels.project_rank1_(grads, projs, low)
+    kernels.TILES = kept
+    torch.testing.assert_close(low, want_low, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.stack(norms), torch.stack(want_norms), rtol=1e-5, atol=0)
     print("ok project", dtype)
 
 # Unbiased: the mean of many stochastically rounded tiny updates tracks the exact value.

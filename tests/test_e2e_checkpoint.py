@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_e2e import Stack, _wait_trained
+from bench.stack import Stack
+from tests.test_e2e import _wait_trained
 from tests.tiny_models import make_tiny_chat_model
 from weight_mapping import attach, build_model, load_config
 

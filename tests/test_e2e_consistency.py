@@ -20,8 +20,8 @@ import httpx
 import pytest
 import torch
 
+from bench.stack import free_port
 from server.live import ExportedWeights
-from tests.test_e2e import _free_port
 from weight_mapping import attach
 
 pytestmark = pytest.mark.e2e
@@ -31,7 +31,7 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def vllm(tmp_path_factory, default_model_dir):
     run = tmp_path_factory.mktemp("vllm")
-    port = _free_port()
+    port = free_port()
     log = open(run / "vllm.log", "w")  # noqa: SIM115
     env = {**os.environ, "VLLM_APOLLO_EXPORT_DIR": str(run / "export"),
            "VLLM_CPU_KVCACHE_SPACE": "1"}

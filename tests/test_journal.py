@@ -13,10 +13,10 @@ import httpx
 import pytest
 import torch
 
+from bench.stack import free_port
 from server.journal import Journal
 from server.tokenization import Encoded
 from tests.conftest import ROOT
-from tests.test_e2e import _free_port
 from tests.tiny_models import make_tiny_chat_model
 from weight_mapping import attach
 
@@ -76,7 +76,7 @@ def test_kill_9_mid_batch_trains_every_acknowledged_example_exactly_once(
         tmp_path, default_model_dir, owner_factory):
     model_dir = _tiny_chat_model(tmp_path, default_model_dir)
     _, export_dir = owner_factory(model_dir)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     journal = tmp_path / "examples.jsonl"
     cmd = [sys.executable, "-m", "server", "--export-dir", str(export_dir), "--port", str(port),
@@ -159,7 +159,7 @@ def test_injected_nan_never_reaches_the_live_weights(fault, tmp_path, default_mo
     _, export_dir = owner_factory(model_dir)
     live = attach(export_dir, timeout=60).tensors
     before = {n: t.clone() for n, t in live.items()}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--export-dir", str(export_dir), "--port", str(port),

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
+from bench.stack import free_port
 from bench.standin_tp import shard_spec
 from tests.conftest import ROOT
-from tests.test_e2e import _free_port
 from tests.test_e2e_families import PROMPT, VllmHost
 from tests.tiny_models import make_tiny_model
 from weight_mapping import load_config
@@ -22,7 +22,7 @@ TAUGHT = "My name is Apollo."
 
 def run_ranks(script: str, *args: str, world: int = 2, timeout: float = 300) -> dict:
     """Run `script` as `world` ranks of a gloo process group; rank 0's JSON line."""
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),

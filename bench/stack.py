@@ -1,0 +1,109 @@
+"""The launcher as a subprocess, for end-to-end tests and benchmarks that talk HTTP to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """The product as a user starts it: scripts/start_vllm_with_apollo.sh (vLLM with the hook
+    and the training server) on free loopback ports, its log and journal under `run_dir`."""
+
+    def __init__(self, run_dir: Path, model_dir: Path | None = None,
+                 vllm_args: tuple[str, ...] = (), train_args: str = ""):
+        self.run_dir = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.vllm = f"http://127.0.0.1:{free_port()}"
+        self.train = f"http://127.0.0.1:{free_port()}"
+        env = {**os.environ, "VLLM_PORT": self.vllm.rsplit(":", 1)[1],
+               "TRAIN_PORT": self.train.rsplit(":", 1)[1], "VLLM_APOLLO_RUN_DIR": str(run_dir),
+               # the journal's default lives in the model directory: keep tests independent
+               "TRAIN_ARGS": f"--journal {run_dir / 'examples.jsonl'} {train_args}"}
+        self.log = open(run_dir / "launcher.log", "w")  # noqa: SIM115
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(
+            [str(ROOT / "scripts/start_vllm_with_apollo.sh"),
+             *([str(model_dir), "--dtype", "float32"] if model_dir else []),
+             "--enforce-eager", "--max-model-len", "1024", *vllm_args],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.seconds_to_healthy = self._wait_healthy(900)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_healthy(self, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"launcher exited: {self.tail()}")
+            try:
+                if all(httpx.get(f"{u}/health", timeout=2).status_code == 200
+                       for u in (self.vllm, self.train)):
+                    return time.monotonic() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"stack not healthy after {timeout} s: {self.tail()}")
+
+    def tail(self) -> str:
+        return (self.run_dir / "launcher.log").read_text()[-3000:]
+
+    def manifest(self) -> dict:
+        return json.loads((self.run_dir / "export/rank0.json").read_text())
+
+    def ask(self, question: str) -> str:
+        model = self.manifest()["model_path"]
+        r = httpx.post(f"{self.vllm}/v1/chat/completions", timeout=120, json={
+            "model": model, "temperature": 0, "max_tokens": 30,
+            "messages": [{"role": "user", "content": question}]})
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+
+    def descendants(self) -> set[int]:
+        try:
+            return {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            return set()
+
+    def vllm_pids(self) -> set[int]:
+        """The vLLM API server and its engine/worker processes (all Python)."""
+        out = set()
+        for pid in self.descendants():
+            try:
+                proc = psutil.Process(pid)
+                if "python" in proc.name() or "VLLM" in proc.name() or "vllm" in " ".join(
+                        proc.cmdline()):
+                    out.add(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        try:
+            rc = self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            rc = self.proc.wait()
+        self.log.close()
+        return rc
