@@ -134,7 +134,7 @@ def tune_projection(device: str, logdir: Path, rows: list) -> list[str]:
     best as bench.optimizer arguments, so one run both tunes and measures the step. The CPU
     dry run runs two candidates on small shapes in Triton's interpreter."""
     gpu = device.startswith("cuda")
-    args = [] if gpu else ["--shrink", "32", "--layers", "1", "--quick"]
+    args = [] if gpu else ["--shrink", "128", "--layers", "1", "--quick"]
     env = {**os.environ} if gpu else {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-m", "bench.tune_projection", "--device", device,
                           *args], capture_output=True, text=True, cwd=ROOT, env=env)
