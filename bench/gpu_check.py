@@ -143,7 +143,7 @@ def tune_projection(device: str, logdir: Path, rows: list) -> list[str]:
     ok = out.returncode == 0 and best
     rows.append(("projection launch shapes", "ok" if ok else "FAIL",
                  " ".join(best[0][1:]) + "; table in tune_projection.md" if ok else
-                 out.stderr[-300:]))
+                 out.stderr[-300:].replace("\n", " ")))
     return best[0] if ok else []
 
 

@@ -209,12 +209,12 @@ class Tiles:
 
 # "rows": m >= n, each row reduced (whole rows: a matrix has enough of them to fill the GPU);
 # "cols": m < n, each column reduced over row chunks (its columns alone give too few programs).
-# The kept tiles of the H200 tuning (bench/RESULTS.md).
+# The kept tiles of the H200 tuning (bench/RESULTS.md); bench/tune_projection.py swaps in
+# candidates to time them.
 TILES = {"rows": Tiles(bm=4, bn=512, splits=1), "cols": Tiles(bm=32, bn=64, splits=8)}
 
 
-def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor,
-                   tiles: dict[str, Tiles] | None = None) -> list[Tensor]:
+def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor) -> list[Tensor]:
     """For matrices G_i with rank-1 projections P_i: fills `low` (fp32, the R_i concatenated)
     and returns ||G_i|| (0-d fp32 each). On Triton, one pass over each G gives both: the
     squared norms per row (m >= n) or column (m < n) come with the dot products. Partial sums
@@ -223,15 +223,14 @@ def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor,
     only programs with work. Elsewhere: a matmul and a norm per matrix."""
     sizes = [max(g.shape) for g in grads]
     if triton_usable(*grads, *projs, low):
-        tiles = tiles or TILES
-        splits = max(t.splits for t in tiles.values())
+        splits = max(t.splits for t in TILES.values())
         dot_parts = torch.zeros(splits, low.numel(), dtype=torch.float32, device=low.device)
         sq_parts = torch.zeros_like(dot_parts)
         offset = 0
         for g, p, size in zip(grads, projs, sizes, strict=True):
             m, n = g.shape
             along_rows = m >= n
-            t = tiles["rows" if along_rows else "cols"]
+            t = TILES["rows" if along_rows else "cols"]
             step = t.bn if along_rows else t.bm
             chunk = triton.cdiv(triton.cdiv(n if along_rows else m, t.splits), step) * step
             programs = triton.cdiv(m, t.bm) if along_rows else triton.cdiv(n, t.bn)
