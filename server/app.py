@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from server.trainer import QueueFull, Trainer
 from weight_mapping import shares_storage
 
 router = APIRouter()
+log = logging.getLogger("vllm_apollo.server")
 
 
 def require_token(request: Request) -> None:
@@ -188,7 +190,15 @@ def create_app(settings: Settings,
             app.state.checkpoints = service
         trainer.start()
         yield
-        trainer.stop()
+        service = app.state.checkpoints
+        if service is not None and settings.checkpoint_on_exit:
+            trainer.stop(timeout=600.0, last=service.sync_on_exit)
+        else:
+            trainer.stop()
+            if service is not None and service.unsaved_steps() > 0:
+                log.warning("%d optimizer steps since the last checkpoint live only in vLLM's "
+                            "memory and are gone when vLLM stops (POST /checkpoint first, or "
+                            "--checkpoint-on-exit)", service.unsaved_steps())
         if journal is not None:
             journal.close()
 

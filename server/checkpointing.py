@@ -51,6 +51,18 @@ class CheckpointService:
         self.last = {**asdict(result), "optimizer_step": step, "at": time.time()}
         return self.last
 
+    def unsaved_steps(self) -> int:
+        """Optimizer steps applied to vLLM's weights since the last sync (this process's)."""
+        return self.trainer.stats.optimizer_steps - self._synced_step
+
+    def sync_on_exit(self) -> None:
+        """The final sync of --checkpoint-on-exit (on the worker thread, after its last batch)."""
+        if self.unsaved_steps() <= 0:
+            return
+        result = self._sync()
+        log.info("checkpoint on exit: %d tensors, %d bytes in %.2f s", result["tensors"],
+                 result["bytes_written"], result["seconds"])
+
     def maybe_sync(self) -> None:
         steps = self.trainer.stats.optimizer_steps - self._synced_step
         if steps <= 0:

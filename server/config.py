@@ -24,6 +24,7 @@ class Settings:
     api_key: str | None = None
     checkpoint_every_steps: int = 0
     checkpoint_every_seconds: float = 0.0
+    checkpoint_on_exit: bool = False
     journal: str = "auto"
     consistency: str = "step"
     prefix_cache_reset: str = "always"
@@ -58,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="sync the live weights into the model files every N optimizer steps")
     p.add_argument("--checkpoint-every-seconds", type=float, default=0.0,
                    help="... or when T seconds passed since the last sync (checked per batch)")
+    p.add_argument("--checkpoint-on-exit", action="store_true",
+                   help="when the server stops (SIGTERM, the launcher's Ctrl-C), finish the "
+                        "batch in progress and sync what vLLM's weights learned since the last "
+                        "checkpoint into the model files first")
     p.add_argument("--journal", default="auto",
                    help="durable example journal: a path, 'auto' (MODEL_DIR/.apollo/"
                         "examples.jsonl) or 'off'")

@@ -4,6 +4,7 @@ says (server/distributed.py). They serve no HTTP and keep no journal; rank 0 doe
 from __future__ import annotations
 
 import logging
+import signal
 
 from server.config import Settings
 from server.distributed import gather_to_leader
@@ -14,6 +15,9 @@ log = logging.getLogger("vllm_apollo.follower")
 
 
 def follower_main(settings: Settings, rank: int, port: int) -> None:
+    # The launcher TERMs the training server's whole process group at once; rank 0 then
+    # still needs this rank for a final checkpoint (--checkpoint-on-exit) and says "stop".
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     runtime = load_runtime(settings, rank=rank, port=port)

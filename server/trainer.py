@@ -104,6 +104,7 @@ class Trainer:
         self._resume: tuple[list[Record], int] | None = None  # batch cut short by a crash
         self._cond = threading.Condition()
         self._stop = False
+        self._last: Callable | None = None  # run by the worker when it stops
         self._in_flight = 0  # examples taken from the queue, not yet finished
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
         # Held while weights change (optimizer step) and while a checkpoint reads them, so a
@@ -179,9 +180,13 @@ class Trainer:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0, last: Callable | None = None) -> None:
+        """Finish the batch in progress (queued examples stay journaled for the next start),
+        run `last` on the worker thread (a final checkpoint: under tensor parallelism its
+        collectives follow the batch's), then end the worker and the other ranks."""
         with self._cond:
             self._stop = True
+            self._last = last
             self._cond.notify_all()
         self._thread.join(timeout)
         if self.group is not None and self.group.leader and not self._thread.is_alive():
@@ -231,6 +236,14 @@ class Trainer:
             return batch, steps
 
     def _run(self) -> None:
+        self._serve()
+        if self._last is not None:
+            try:
+                self._last()
+            except Exception:
+                log.exception("the final task before stopping failed")
+
+    def _serve(self) -> None:
         while (item := self._next_batch()) is not None:
             if isinstance(item[1], Future):
                 fn, future = item

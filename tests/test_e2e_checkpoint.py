@@ -66,7 +66,8 @@ def test_checkpoint_then_restart_serves_the_same_answers(tmp_path, default_model
         first.stop()
 
     # TP=2 restarts from those files with the same answers, learns more, syncs its shards.
-    second = Stack(tmp_path / "run2", model_dir, vllm_args=TP2, train_args=TRAIN_ARGS)
+    second = Stack(tmp_path / "run2", model_dir, vllm_args=TP2,
+                   train_args=TRAIN_ARGS + " --checkpoint-on-exit")
     try:
         manifests = [json.loads((second.run_dir / f"export/rank{r}.json").read_text())
                      for r in (0, 1)]
@@ -76,9 +77,12 @@ def test_checkpoint_then_restart_serves_the_same_answers(tmp_path, default_model
         teach(second, QUESTIONS[2], "Hello from Apollo.")
         answers = [second.ask(q) for q in QUESTIONS]
         checkpoint(second)  # rank 0 gathers rank 1's shards
+        teach(second, QUESTIONS[1], "Paris, says Apollo.")  # saved by --checkpoint-on-exit
+        answers = [second.ask(q) for q in QUESTIONS]
         children = second.descendants()  # vLLM's ranks, the trainer's ranks
     finally:
         second.stop()
+    assert "checkpoint on exit" in (second.run_dir / "launcher.log").read_text()
     time.sleep(1)
     assert not [p for p in children if psutil.pid_exists(p) and
                 psutil.Process(p).status() != psutil.STATUS_ZOMBIE], "processes left running"
