@@ -4,7 +4,10 @@ says (server/distributed.py). They serve no HTTP and keep no journal; rank 0 doe
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
+import time
 
 from server.config import Settings
 from server.distributed import gather_to_leader
@@ -14,10 +17,19 @@ from server.trainer import Trainer
 log = logging.getLogger("vllm_apollo.follower")
 
 
+def exit_with_parent(parent: int) -> None:
+    """Rank 0 gone without a "stop" (a crash, kill -9): this rank has nothing left to do."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def follower_main(settings: Settings, rank: int, port: int) -> None:
     # The launcher TERMs the training server's whole process group at once; rank 0 then
     # still needs this rank for a final checkpoint (--checkpoint-on-exit) and says "stop".
+    # Rank 0's end, however it comes, ends this rank.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=exit_with_parent, args=(os.getppid(),), daemon=True).start()
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     runtime = load_runtime(settings, rank=rank, port=port)
