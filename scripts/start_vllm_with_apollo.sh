@@ -72,11 +72,17 @@ EXPORT_DIR="$RUN_DIR/export"
 mkdir -p "$EXPORT_DIR"
 VLLM_PID="" TRAIN_PID=""
 
-stop_group() {  # pid seconds: TERM a process group, KILL it if it lingers that long
+stop_group() {  # pid seconds: stop a server and its process group, KILL what lingers
   local pid=$1
   [ -n "$pid" ] || return 0
-  kill -TERM -- "-$pid" 2>/dev/null || return 0
-  for _ in $(seq $(($2 * 5))); do kill -0 -- "-$pid" 2>/dev/null || return 0; sleep 0.2; done
+  # TERM the server alone: it stops its own children in order (a TERM to vLLM's engine and
+  # worker at the same time makes the API server log EngineDeadError tracebacks).
+  kill -TERM "$pid" 2>/dev/null || kill -TERM -- "-$pid" 2>/dev/null || return 0
+  for _ in $(seq $(($2 * 5))); do
+    kill -0 -- "-$pid" 2>/dev/null || return 0
+    kill -0 "$pid" 2>/dev/null || kill -TERM -- "-$pid" 2>/dev/null  # orphans of the server
+    sleep 0.2
+  done
   kill -KILL -- "-$pid" 2>/dev/null || true
 }
 cleanup() {
