@@ -75,8 +75,8 @@ VLLM_PID="" TRAIN_PID=""
 stop_group() {  # pid seconds: stop a server and its process group, KILL what lingers
   local pid=$1
   [ -n "$pid" ] || return 0
-  # TERM the server alone: it stops its own children in order (a TERM to vLLM's engine and
-  # worker at the same time makes the API server log EngineDeadError tracebacks).
+  # TERM the server alone first: it stops its own children in order (vLLM's engine and
+  # worker TERMed together with its API server make that log EngineDeadError tracebacks).
   kill -TERM "$pid" 2>/dev/null || kill -TERM -- "-$pid" 2>/dev/null || return 0
   for _ in $(seq $(($2 * 5))); do
     kill -0 -- "-$pid" 2>/dev/null || return 0

@@ -105,7 +105,5 @@ def test_stop_leaves_no_process_and_no_shared_memory(stack):
                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not [f for f in shm if f.exists()]
     assert not (stack.run_dir / "export/rank0.json").exists()
-    log = (stack.run_dir / "launcher.log").read_text()
-    assert "EngineDeadError" not in log  # vLLM stopped its engine itself, in order
     # it learned without a checkpoint: the log says what the stop loses
-    assert "live only in vLLM's memory" in log
+    assert "live only in vLLM's memory" in (stack.run_dir / "launcher.log").read_text()
