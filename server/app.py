@@ -195,10 +195,11 @@ def create_app(settings: Settings,
             trainer.stop(timeout=600.0, last=service.sync_on_exit)
         else:
             trainer.stop()
-            if service is not None and service.unsaved_steps() > 0:
+            unsaved = service.unsaved_steps() if service is not None else 0
+            if unsaved > 0:
                 log.warning("%d optimizer steps since the last checkpoint live only in vLLM's "
                             "memory and are gone when vLLM stops (POST /checkpoint first, or "
-                            "--checkpoint-on-exit)", service.unsaved_steps())
+                            "--checkpoint-on-exit)", unsaved)
         if journal is not None:
             journal.close()
 

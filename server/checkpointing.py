@@ -64,7 +64,7 @@ class CheckpointService:
                  result["bytes_written"], result["seconds"])
 
     def maybe_sync(self) -> None:
-        steps = self.trainer.stats.optimizer_steps - self._synced_step
+        steps = self.unsaved_steps()
         if steps <= 0:
             return
         due_steps = self.every_steps and steps >= self.every_steps

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 
-from bench.stack import free_port
+from server.distributed import free_port
 from server.live import ExportedWeights
 from weight_mapping import attach
 

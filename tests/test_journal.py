@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from bench.stack import free_port
+from server.distributed import free_port
 from server.journal import Journal
 from server.tokenization import Encoded
 from tests.conftest import ROOT

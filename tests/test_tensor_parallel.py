@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from bench.stack import free_port
 from bench.standin_tp import shard_spec
+from server.distributed import free_port
 from tests.conftest import ROOT
 from tests.test_e2e_families import PROMPT, VllmHost
 from tests.tiny_models import make_tiny_model
