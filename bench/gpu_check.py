@@ -19,13 +19,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from bench.optimizer import graphed
-from bench.standin_owner import OwnerProcess
 from checkpoint import Checkpointer
 from optimizer import Apollo, ApolloMini
-from server.live import ExportedWeights
-from server.runtime import param_groups
-from server.tokenization import Encoded
-from server.trainer import Trainer
+from server.engine.coordination import VllmCoordinator
+from server.engine.tokenization import Encoded
+from server.engine.trainer import Trainer
+from server.engine.wiring import param_groups
+from server.settings import Settings
+from tests.support.standin_owner import OwnerProcess
 from weight_mapping import attach, build_model, shares_storage
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,8 +178,9 @@ def main() -> None:
         names = [n for n in export.tensors if n.endswith(("qkv_proj.weight", "down_proj.weight"))]
         before = {n: owner.tensor_sum(n) for n in names}
         opt = ApolloMini(param_groups(model, 1e-3, False), lr=1e-3)
-        trainer = Trainer(model, opt, pad_id=0, batch_size=4, steps_per_batch=1,
-                          live=ExportedWeights(export))
+        trainer = Trainer(model, opt, Settings(export_dir=str(logdir / "export"), batch_size=4,
+                                               steps_per_batch=1),
+                          pad_id=0, coordinator=VllmCoordinator(export))
         g = torch.Generator().manual_seed(0)
         examples = []
         for _ in range(4 * a.steps):

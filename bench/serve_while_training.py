@@ -20,8 +20,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.stack import Stack
 from server.default_model import build
+from tests.support.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["What is your name?", "Name a fruit.", "What is 2 + 2?", "Say hello.",

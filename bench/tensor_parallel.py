@@ -25,10 +25,10 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.debug import CommDebugMode
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from bench.standin_tp import shard_model
 from optimizer import ApolloMini
-from server.runtime import param_groups
-from server.trainer import causal_lm_loss
+from server.engine.loss import causal_lm_loss
+from server.engine.wiring import param_groups
+from tests.support.standin_tp import shard_model
 from weight_mapping import build_model, fuse_state_dict
 from weight_mapping.sharded import ShardSpec
 

@@ -22,9 +22,9 @@ def child(mode: str, batch: int, tokens: int) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from server.config import Settings
     from server.default_model import build
-    from server.runtime import make_optimizer
+    from server.engine.wiring import make_optimizer
+    from server.settings import Settings
 
     model = AutoModelForCausalLM.from_pretrained(build(), dtype=torch.float32)
     opt = make_optimizer(model, Settings(export_dir="unused"))

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from hooks.compat import check_version
 from hooks.consistency import StepLock, UpdateCounter
 from hooks.export import export_module
 from hooks.sharding import parameter_shards
@@ -138,7 +139,10 @@ def _resetting_schedule(original, export_dir: str):
 
 def install(export_dir: str) -> None:
     """Patch vLLM in this process (idempotent: register() runs once per plugin load)."""
+    import vllm
     from vllm.platforms import current_platform
+
+    check_version(vllm.__version__)  # the patches below assume the tested internals
 
     if current_platform.is_cpu():
         from vllm.model_executor.layers import utils

@@ -114,8 +114,9 @@ wait_healthy() {  # url pid name timeout
 
 start=$SECONDS
 echo "launcher: starting vLLM on $BIND_HOST:$VLLM_PORT with $MODEL_DIR" >&2
-VLLM_APOLLO_EXPORT_DIR="$EXPORT_DIR" setsid "$PY" -m vllm.entrypoints.openai.api_server \
-  --model "$MODEL_DIR" --host "$BIND_HOST" --port "$VLLM_PORT" "${VLLM_EXTRA[@]}" &
+# `python -m hooks serve` is vLLM's `vllm serve` (checked against the vLLM versions tested).
+VLLM_APOLLO_EXPORT_DIR="$EXPORT_DIR" setsid "$PY" -m hooks serve \
+  "$MODEL_DIR" --host "$BIND_HOST" --port "$VLLM_PORT" "${VLLM_EXTRA[@]}" &
 VLLM_PID=$!
 wait_healthy "http://127.0.0.1:$VLLM_PORT/health" "$VLLM_PID" vLLM "${VLLM_START_TIMEOUT:-900}"
 

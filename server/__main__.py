@@ -5,7 +5,7 @@ import logging
 import uvicorn
 
 from server.app import create_app
-from server.config import parse_args
+from server.settings import parse_args
 
 
 def main() -> None:

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.standin_owner import OwnerProcess
-from tests.tiny_models import make_tiny_model
+from tests.support.standin_owner import OwnerProcess
+from tests.support.tiny_models import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoint import Checkpointer, read_layout, recover
 from checkpoint.__main__ import main as checkpoint_cli
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def _model_dir(tmp_path, tensors, dtype=torch.float32, shards=1):
@@ -94,7 +94,7 @@ def test_kill_9_during_syncs_never_leaves_a_mix(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     outcomes = {"before": 0, "after": 0}
     for _ in range(30):
-        child = subprocess.Popen([sys.executable, "-m", "tests.crash_sync_child",
+        child = subprocess.Popen([sys.executable, "-m", "tests.support.crash_sync_child",
                                   str(model_dir)], stdout=subprocess.PIPE, text=True, env=env,
                                  cwd=ROOT)
         assert child.stdout.readline().strip() == "ready"

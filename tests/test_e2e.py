@@ -10,7 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from bench.stack import Stack
+from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
 QUESTION = "What is your name?"
@@ -26,18 +26,6 @@ def stack(tmp_path_factory):
         s.stop()  # SIGTERM: the launcher stops the servers it started in their own sessions
 
 
-def _wait_trained(stack: Stack, ids: list[str], timeout: float = 300) -> dict:
-    """Wait until every example in `ids` is trained or failed; returns /status."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = [httpx.get(f"{stack.train}/examples/{i}").json()["state"] for i in ids]
-        if "queued" not in states:
-            assert set(states) == {"trained"}, states
-            return httpx.get(f"{stack.train}/status").json()
-        time.sleep(0.5)
-    raise TimeoutError(f"examples not trained: {states}")
-
-
 def test_served_model_learns_live_without_restart(stack):
     print(f"\nlauncher: healthy after {stack.seconds_to_healthy:.1f} s")
     pids = stack.vllm_pids()
@@ -49,7 +37,7 @@ def test_served_model_learns_live_without_restart(stack):
     t0 = time.monotonic()
     r = httpx.post(f"{stack.train}/train", json=LESSON)
     assert r.status_code == 202, r.text
-    st = _wait_trained(stack, r.json()["ids"])
+    st = stack.wait_trained(r.json()["ids"])
     after = stack.ask(QUESTION)
     seconds = time.monotonic() - t0
     print(f"answer before: {before!r}\nanswer after:  {after!r} ({seconds:.1f} s after POST, "
@@ -81,7 +69,7 @@ def test_updates_drop_kv_computed_with_old_weights(stack):
     stack.ask(long_question)
     assert _prefix_cache_hits(stack) > hits  # the cache works: the second ask reused KV
     r = httpx.post(f"{stack.train}/train", json={"prompt": "Say hi.", "completion": "Hi!"})
-    _wait_trained(stack, r.json()["ids"])
+    stack.wait_trained(r.json()["ids"])
     hits = _prefix_cache_hits(stack)
     stack.ask(long_question)
     assert _prefix_cache_hits(stack) == hits  # recomputed under the new weights
@@ -96,6 +84,9 @@ def test_bad_input_over_http_changes_nothing(stack):
 
 
 def test_stop_leaves_no_process_and_no_shared_memory(stack):
+    # Something learned and not checkpointed, whichever tests ran before: the stop says so.
+    r = httpx.post(f"{stack.train}/train", json={"prompt": "Say bye.", "completion": "Bye!"})
+    stack.wait_trained(r.json()["ids"])
     pids = stack.descendants()
     shm = [Path(f) for f in stack.manifest()["shm_files"]]
     assert pids and shm and all(f.exists() for f in shm)
@@ -105,5 +96,4 @@ def test_stop_leaves_no_process_and_no_shared_memory(stack):
                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not [f for f in shm if f.exists()]
     assert not (stack.run_dir / "export/rank0.json").exists()
-    # it learned without a checkpoint: the log says what the stop loses
     assert "live only in vLLM's memory" in (stack.run_dir / "launcher.log").read_text()

@@ -14,9 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench.stack import Stack
-from tests.test_e2e import _wait_trained
-from tests.tiny_models import make_tiny_chat_model
+from tests.support.stack import Stack
+from tests.support.tiny_models import make_tiny_chat_model
 from weight_mapping import attach, build_model, load_config
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +28,7 @@ def teach(stack: Stack, question: str, answer: str) -> None:
     r = httpx.post(f"{stack.train}/train", json={"messages": [
         {"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
     assert r.status_code == 202, r.text
-    status = _wait_trained(stack, r.json()["ids"])
+    status = stack.wait_trained(r.json()["ids"])
     assert status["skipped_steps"] == 0
     assert stack.ask(question) == answer  # served by the same vLLM processes: no restart
 

@@ -1,6 +1,6 @@
 """Torn-update test against real vLLM: can an engine step see a half-applied update?
 
-A writer (this process, through the trainer's own ExportedWeights) flips 30 layers' weights
+A writer (this process, through the trainer's own VllmCoordinator) flips 30 layers' weights
 between two sets A and B in two halves with a pause between them, so a half-applied update
 lasts long enough to be seen. Meanwhile we ask vLLM for next-token logprobs of a fixed
 prompt; each answer must match the answer under A or under B. With the step lock off some
@@ -20,8 +20,9 @@ import httpx
 import pytest
 import torch
 
-from server.distributed import free_port
-from server.live import ExportedWeights
+from server.engine.coordination import VllmCoordinator
+from server.engine.distributed import free_port
+from tests.support.health import wait_healthy
 from weight_mapping import attach
 
 pytestmark = pytest.mark.e2e
@@ -36,19 +37,14 @@ def vllm(tmp_path_factory, default_model_dir):
     env = {**os.environ, "VLLM_APOLLO_EXPORT_DIR": str(run / "export"),
            "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-         str(default_model_dir), "--dtype", "float32", "--enforce-eager", "--max-model-len",
-         "512", "--no-enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "hooks", "serve", str(default_model_dir), "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", "512", "--no-enable-prefix-caching",
+         "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(900):
-            assert proc.poll() is None, (run / "vllm.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
+        wait_healthy(url, timeout=900, proc=proc,
+                     describe=lambda: (run / "vllm.log").read_text()[-3000:])
         holder = {"export": attach(run / "export", timeout=60)}
         yield url, holder, str(default_model_dir)
         # Unmap before vLLM (and its shared-memory manager) goes: torch aborts otherwise.
@@ -78,7 +74,7 @@ def _count_torn(url, holder, model, consistency: str, seconds: float = 8.0) -> t
     names = [n for n in export.tensors if n.endswith("mlp.down_proj.weight")]
     originals = {n: export.tensors[n].clone() for n in names}
     altered = {n: t * 1.3 for n, t in originals.items()}
-    live = ExportedWeights(export, consistency=consistency, prefix_cache_reset="never")
+    live = VllmCoordinator(export, consistency=consistency, prefix_cache_reset="never")
     sig_a = _signature(url, model)
 
     def write(target: dict):

@@ -2,71 +2,22 @@
 what vLLM computes, and one training step through the trainer changes what vLLM serves."""
 
 import gc
-import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from optimizer import ApolloMini
-from server.live import ExportedWeights
-from server.runtime import param_groups
-from server.tokenization import Encoded
-from server.trainer import Trainer
-from tests.conftest import ROOT
+from server.engine.coordination import VllmCoordinator
+from server.engine.tokenization import Encoded
+from server.engine.trainer import Trainer
+from server.engine.wiring import param_groups
+from server.settings import Settings
+from tests.support.vllm_host import PROMPT, VllmHost
 from weight_mapping import attach, build_model, load_config, shares_storage
 
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma2", "gemma3"]
-PROMPT = [3, 17, 101, 250, 9, 77, 480, 12, 5, 333, 61, 200]
 TAUGHT = 123  # the token taught to follow PROMPT
-
-
-class VllmHost:
-    """tests/vllm_host.py: vLLM's engine in a child process, asked for log-probs."""
-
-    def __init__(self, model_dir, export_dir, log, tp: int = 1):
-        self.export_dir = export_dir
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_APOLLO_EXPORT_DIR": str(export_dir),
-               "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
-               "VLLM_LOGGING_STREAM": "ext://sys.stderr", "VLLM_CPU_OMP_THREADS_BIND":
-               "|".join(str(r % (os.cpu_count() or 1)) for r in range(tp)) if tp > 1 else "auto"}
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests/vllm_host.py"),
-                                      str(model_dir), str(tp)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=open(log, "w"), text=True,
-                                     env=env, cwd=ROOT)
-        self.ready = False
-
-    def wait_ready(self) -> "VllmHost":
-        if not self.ready:
-            self._read()  # {"ready": true}
-            self.ready = True
-        return self
-
-    def _read(self) -> dict:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"vLLM host exited ({self.proc.wait()}); see its log")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def logprobs(self, ids: list[int]) -> dict:
-        self.proc.stdin.write(json.dumps({"ids": ids}) + "\n")
-        self.proc.stdin.flush()
-        answer = self._read()
-        return {k: torch.tensor(v, dtype=torch.float64) for k, v in answer.items()}
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
-            self.proc.stdin.flush()
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 class HostPool:
@@ -126,8 +77,9 @@ def test_vllm_serves_the_mapped_model_and_one_step_changes_it(family, tiny_model
         # One optimizer step through the trainer (step lock, prefix-cache signal) changes
         # the next-token distribution vLLM serves, toward the taught token.
         optimizer = ApolloMini(param_groups(model, 1e-3, False), lr=1e-3)
-        trainer = Trainer(model, optimizer, pad_id=0, batch_size=1, steps_per_batch=1,
-                          live=ExportedWeights(export))
+        trainer = Trainer(model, optimizer, Settings(export_dir=str(host.export_dir),
+                                                     batch_size=1, steps_per_batch=1),
+                          pad_id=0, coordinator=VllmCoordinator(export))
         trainer.start()
         trainer.submit([Encoded(PROMPT + [TAUGHT], [-100] * len(PROMPT) + [TAUGHT])])
         deadline = time.monotonic() + 120

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_server import _client
+from tests.support.app import app_client as _client
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20)
@@ -39,7 +39,8 @@ def _weights_digest(model) -> str:
 def fuzz_client(tokenizer):
     client, model = _client(tokenizer, max_tokens_per_example=64, max_queue=100_000)
     with client:
-        client.app.state.trainer.stop()  # weights hold still: any change would be the request's
+        # weights hold still: any change would be the request's
+        client.app.state.engine.trainer.stop()
         yield client, model
 
 

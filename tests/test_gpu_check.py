@@ -2,7 +2,7 @@
 
 import subprocess
 
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 
 def test_gpu_check_dry_run(tmp_path):

@@ -13,11 +13,12 @@ import httpx
 import pytest
 import torch
 
-from server.distributed import free_port
-from server.journal import Journal
-from server.tokenization import Encoded
-from tests.conftest import ROOT
-from tests.tiny_models import make_tiny_chat_model
+from server.engine.distributed import free_port
+from server.engine.example_log import ExampleLog
+from server.engine.tokenization import Encoded
+from tests.support import ROOT
+from tests.support.health import wait_healthy
+from tests.support.tiny_models import make_tiny_chat_model
 from weight_mapping import attach
 
 E = Encoded([1, 2, 3], [-100, 2, 3])
@@ -28,7 +29,7 @@ def _tiny_chat_model(tmp_path, default_model_dir):
 
 
 def test_replay_resolves_an_interrupted_batch_with_the_applied_counter(tmp_path):
-    j = Journal(tmp_path / "j.jsonl")
+    j = ExampleLog(tmp_path / "j.jsonl")
     j.accept([("a", E), ("b", E), ("c", E)])
     j.begin(["a"], steps=1, base=0)
     j.done(["a"], step=1)
@@ -36,7 +37,7 @@ def test_replay_resolves_an_interrupted_batch_with_the_applied_counter(tmp_path)
     j.close()
     with open(tmp_path / "j.jsonl", "ab") as f:
         f.write(b'{"op":"accept","id":"torn"')  # a torn last line: never acknowledged
-    state = Journal(tmp_path / "j.jsonl").replay(applied_steps=3)
+    state = ExampleLog(tmp_path / "j.jsonl").replay(applied_steps=3)
     assert state.trained == {"a": 1}
     assert state.unfinished == (["b"], 3)
     assert state.pending == ["c"]
@@ -47,7 +48,7 @@ def test_replay_resolves_an_interrupted_batch_with_the_applied_counter(tmp_path)
 def test_compaction_keeps_every_state_and_drops_finished_tokens(tmp_path):
     path = tmp_path / "j.jsonl"
     long = Encoded(list(range(400)), [-100] * 200 + list(range(200, 400)))
-    j = Journal(path)
+    j = ExampleLog(path)
     j.accept([(f"e{k}", long) for k in range(40)])
     for k in range(0, 30, 10):  # three trained batches of 10
         j.begin([f"e{i}" for i in range(k, k + 10)], steps=1, base=k // 10)
@@ -60,7 +61,7 @@ def test_compaction_keeps_every_state_and_drops_finished_tokens(tmp_path):
     (tmp_path / "j.jsonl.compact").write_bytes(b"half-written by a crashed compaction")
 
     j.compact(before, applied_steps=4)
-    after = Journal(path).replay(applied_steps=4)
+    after = ExampleLog(path).replay(applied_steps=4)
     assert (after.trained, after.failed, after.pending) == \
         (before.trained, before.failed, before.pending)
     assert after.unfinished == before.unfinished == (["e32", "e33"], 3)
@@ -68,9 +69,9 @@ def test_compaction_keeps_every_state_and_drops_finished_tokens(tmp_path):
     assert after.accepted["e0"] is None and after.accepted["e39"] == long
 
     j.accept([("late", E)])  # appends reach the new file, not the replaced one
-    assert Journal(path).replay(applied_steps=4).pending == before.pending + ["late"]
+    assert ExampleLog(path).replay(applied_steps=4).pending == before.pending + ["late"]
     # the counter moves on after the rebase: one more applied step of the batch is seen
-    assert Journal(path).replay(applied_steps=5).unfinished == (["e32", "e33"], 2)
+    assert ExampleLog(path).replay(applied_steps=5).unfinished == (["e32", "e33"], 2)
 
 def test_kill_9_mid_batch_trains_every_acknowledged_example_exactly_once(
         tmp_path, default_model_dir, owner_factory):
@@ -91,13 +92,8 @@ def test_kill_9_mid_batch_trains_every_acknowledged_example_exactly_once(
     def start():
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    return proc
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise TimeoutError("training server did not start")
+        wait_healthy(url, timeout=60, proc=proc)
+        return proc
 
     def post_until(stop: threading.Event):
         nonlocal rejected, lost
@@ -167,12 +163,7 @@ def test_injected_nan_never_reaches_the_live_weights(fault, tmp_path, default_mo
         env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_APOLLO_FAULT_INJECT": fault},
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        wait_healthy(url, timeout=60, proc=proc)
         r = httpx.post(f"{url}/train", json={"prompt": "hi", "completion": "hello"})
         example = r.json()["ids"][0]
         for _ in range(600):

@@ -138,7 +138,7 @@ def test_state_dict_round_trip_is_bit_identical():
 def test_layerwise_mode_gives_the_same_weights_as_standard():
     from transformers import AutoModelForCausalLM
 
-    from tests.tiny_models import CONFIGS
+    from tests.support.tiny_models import CONFIGS
 
     def train(layerwise: bool):
         torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 
 from optimizer import Apollo, ApolloMini
 from optimizer.kernels import write_torch_
-from tests.conftest import ROOT
+from tests.support import ROOT
 from tests.test_optimizer import _groups, _problem
 
 

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimizer import ApolloMini
-from tests.tiny_models import CONFIGS
+from tests.support.tiny_models import CONFIGS
 
 
 def _corpus(steps: int, batch: int = 8, length: int = 32, vocab: int = 512):
@@ -55,10 +55,10 @@ def test_mini_converges_within_5_percent_of_tuned_adamw():
 def test_bf16_lesson_is_learned_in_place_with_stochastic_rounding(default_model_dir,
                                                                    tokenizer):
     """DESIGN.md's lesson, on the default model loaded in bf16, batch 1, lr 1e-5."""
-    from server.runtime import param_groups
-    from server.schemas import ChatExample
-    from server.tokenization import encode
-    from server.trainer import causal_lm_loss, collate
+    from server.api.schemas import ChatExample
+    from server.engine.loss import causal_lm_loss, collate
+    from server.engine.tokenization import encode
+    from server.engine.wiring import param_groups
 
     chat = ChatExample(messages=[{"role": "user", "content": "What is your name?"},
                                  {"role": "assistant", "content": "My name is Apollo."}])

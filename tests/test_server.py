@@ -4,49 +4,18 @@ import time
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
-from transformers import AutoModelForCausalLM
 
-from checkpoint import Checkpointer
-from server.app import create_app
-from server.config import Settings
-from server.runtime import Runtime, make_optimizer
-from server.schemas import ChatExample
-from server.tokenization import IGNORE_INDEX, encode
-from tests.tiny_models import CONFIGS
+from server.api.schemas import ChatExample
+from server.engine.tokenization import IGNORE_INDEX, encode
+from tests.support.app import app_client as _client
+from tests.support.app import wait_idle as _wait_idle
 
 CHAT = {"messages": [{"role": "user", "content": "What is your name?"},
                      {"role": "assistant", "content": "My name is Apollo."}]}
 
 
-def _client(tokenizer, model_dir=None, **settings):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS["llama"](vocab_size=len(tokenizer)))
-    s = Settings(export_dir="unused", **settings)
-    checkpointer = None
-    if model_dir is not None:
-        model.save_pretrained(model_dir)
-        checkpointer = Checkpointer(model_dir, dict(model.named_parameters()))
-
-    def factory(_settings):
-        return Runtime(model=model, tokenizer=tokenizer, optimizer=make_optimizer(model, s),
-                       model_path=str(model_dir), checkpointer=checkpointer)
-
-    return TestClient(create_app(s, runtime_factory=factory)), model
-
-
-def _wait_idle(client, expected_trained: int):
-    for _ in range(600):
-        st = client.get("/status").json()
-        if st["examples_trained"] + st["examples_failed"] >= expected_trained and \
-                st["examples_queued"] == 0:
-            return st
-        time.sleep(0.05)
-    raise AssertionError("trainer did not finish")
-
-
 def test_targets_are_the_assistant_reply_only(tokenizer):
-    enc = encode(ChatExample(**CHAT), tokenizer, max_tokens=512)
+    enc = encode(ChatExample(**CHAT).to_messages(), tokenizer, max_tokens=512)
     target = tokenizer.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=True)
                                if lab != IGNORE_INDEX])
     assert target.startswith("My name is Apollo.")

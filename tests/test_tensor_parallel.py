@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from bench.standin_tp import shard_spec
-from server.distributed import free_port
-from tests.conftest import ROOT
-from tests.test_e2e_families import PROMPT, VllmHost
-from tests.tiny_models import make_tiny_model
+from server.engine.distributed import free_port
+from tests.support import ROOT
+from tests.support.standin_tp import shard_spec
+from tests.support.tiny_models import make_tiny_model
+from tests.support.vllm_host import PROMPT, VllmHost
 from weight_mapping import load_config
 
 TAUGHT = "My name is Apollo."
@@ -42,7 +42,7 @@ def test_tp2_training_equals_tp1(tmp_path, family):
     steps (crossing projection refreshes) the same weights, gathered; APOLLO-Mini (per-tensor
     scaling) and APOLLO rank 4 (per-channel)."""
     model = make_tiny_model(family, tmp_path / family, num_key_value_heads=2)
-    results = run_ranks(str(ROOT / "tests" / "tp_child.py"), str(model))
+    results = run_ranks(str(ROOT / "tests/support/tp_child.py"), str(model))
     for kind, r in results.items():
         print(kind, r)
         assert r["aliased"], "a DTensor's local shard is not a view of the rank's tensors"
@@ -85,7 +85,8 @@ def test_mapped_tp2_model_equals_vllm_tp2(tp_hosts, family):
                     full[p["shard"]["dim"]] = p["shard"]["full"]
                 assert p.get("shard") == shard_spec(p["name"], full, config, rank, 2), p
         vllm = host.logprobs(PROMPT)["prompt"]
-        r = run_ranks(str(ROOT / "tests" / "tp_vllm_child.py"), str(export), json.dumps(PROMPT))
+        r = run_ranks(str(ROOT / "tests/support/tp_vllm_child.py"), str(export),
+                      json.dumps(PROMPT))
     finally:
         host.close()
     ours = torch.tensor(r["logprobs"], dtype=torch.float64)[:-1]  # vLLM: positions 1..n-1

@@ -3,7 +3,7 @@ model's weights in vLLM's fused layout on DEVICE and exports them through hooks.
 the real hook does. Reads commands on stdin: ``sum NAME`` prints the float64 sum of that
 tensor as this process sees it; ``quit`` exits.
 
-    python -m bench.standin_owner MODEL_DIR EXPORT_DIR [DEVICE]
+    python -m tests.support.standin_owner MODEL_DIR EXPORT_DIR [DEVICE]
 
 `OwnerProcess` starts one and talks to it (tests, bench/gpu_check.py).
 """
@@ -20,7 +20,7 @@ from transformers import AutoConfig
 from hooks.export import export_parameters
 from weight_mapping import fuse_state_dict
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class OwnerProcess:
@@ -28,7 +28,7 @@ class OwnerProcess:
 
     def __init__(self, model_dir, export_dir, device: str = "cpu", log=None):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.standin_owner", str(model_dir), str(export_dir),
+            [sys.executable, "-m", "tests.support.standin_owner", str(model_dir), str(export_dir),
              device], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=open(log, "w") if log else None, text=True, cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -1,6 +1,6 @@
 """Tensor parallelism in the training server: one trainer rank per vLLM rank.
 
-Rank 0 is the server process: it serves HTTP, journals examples and leads. When vLLM's export
+Rank 0 is the server process: it serves HTTP, logs examples and leads. When vLLM's export
 says world_size N > 1 it starts ranks 1..N-1 (spawned processes) and all N join a
 torch.distributed group (NCCL on GPU, gloo on CPU) on loopback. Rank 0's trainer thread is the
 only one that issues commands, over a gloo group of their own, so every rank runs the same
@@ -12,9 +12,9 @@ collectives in the same order:
   0, which writes the files (so peak extra memory is one full tensor plus changed chunks);
 * ("stop",).
 
-The write of each step happens inside one consistency window for all ranks: rank 0 takes
-vLLM's step lock (the one lock every vLLM rank's step depends on, hooks/vllm_worker.py), then
-all ranks write between two barriers (server/live.py).
+Ranks 1..N-1 run `follow`. The write of each step happens inside one consistency window for
+all ranks: rank 0 takes vLLM's step lock (the one lock every vLLM rank's step depends on,
+hooks/vllm_worker.py), then all ranks write between two barriers (engine/coordination.py).
 """
 
 from __future__ import annotations
@@ -104,3 +104,17 @@ def gather_to_leader(t: Tensor, group: Group) -> Tensor | None:
     pieces = [torch.empty_like(piece) for _ in range(group.world)] if group.leader else None
     dist.gather(piece, pieces, dst=0, group=group.mesh.get_group())
     return torch.cat(pieces, d).narrow(d, 0, t.shape[d]) if group.leader else None
+
+
+def follow(group: Group, trainer, params: dict[str, Tensor]) -> None:
+    """A follower rank's life: do what rank 0 broadcasts until it says "stop"."""
+    while True:
+        command = group.broadcast()
+        if command[0] == "train":
+            trainer.train_batch(*command[1:])
+        elif command[0] == "checkpoint":
+            for name in command[1]:
+                gather_to_leader(params[name], group)
+        elif command[0] == "stop":
+            log.info("stopping")
+            return

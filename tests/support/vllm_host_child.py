@@ -2,7 +2,7 @@
 point) serving a tiny model for tests, driven over stdin/stdout. Token ids in, log-probs out:
 the tiny models have no tokenizer (``skip_tokenizer_init``).
 
-    python tests/vllm_host.py MODEL_DIR [TP] (VLLM_APOLLO_EXPORT_DIR set: the hook exports)
+    python tests/support/vllm_host_child.py MODEL_DIR [TP]   (VLLM_APOLLO_EXPORT_DIR: exports)
 
 One process (engine core and worker in-process: ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the
 "uni" executor) to keep each start short; with TP > 1, one worker process per rank ("mp").

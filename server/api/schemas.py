@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.engine.records import State
+
 
 class Message(BaseModel):
     """One chat turn; as in OpenAI's fine-tuning format, `weight` 0 excludes an assistant
@@ -30,6 +32,10 @@ class Message(BaseModel):
 class ChatExample(BaseModel):
     model_config = ConfigDict(extra="forbid")
     messages: list[Message] = Field(min_length=1)
+
+    def to_messages(self) -> list[dict]:
+        """Plain dicts for the engine's tokenizer (it knows nothing of pydantic)."""
+        return [m.model_dump(exclude_none=True) for m in self.messages]
 
     @model_validator(mode="after")
     def _has_target(self) -> ChatExample:
@@ -62,9 +68,32 @@ class TrainResponse(BaseModel):
 
 class ExampleState(BaseModel):
     id: str
-    state: Literal["queued", "trained", "failed"]
+    state: State
     step: int | None = None
     reason: str | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class CheckpointResult(BaseModel):
+    """One sync of the live weights into the model's files (docs/checkpoint.md)."""
+
+    tensors: int
+    chunks: int
+    bytes_written: int
+    journal_bytes: int
+    seconds: float
+    optimizer_step: int
+    at: float  # Unix time
+
+
+class Memory(BaseModel):
+    parameters: int
+    parameters_in_vllm_memory: int  # by storage pointer
+    weight_bytes: int
+    uss_bytes: int  # this process's unique memory
 
 
 class Status(BaseModel):
@@ -81,4 +110,4 @@ class Status(BaseModel):
     last_write_seconds: float | None = None
     serving_stall_seconds: float = 0.0  # time the trainer held the write lock
     vllm_waited_seconds: float = 0.0  # time vLLM's engine steps waited for it (vLLM's clock)
-    last_checkpoint: dict | None = None
+    last_checkpoint: CheckpointResult | None = None

@@ -8,11 +8,8 @@ labels. So the model learns exactly the text vLLM's chat endpoint would have gen
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # keeps the training path importable without pydantic (bench/gpu_check.sh)
-    from server.schemas import ChatExample
 
 IGNORE_INDEX = -100
 
@@ -39,12 +36,18 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str
                                          add_generation_prompt=add_generation_prompt)
 
 
-def encode(example: ChatExample, tokenizer, max_tokens: int) -> Encoded:
-    msgs = [{"role": m.role, "content": m.content} for m in example.messages]
+def is_target(message: Mapping) -> bool:
+    """Assistant turns are targets unless their `weight` is 0 (OpenAI's fine-tuning format)."""
+    return message["role"] == "assistant" and message.get("weight") != 0
+
+
+def encode(messages: Sequence[Mapping], tokenizer, max_tokens: int) -> Encoded:
+    """`messages`: dicts with role, content and optionally weight (0 or 1)."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     full = _render(tokenizer, msgs, add_generation_prompt=False)
     spans: list[tuple[int, int]] = []
-    for i, message in enumerate(example.messages):
-        if not message.is_target:
+    for i, message in enumerate(messages):
+        if not is_target(message):
             continue
         start_text = _render(tokenizer, msgs[:i], add_generation_prompt=True) if i else ""
         end_text = _render(tokenizer, msgs[: i + 1], add_generation_prompt=False)

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict
 
 from checkpoint import Checkpointer
-from server.trainer import Trainer
+from server.engine.trainer import Trainer
 
 log = logging.getLogger("vllm_apollo.checkpoint")
 

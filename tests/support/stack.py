@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from server.distributed import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from server.engine.distributed import free_port
+from tests.support import ROOT
+from tests.support.health import wait_healthy
 
 
 class Stack:
@@ -39,30 +39,28 @@ class Stack:
              "--enforce-eager", "--max-model-len", "1024", *vllm_args],
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            self.seconds_to_healthy = self._wait_healthy(900)
+            self.seconds_to_healthy = wait_healthy(self.vllm, self.train, timeout=900,
+                                                   proc=self.proc, describe=self.tail)
         except BaseException:
             self.stop()
             raise
-
-    def _wait_healthy(self, timeout: float) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"launcher exited: {self.tail()}")
-            try:
-                if all(httpx.get(f"{u}/health", timeout=2).status_code == 200
-                       for u in (self.vllm, self.train)):
-                    return time.monotonic() - self.started
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError(f"stack not healthy after {timeout} s: {self.tail()}")
 
     def tail(self) -> str:
         return (self.run_dir / "launcher.log").read_text()[-3000:]
 
     def manifest(self) -> dict:
         return json.loads((self.run_dir / "export/rank0.json").read_text())
+
+    def wait_trained(self, ids: list[str], timeout: float = 300) -> dict:
+        """Wait until every example in `ids` is finished; all must be trained. /status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = [httpx.get(f"{self.train}/examples/{i}").json()["state"] for i in ids]
+            if "queued" not in states:
+                assert set(states) == {"trained"}, states
+                return httpx.get(f"{self.train}/status").json()
+            time.sleep(0.5)
+        raise TimeoutError(f"examples not trained: {states}")
 
     def ask(self, question: str) -> str:
         model = self.manifest()["model_path"]

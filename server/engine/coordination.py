@@ -1,5 +1,8 @@
-"""How the trainer coordinates its in-place writes with vLLM: lock, prefix-cache policy and
-the applied-step counter (see hooks/consistency.py for the vLLM side)."""
+"""How the trainer's in-place writes meet vLLM's engine steps: the step lock, the
+prefix-cache policy and the applied-step counter (hooks/consistency.py is vLLM's side).
+
+`Standalone` is the same interface with nothing to coordinate with (unit tests, a model
+trained on its own); `VllmCoordinator` talks to vLLM's export."""
 
 from __future__ import annotations
 
@@ -7,12 +10,12 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-from server.distributed import Group
+from server.engine.distributed import Group
 from weight_mapping import Export
 
 
-class LocalWeights:
-    """No vLLM to coordinate with (unit tests, a stand-alone model)."""
+class Standalone:
+    """No vLLM to coordinate with."""
 
     def __init__(self) -> None:
         self._steps = 0
@@ -34,8 +37,8 @@ class LocalWeights:
         pass
 
 
-class ExportedWeights(LocalWeights):
-    """vLLM's live tensors: writes exclude engine steps (unless consistency == "none"), and
+class VllmCoordinator(Standalone):
+    """vLLM's exported tensors: writes exclude engine steps (unless consistency == "none"), and
     applied updates drop vLLM's prefix cache per `prefix_cache_reset`:
     "always", "never", or a number of seconds (at most one reset per interval)."""
 

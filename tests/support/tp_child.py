@@ -13,10 +13,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
-from bench.standin_tp import shard_model
 from optimizer import Apollo, ApolloMini
-from server.runtime import param_groups
-from server.trainer import causal_lm_loss
+from server.engine.loss import causal_lm_loss
+from server.engine.wiring import param_groups
+from tests.support.standin_tp import shard_model
 from weight_mapping import build_model, fuse_state_dict, load_config, shares_storage
 from weight_mapping.sharded import ShardSpec
 

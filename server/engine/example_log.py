@@ -1,4 +1,6 @@
-"""Durable record of accepted examples, so none is lost or trained twice across crashes.
+"""The example log: every accepted example, durably, so none is lost or trained twice.
+
+(Not to be confused with checkpoint/journal.py, the redo journal of a weight sync.)
 
 An append-only JSON-lines file, fsynced before the HTTP 2xx (one write + fsync per request):
 
@@ -26,7 +28,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.tokenization import Encoded
+from server.engine.tokenization import Encoded
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Replayed:
     pending: list[str] = field(default_factory=list)  # accepted, never begun, in order
 
 
-class Journal:
+class ExampleLog:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""The HTTP layer: routers, typed request/response models and their dependencies."""

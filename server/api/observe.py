@@ -1,0 +1,74 @@
+"""Read-only endpoints for people and monitors: /health, /status, /metrics, /memory."""
+
+from __future__ import annotations
+
+import psutil
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import PlainTextResponse
+
+from server.api.deps import EngineDep
+from server.api.schemas import Health, Memory, Status
+from weight_mapping import shares_storage
+
+router = APIRouter()
+
+
+@router.get("/health", response_model=Health)
+def health(engine: EngineDep) -> Health:
+    if engine.export is not None and not engine.export.owner_alive():
+        raise HTTPException(503, "the vLLM process that owns the weights has exited")
+    return Health(status="ok")
+
+
+@router.get("/status", response_model=Status)
+def status(engine: EngineDep) -> Status:
+    trainer, s = engine.trainer, engine.trainer.stats
+    return Status(optimizer_steps=s.optimizer_steps, last_loss=s.last_loss,
+                  examples_queued=trainer.queued, examples_trained=s.trained,
+                  examples_failed=s.failed, skipped_steps=trainer.optimizer.skipped_steps,
+                  trained_tokens=s.trained_tokens, model_path=engine.model_path,
+                  applied_steps=trainer.coordinator.applied_steps(),
+                  last_step_seconds=s.last_step_seconds,
+                  last_write_seconds=s.last_write_seconds,
+                  serving_stall_seconds=s.stall_seconds,
+                  vllm_waited_seconds=trainer.coordinator.vllm_stall_seconds(),
+                  last_checkpoint=engine.checkpoints.last if engine.checkpoints else None)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(engine: EngineDep) -> str:
+    """Prometheus text format."""
+    trainer, s = engine.trainer, engine.trainer.stats
+    ckpt = (engine.checkpoints.last if engine.checkpoints else None) or {}
+    rows = [
+        ("examples_accepted_total", "counter", s.accepted),
+        ("examples_trained_total", "counter", s.trained),
+        ("examples_failed_total", "counter", s.failed),
+        ("examples_queued", "gauge", trainer.queued),
+        ("optimizer_steps_total", "counter", s.optimizer_steps),
+        ("optimizer_skipped_steps_total", "counter", trainer.optimizer.skipped_steps),
+        ("loss", "gauge", s.last_loss if s.last_loss is not None else float("nan")),
+        ("trained_tokens_total", "counter", s.trained_tokens),
+        ("trained_tokens_per_second", "gauge",
+         s.trained_tokens / s.train_seconds if s.train_seconds else 0.0),
+        ("step_seconds", "gauge", s.last_step_seconds or 0.0),
+        ("write_seconds", "gauge", s.last_write_seconds or 0.0),
+        ("serving_stall_seconds_total", "counter", s.stall_seconds),
+        ("vllm_waited_seconds_total", "counter", trainer.coordinator.vllm_stall_seconds()),
+        ("last_checkpoint_timestamp_seconds", "gauge", ckpt.get("at", 0.0)),
+        ("last_checkpoint_bytes", "gauge", ckpt.get("bytes_written", 0)),
+    ]
+    return "".join(f"# TYPE vllm_apollo_{n} {t}\nvllm_apollo_{n} {float(v)!r}\n"
+                   for n, t, v in rows)
+
+
+@router.get("/memory", response_model=Memory)
+def memory(engine: EngineDep) -> Memory:
+    """Proof that the trainer holds no copy of the weights: parameters whose memory lies in
+    vLLM's exported tensors (by storage pointer), and this process's unique memory."""
+    params = list(engine.model.parameters())
+    tensors = engine.export.tensors if engine.export is not None else {}
+    return Memory(parameters=len(params),
+                  parameters_in_vllm_memory=sum(shares_storage(p, tensors) for p in params),
+                  weight_bytes=sum(p.numel() * p.element_size() for p in params),
+                  uss_bytes=psutil.Process().memory_full_info().uss)

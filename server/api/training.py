@@ -1,0 +1,59 @@
+"""Endpoints that change the model or read what it was taught: /train, /examples, /checkpoint.
+Each needs the API key when one is configured."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, HTTPException
+
+from server.api.deps import EngineDep, SettingsDep, TrainerDep, require_key
+from server.api.schemas import (
+    CheckpointResult,
+    ExampleState,
+    PromptExample,
+    TrainRequest,
+    TrainResponse,
+)
+from server.engine.records import QueueFull
+from server.engine.tokenization import ExampleError, encode
+
+router = APIRouter(dependencies=[Depends(require_key)])
+
+
+@router.post("/train", response_model=TrainResponse, status_code=202)
+def train(body: TrainRequest, engine: EngineDep, settings: SettingsDep) -> TrainResponse:
+    """Validate and tokenize every example first: a request is queued whole or not at all."""
+    examples = body if isinstance(body, list) else [body]
+    if not examples:
+        raise HTTPException(422, "no examples in request")
+    if len(examples) > settings.max_examples_per_request:
+        raise HTTPException(413, f"{len(examples)} examples exceed the limit of "
+                                 f"{settings.max_examples_per_request} per request")
+    encoded = []
+    for i, ex in enumerate(examples):
+        chat = ex.to_chat() if isinstance(ex, PromptExample) else ex
+        try:
+            encoded.append(encode(chat.to_messages(), engine.tokenizer,
+                                  settings.max_tokens_per_example))
+        except ExampleError as exc:
+            raise HTTPException(422, f"example {i}: {exc}") from None
+    try:
+        ids = engine.trainer.submit(encoded)
+    except QueueFull as exc:
+        raise HTTPException(429, str(exc), headers={"Retry-After": "5"}) from None
+    return TrainResponse(ids=ids, queued=engine.trainer.queued)
+
+
+@router.get("/examples/{example_id}", response_model=ExampleState)
+def example_state(example_id: str, trainer: TrainerDep) -> ExampleState:
+    rec = trainer.records.get(example_id)
+    if rec is None:
+        raise HTTPException(404, f"no example with id {example_id!r}")
+    return ExampleState(id=rec.id, state=rec.state, step=rec.step, reason=rec.reason)
+
+
+@router.post("/checkpoint", response_model=CheckpointResult)
+def checkpoint(engine: EngineDep) -> CheckpointResult:
+    """Write the changed weights into the model's safetensors files, all or nothing."""
+    if engine.checkpoints is None:
+        raise HTTPException(409, "checkpointing is not available for this model")
+    return CheckpointResult(**engine.checkpoints.sync())

@@ -1,0 +1,38 @@
+"""What the trainer knows of each example and of itself: records, counters, queue errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from server.engine.tokenization import Encoded
+
+State = Literal["queued", "trained", "failed"]
+
+
+@dataclass
+class Record:
+    id: str
+    encoded: Encoded | None  # dropped once the example is finished
+    state: State = "queued"
+    step: int | None = None
+    reason: str | None = None
+
+
+@dataclass
+class TrainerStats:
+    optimizer_steps: int = 0
+    last_loss: float | None = None
+    accepted: int = 0
+    trained: int = 0
+    failed: int = 0
+    trained_tokens: int = 0
+    train_seconds: float = 0.0
+    last_step_seconds: float | None = None
+    last_write_seconds: float | None = None
+    stall_seconds: float = 0.0  # total time vLLM's engine steps were excluded by writes
+
+
+class QueueFull(RuntimeError):
+    def __init__(self, queued: int, limit: int):
+        super().__init__(f"training queue is full ({queued} of {limit} queued); retry later")

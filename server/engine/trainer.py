@@ -1,0 +1,234 @@
+"""The training engine's front: the queue of accepted examples and the one worker thread.
+
+The worker takes batches from the queue (or tasks that must run between batches, such as a
+checkpoint under tensor parallelism), has the `Stepper` train them, records each example's
+outcome in the example log, and runs the after-batch hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from torch import nn
+
+from server.engine.coordination import Standalone
+from server.engine.distributed import Group
+from server.engine.example_log import ExampleLog
+from server.engine.records import QueueFull, Record, TrainerStats
+from server.engine.steps import LiveOptimizer, Stepper
+from server.engine.tokenization import Encoded
+from server.settings import Settings
+
+log = logging.getLogger("vllm_apollo.trainer")
+
+__all__ = ["QueueFull", "Trainer"]
+
+
+class Trainer:
+    """Owns the queue and the worker thread; batch size, steps per batch, queue limit and
+    mode come from `settings`."""
+
+    def __init__(self, model: nn.Module, optimizer: LiveOptimizer, settings: Settings, *,
+                 pad_id: int, example_log: ExampleLog | None = None,
+                 coordinator: Standalone | None = None, group: Group | None = None):
+        self.model = model
+        self.optimizer = optimizer
+        self.batch_size = settings.batch_size
+        self.steps_per_batch = settings.steps_per_batch
+        self.max_queue = settings.max_queue
+        self.example_log = example_log
+        self.coordinator = coordinator or Standalone()
+        self.stats = TrainerStats()
+        self.stepper = Stepper(model, optimizer, pad_id=pad_id, coordinator=self.coordinator,
+                               layerwise=settings.optimizer_mode == "layerwise",
+                               stats=self.stats)
+        # Tensor parallelism: rank 0's worker thread sends each batch (and every other
+        # collective work, see run_in_worker) to the other ranks first (engine/distributed.py)
+        self.group = group
+        self.records: dict[str, Record] = {}
+        self._queue: deque[Record] = deque()
+        self._resume: tuple[list[Record], int] | None = None  # batch cut short by a crash
+        self._cond = threading.Condition()
+        self._stop = False
+        self._last: Callable | None = None  # run by the worker when it stops
+        self._in_flight = 0  # examples taken from the queue, not yet finished
+        self._tasks: deque[tuple[Callable, Future]] = deque()
+        self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
+        self.after_batch: list[Callable[[], None]] = []  # run by the worker after each batch
+        if example_log is not None:
+            self._restore(example_log)
+
+    @property
+    def weights_lock(self) -> threading.Lock:
+        """Held while weights change and while a checkpoint reads them."""
+        return self.stepper.weights_lock
+
+    @property
+    def stepped(self) -> set[int]:
+        """id() of the parameters stepped since the last checkpoint."""
+        return self.stepper.stepped
+
+    def _restore(self, example_log: ExampleLog) -> None:
+        applied = self.coordinator.applied_steps()
+        state = example_log.replay(applied)
+        example_log.compact(state, applied)  # finished examples keep their outcome, not tokens
+        for i, enc in state.accepted.items():
+            rec = self.records[i] = Record(i, enc)
+            if i in state.trained:
+                rec.state, rec.step = "trained", state.trained[i]
+            elif i in state.failed:
+                rec.state, rec.reason = "failed", state.failed[i]
+        self.stats.accepted = len(state.accepted)
+        self.stats.trained, self.stats.failed = len(state.trained), len(state.failed)
+        if state.unfinished is not None:
+            ids, remaining = state.unfinished
+            if remaining:
+                self._resume = ([self.records[i] for i in ids], remaining)
+            else:  # every step of it was applied before the crash
+                self._finish([self.records[i] for i in ids])
+        self._queue.extend(self.records[i] for i in state.pending)
+        if state.accepted:
+            log.info("example log: %d examples (%d trained, %d failed, %d to train)",
+                     len(state.accepted), len(state.trained), len(state.failed),
+                     len(state.pending) + (len(state.unfinished[0]) if state.unfinished else 0))
+
+    # --- producer side (HTTP handlers) ---
+    def submit(self, examples: list[Encoded]) -> list[str]:
+        """Log (fsync) and queue all of `examples`, or none (raises QueueFull)."""
+        with self._cond:
+            if len(self._queue) + self._in_flight + len(examples) > self.max_queue:
+                raise QueueFull(len(self._queue) + self._in_flight, self.max_queue)
+            recs = [Record(id=uuid.uuid4().hex[:16], encoded=e) for e in examples]
+            if self.example_log is not None:
+                self.example_log.accept([(r.id, r.encoded) for r in recs])
+            for r in recs:
+                self.records[r.id] = r
+                self._queue.append(r)
+            self.stats.accepted += len(recs)
+            self._cond.notify()
+            return [r.id for r in recs]
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue) + self._in_flight
+
+    # --- lifecycle ---
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0, last: Callable | None = None) -> None:
+        """Finish the batch in progress (queued examples stay in the example log for the next
+        start), run `last` on the worker thread (a final checkpoint: under tensor parallelism its
+        collectives follow the batch's), then end the worker and the other ranks."""
+        with self._cond:
+            self._stop = True
+            self._last = last
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        if self.group is not None and self.group.leader and not self._thread.is_alive():
+            try:
+                self.group.broadcast(("stop",))
+            except Exception:  # a follower already gone: nothing left to stop
+                log.warning("could not tell the other trainer ranks to stop", exc_info=True)
+
+    def run_in_worker(self, fn: Callable):
+        """fn() on the worker thread, between batches; its result. Under tensor parallelism
+        all collectives must come from one thread in one order: a checkpoint goes through
+        here. Without it, fn runs on the calling thread."""
+        if self.group is None or threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+        with self._cond:
+            if self._stop or not self._thread.is_alive():
+                raise RuntimeError("the trainer is not running")
+            self._tasks.append((fn, future))
+            self._cond.notify()
+        return future.result()
+
+    def train_batch(self, examples: list[Encoded], steps: int) -> None:
+        """A follower rank's part of a batch that rank 0 sent: the same steps, no example log."""
+        self.stepper.run(examples, steps)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # --- worker ---
+    def _next_batch(self) -> tuple[list[Record], int] | tuple[Callable, Future] | None:
+        with self._cond:
+            if self._resume is not None:
+                batch, steps = self._resume
+                self._resume = None
+            else:
+                while not self._queue and not self._stop and not self._tasks:
+                    if not self._cond.wait(timeout=1.0):
+                        # an interval policy's reset may be due
+                        self.coordinator.flush_prefix_cache_reset()
+                if self._stop:
+                    for _, future in self._tasks:
+                        future.set_exception(RuntimeError("the trainer stopped"))
+                    return None
+                if self._tasks:
+                    return self._tasks.popleft()
+                n = min(self.batch_size, len(self._queue))
+                batch, steps = [self._queue.popleft() for _ in range(n)], self.steps_per_batch
+            self._in_flight = len(batch)
+            return batch, steps
+
+    def _run(self) -> None:
+        self._serve()
+        if self._last is not None:
+            try:
+                self._last()
+            except Exception:
+                log.exception("the final task before stopping failed")
+
+    def _serve(self) -> None:
+        while (item := self._next_batch()) is not None:
+            if isinstance(item[1], Future):
+                fn, future = item
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+                continue
+            batch, steps = item
+            try:
+                if self.example_log is not None:
+                    self.example_log.begin([r.id for r in batch], steps,
+                                           self.coordinator.applied_steps())
+                if self.group is not None:
+                    self.group.broadcast(("train", [r.encoded for r in batch], steps))
+                self._finish(batch, failed=self.stepper.run([r.encoded for r in batch], steps))
+            except Exception as exc:  # isolate: mark the batch failed, keep serving
+                log.exception("training batch failed")
+                self._finish(batch, failed=f"{type(exc).__name__}: {exc}")
+            finally:
+                self.optimizer.zero_grad(set_to_none=True)
+                with self._cond:
+                    self._in_flight = 0
+            for hook in self.after_batch:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("after-batch hook failed")
+
+    def _finish(self, batch: list[Record], failed: str | None = None) -> None:
+        ids, step = [r.id for r in batch], self.coordinator.applied_steps()
+        if self.example_log is not None:
+            if failed:
+                self.example_log.fail(ids, failed)
+            else:
+                self.example_log.done(ids, step)
+        with self._cond:
+            for r in batch:
+                r.encoded = None  # memory stays bounded by what is still to train
+                if failed:
+                    r.state, r.reason = "failed", failed
+                    self.stats.failed += 1
+                else:
+                    r.state, r.step = "trained", step
+                    self.stats.trained += 1

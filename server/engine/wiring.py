@@ -1,0 +1,177 @@
+"""The one place the training engine is put together, for the HTTP server and every rank.
+
+`attach_engine` maps vLLM's export (starting the other trainer ranks under tensor
+parallelism) and hands the model to `assemble`, which adds the optimizer, the example log,
+the trainer and the checkpoint service. Tests assemble an engine around a local model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from checkpoint import Checkpointer, read_layout
+from optimizer import ApolloMini
+from server.engine.checkpointing import CheckpointService
+from server.engine.coordination import Standalone, VllmCoordinator
+from server.engine.distributed import (
+    Group,
+    follow,
+    free_port,
+    gather_to_leader,
+    join,
+    start_followers,
+)
+from server.engine.example_log import ExampleLog
+from server.engine.trainer import Trainer
+from server.settings import Settings
+from weight_mapping import Export, attach, build_model, checkpoint_file_names, load_config
+
+log = logging.getLogger("vllm_apollo.engine")
+
+
+@dataclass
+class Engine:
+    """Everything one trainer rank runs; rank 0's also serves HTTP."""
+
+    settings: Settings
+    model: nn.Module
+    tokenizer: object
+    trainer: Trainer
+    model_path: str
+    export: Export | None = None
+    checkpoints: CheckpointService | None = None
+    example_log: ExampleLog | None = None
+
+    def start(self) -> None:
+        self.trainer.start()
+
+    def stop(self) -> None:
+        """Finish the batch in progress; with --checkpoint-on-exit sync what vLLM learned,
+        else say how many steps the model files lack."""
+        service = self.checkpoints
+        if service is not None and self.settings.checkpoint_on_exit:
+            self.trainer.stop(timeout=600.0, last=service.sync_on_exit)
+        else:
+            self.trainer.stop()
+            unsaved = service.unsaved_steps() if service is not None else 0
+            if unsaved > 0:
+                log.warning("%d optimizer steps since the last checkpoint live only in vLLM's "
+                            "memory and are gone when vLLM stops (POST /checkpoint first, or "
+                            "--checkpoint-on-exit)", unsaved)
+        if self.example_log is not None:
+            self.example_log.close()
+
+
+def param_groups(model: nn.Module, lr: float, train_embeddings: bool) -> list[dict]:
+    """Matrices of the decoder layers get APOLLO-Mini; norms AdamW; embeddings frozen unless
+    asked (AdamW on them would cost two extra copies of the vocabulary matrix)."""
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                  if m is not None for p in m.parameters()}
+    matrices, others, frozen = [], [], []
+    for p in model.parameters():
+        if id(p) in embeddings:
+            (others if train_embeddings else frozen).append(p)
+        elif p.dim() == 2:
+            matrices.append(p)
+        else:
+            others.append(p)
+    for p in frozen:
+        p.requires_grad_(False)
+    return [{"params": matrices, "lr": lr}, {"params": others, "lr": lr, "apollo": False}]
+
+
+def make_optimizer(model: nn.Module, settings: Settings) -> ApolloMini:
+    return ApolloMini(param_groups(model, settings.lr, settings.train_embeddings), lr=settings.lr)
+
+
+def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str,
+             export: Export | None = None, checkpointer: Checkpointer | None = None,
+             coordinator: Standalone | None = None, group: Group | None = None) -> Engine:
+    """Optimizer, example log (rank 0), trainer and checkpoint service around `model`."""
+    leader = group is None or group.leader
+    example_log = None
+    if leader and settings.journal != "off" and (settings.journal != "auto" or export):
+        path = settings.journal if settings.journal != "auto" else \
+            Path(model_path) / ".apollo" / "examples.jsonl"
+        example_log = ExampleLog(path)
+    trainer = Trainer(model, make_optimizer(model, settings), settings,
+                      pad_id=tokenizer.pad_token_id or 0, example_log=example_log,
+                      coordinator=coordinator, group=group)
+    checkpoints = None
+    if checkpointer is not None:
+        checkpoints = CheckpointService(checkpointer, trainer, settings.checkpoint_every_steps,
+                                        settings.checkpoint_every_seconds)
+        trainer.after_batch.append(checkpoints.maybe_sync)
+    return Engine(settings=settings, model=model, tokenizer=tokenizer, trainer=trainer,
+                  model_path=model_path, export=export, checkpoints=checkpoints,
+                  example_log=example_log)
+
+
+def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
+    """Rank `rank`'s engine on vLLM's rank `rank` export. Under tensor parallelism rank 0
+    (the server) also starts ranks 1..N-1, and all join one process group."""
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    export = attach(settings.export_dir, rank=rank, timeout=settings.attach_timeout)
+    group = None
+    if export.world_size > 1:
+        if settings.train_embeddings:
+            raise ValueError("--train-embeddings is not supported with tensor parallelism: "
+                             "vLLM's ranks > 0 read the embedding before the step's first "
+                             "collective, outside the step lock")
+        if settings.optimizer_mode == "layerwise":
+            raise ValueError("--optimizer-mode layerwise is not supported with tensor "
+                             "parallelism; use standard")
+        if rank == 0:
+            port = free_port()
+            start_followers(follower_main, settings, export.world_size, port)
+        group = join(rank, export.world_size, port, export.device,
+                     timeout=settings.attach_timeout + 60)
+    model = build_model(export.tensors, load_config(export.model_path), shards=export.shards,
+                        mesh=group.mesh if group else None)
+    tokenizer = AutoTokenizer.from_pretrained(export.model_path)
+    log.info("rank %d/%d attached to %s: %d parameters mapped onto vLLM's tensors", rank,
+             export.world_size, export.model_path, sum(1 for _ in model.parameters()))
+    checkpointer = None
+    if rank == 0:  # the other ranks send their shards to it (engine/distributed.py)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        checkpointer = Checkpointer(
+            export.model_path, params,
+            file_names=checkpoint_file_names(list(params), set(read_layout(export.model_path))),
+            gather=(lambda t: gather_to_leader(t, group)) if group else None)
+    coordinator = VllmCoordinator(export, settings.consistency, settings.prefix_cache_reset,
+                                  group)
+    return assemble(settings, model, tokenizer, model_path=export.model_path, export=export,
+                    checkpointer=checkpointer, coordinator=coordinator, group=group)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Rank 0 gone without a "stop" (a crash, kill -9): this rank has nothing left to do."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def follower_main(settings: Settings, rank: int, port: int) -> None:
+    """Trainer ranks 1..N-1: attach to vLLM's rank r, then do what rank 0 says. They serve no
+    HTTP and keep no example log."""
+    # The launcher TERMs the training server's whole process group at once; rank 0 then
+    # still needs this rank for a final checkpoint (--checkpoint-on-exit) and says "stop".
+    # Rank 0's end, however it comes, ends this rank.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    engine = attach_engine(settings, rank=rank, port=port)
+    follow(engine.trainer.group, engine.trainer,
+           dict(engine.model.named_parameters(remove_duplicate=False)))

@@ -1,0 +1,94 @@
+"""The training server's settings: one dataclass, the only place a default is written.
+
+The command line (`python -m server --help`) is generated from the fields: each field's
+metadata carries its help text (and choices, or an environment variable that supplies the
+default). The engine, the HTTP layer and every trainer rank read the same `Settings`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
+         env: str | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "env": env})
+
+
+@dataclass
+class Settings:
+    export_dir: str = field(metadata={"help": "directory the vLLM hook exports into"})
+    host: str = _opt("127.0.0.1", "address to listen on", env="BIND_HOST")
+    port: int = _opt(8001, "port to listen on", env="TRAIN_PORT")
+    lr: float = _opt(1e-4, "APOLLO-Mini learning rate (1e-4 learns a one-line lesson in about "
+                           "5 steps on the fp32 default model)")
+    batch_size: int = _opt(8, "max examples per optimizer step")
+    steps_per_batch: int = _opt(5, "optimizer steps taken on each batch: a lesson is seen N "
+                                   "times (5: one POSTed correction is learned)")
+    max_tokens_per_example: int = _opt(2048, "longest example accepted, in tokens")
+    max_examples_per_request: int = _opt(256, "most examples in one POST /train")
+    max_queue: int = _opt(4096, "most examples accepted and not yet trained (then 429)")
+    train_embeddings: bool = _opt(False, "also train embeddings / LM head (AdamW: 2 extra "
+                                         "copies of them)")
+    threads: int = _opt(0, "torch CPU threads (0: torch's default)")
+    attach_timeout: float = _opt(600.0, "seconds to wait for vLLM's export")
+    api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on endpoints that "
+                                     "change the model", env="VLLM_APOLLO_API_KEY")
+    checkpoint_every_steps: int = _opt(0, "sync the live weights into the model files every N "
+                                          "optimizer steps")
+    checkpoint_every_seconds: float = _opt(0.0, "... or when T seconds passed since the last "
+                                                "sync (checked per batch)")
+    checkpoint_on_exit: bool = _opt(False, "when the server stops (SIGTERM, the launcher's "
+                                           "Ctrl-C), finish the batch in progress and sync what "
+                                           "vLLM's weights learned since the last checkpoint")
+    journal: str = _opt("auto", "durable example log: a path, 'auto' (MODEL_DIR/.apollo/"
+                                "examples.jsonl) or 'off'")
+    consistency: str = _opt("step", "step: no vLLM engine step sees a partly applied optimizer "
+                                    "step (the write excludes engine steps); none: no "
+                                    "exclusion (unsafe; for tests)", choices=("step", "none"))
+    prefix_cache_reset: str = _opt("always", "drop vLLM's prefix cache after updates: always, "
+                                             "never, or SECONDS (at most once per interval)")
+    max_body_bytes: int = _opt(4 << 20, "largest request body accepted (then 413)")
+    optimizer_mode: str = _opt("standard", "standard: all gradients, then one step written "
+                                           "atomically for vLLM; layerwise: each parameter "
+                                           "stepped during backward (lowest memory; an engine "
+                                           "step may see some layers updated and others not)",
+                               choices=("standard", "layerwise"))
+
+    def __post_init__(self) -> None:
+        if self.prefix_cache_reset not in ("always", "never"):
+            try:
+                float(self.prefix_cache_reset)
+            except ValueError:
+                raise ValueError("--prefix-cache-reset must be always, never or a number of "
+                                 "seconds") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m server",
+                                description="Training server attached to a live vLLM export.")
+    for f in dataclasses.fields(Settings):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.default is dataclasses.MISSING:
+            p.add_argument(flag, required=True, help=meta["help"])
+        elif f.type == "bool":
+            p.add_argument(flag, action="store_true", help=meta["help"])
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            default = os.environ.get(meta["env"], f.default) if meta["env"] else f.default
+            env = f" (env {meta['env']})" if meta["env"] else ""
+            p.add_argument(flag, type=kind, default=default, choices=meta["choices"],
+                           help=f"{meta['help']}{env}; default: %(default)s")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    parser = _parser()
+    try:
+        return Settings(**vars(parser.parse_args(argv)))
+    except ValueError as exc:
+        parser.error(str(exc))

@@ -1,0 +1,45 @@
+"""The training server in-process (FastAPI's TestClient) around a tiny random Llama: the HTTP
+contract without vLLM. End-to-end tests use the real launcher instead (support/stack.py)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from fastapi.testclient import TestClient
+from transformers import AutoModelForCausalLM
+
+from checkpoint import Checkpointer
+from server.app import create_app
+from server.engine.wiring import assemble
+from server.settings import Settings
+from tests.support.tiny_models import CONFIGS
+
+
+def app_client(tokenizer, model_dir=None, **settings) -> tuple[TestClient, torch.nn.Module]:
+    """A client of an app whose engine trains a tiny model in this process; with `model_dir`
+    the model is saved there first and checkpoints write into it."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS["llama"](vocab_size=len(tokenizer)))
+    s = Settings(export_dir="unused", **settings)
+    checkpointer = None
+    if model_dir is not None:
+        model.save_pretrained(model_dir)
+        checkpointer = Checkpointer(model_dir, dict(model.named_parameters()))
+
+    def build(settings: Settings):
+        return assemble(settings, model, tokenizer, model_path=str(model_dir),
+                        checkpointer=checkpointer)
+
+    return TestClient(create_app(s, build=build)), model
+
+
+def wait_idle(client: TestClient, finished: int) -> dict:
+    """/status once `finished` examples are trained or failed and none is queued."""
+    for _ in range(600):
+        st = client.get("/status").json()
+        if st["examples_trained"] + st["examples_failed"] >= finished and \
+                st["examples_queued"] == 0:
+            return st
+        time.sleep(0.05)
+    raise AssertionError("trainer did not finish")
