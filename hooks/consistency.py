@@ -19,24 +19,16 @@ import mmap
 import os
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 
-
-def lock_paths(export_dir: str | os.PathLike, rank: int) -> tuple[Path, Path]:
-    d = Path(export_dir)
-    return d / f"rank{rank}.turnstile", d / f"rank{rank}.lock"
-
-
-def counter_path(export_dir: str | os.PathLike, name: str = "updates") -> Path:
-    return Path(export_dir) / f"{name}.counter"
+from hooks.contract import counter_path, lock_paths
 
 
 class StepLock:
     def __init__(self, export_dir: str | os.PathLike, rank: int = 0):
         turnstile, lock = lock_paths(export_dir, rank)
         turnstile.parent.mkdir(parents=True, exist_ok=True)
-        self._turnstile = os.open(turnstile, os.O_CREAT | os.O_RDWR, 0o600)
-        self._lock = os.open(lock, os.O_CREAT | os.O_RDWR, 0o600)
+        self._turnstile = os.open(turnstile, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        self._lock = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
 
     # vLLM side: one engine step
     def acquire_step(self) -> None:
@@ -60,10 +52,6 @@ class StepLock:
         finally:
             fcntl.flock(self._turnstile, fcntl.LOCK_UN)
 
-    def close(self) -> None:
-        os.close(self._turnstile)
-        os.close(self._lock)
-
 
 class UpdateCounter:
     """An 8-byte counter in a file every process maps; it lives as long as the export does
@@ -73,7 +61,7 @@ class UpdateCounter:
     def __init__(self, export_dir: str | os.PathLike, name: str = "updates"):
         path = counter_path(export_dir, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
             if os.fstat(fd).st_size < 8:
                 os.ftruncate(fd, 8)

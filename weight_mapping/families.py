@@ -7,7 +7,7 @@ them. A fused parameter stacks its parts along dim 0 (rows of a weight, entries 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PretrainedConfig
@@ -25,8 +25,6 @@ class Fusion:
 @dataclass(frozen=True)
 class Family:
     fusions: tuple[Fusion, ...] = ()
-    # HF name prefixes vLLM drops or renames (e.g. multimodal wrappers), as (hf, vllm) pairs.
-    renames: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
 
 def head_dim(config: PretrainedConfig) -> int:

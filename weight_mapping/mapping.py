@@ -58,9 +58,6 @@ def locate(hf_name: str, shape: torch.Size, config: PretrainedConfig, family: Fa
            exported: dict[str, torch.Size]) -> Source | None:
     """Find the exported tensor (and row range) that holds HF parameter `hf_name`."""
     name = hf_name
-    for hf_prefix, vllm_prefix in family.renames:
-        if name.startswith(hf_prefix):
-            name = vllm_prefix + name[len(hf_prefix):]
     if name in exported:
         if exported[name][0] != shape[0]:  # vLLM pads vocabularies to a multiple of 64
             return Source(name, 0, shape[0])

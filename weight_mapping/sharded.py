@@ -62,8 +62,8 @@ def local_part(tensor: torch.Tensor, rows: tuple[int, int] | None, spec: ShardSp
             found.append((offset + start - a, offset + stop - a, start - lo, stop - lo))
         offset += b - a
     n = hi - lo
-    chunk = -(-n // world)
-    want = (rank * chunk, min(n, (rank + 1) * chunk))
+    size, offset = Shard.local_shard_size_and_offset(n, world, rank)  # DTensor's own rule
+    want = (offset, offset + size)
     if len(found) != 1 or found[0][2:] != want:
         raise ShardingError(
             f"{name}: vLLM's rank {rank} holds {[f[2:] for f in found]} of its {n} entries "

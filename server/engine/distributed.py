@@ -95,7 +95,7 @@ def gather_to_leader(t: Tensor, group: Group) -> Tensor | None:
         return t.to_local() if isinstance(t, DTensor) else t
     d = t.placements[0].dim % t.dim()
     piece = t.to_local().detach()
-    chunk = -(-t.shape[d] // group.world)
+    chunk, _ = Shard.local_shard_size_and_offset(t.shape[d], group.world, 0)  # the longest
     if piece.shape[d] < chunk:  # the last rank's piece may be short
         pad = list(piece.shape)
         pad[d] = chunk - piece.shape[d]

@@ -1,0 +1,49 @@
+"""The export contract between vLLM's side (hooks/) and the trainer (weight_mapping/): file
+names in the export directory, the format version, and the durable way each file is written.
+Both sides import it, so the contract is written once.
+
+Per tensor-parallel rank r: ``rank{r}.handles`` (tensor handles), ``rank{r}.json`` (the
+manifest, written last), ``rank{r}.turnstile`` / ``rank{r}.lock`` (the step lock); shared by
+all ranks: ``{name}.counter`` (8-byte counters). docs/architecture.md describes each.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+FORMAT_VERSION = 1
+SHM_ROOT = "/dev/shm"
+
+
+def manifest_path(export_dir: str | os.PathLike, rank: int) -> Path:
+    return Path(export_dir) / f"rank{rank}.json"
+
+
+def handles_path(export_dir: str | os.PathLike, rank: int) -> Path:
+    return Path(export_dir) / f"rank{rank}.handles"
+
+
+def lock_paths(export_dir: str | os.PathLike, rank: int) -> tuple[Path, Path]:
+    d = Path(export_dir)
+    return d / f"rank{rank}.turnstile", d / f"rank{rank}.lock"
+
+
+def counter_path(export_dir: str | os.PathLike, name: str = "updates") -> Path:
+    return Path(export_dir) / f"{name}.counter"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all: an unpredictable temp file beside it, fsynced, then
+    renamed over it (a reader sees the old file or the new one, never a part)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
