@@ -2,8 +2,8 @@
 
     python -m bench.tensor_parallel [--layers 4] [--hidden 512] [--tokens 256] [--steps 10]
 
-A random Llama in vLLM's layout (tests/support/standin_tp.py shards it as vLLM's ranks hold it); each
-rank builds the trainer's DTensor model over its shards and takes APOLLO-Mini steps on the
+A random Llama in vLLM's layout (tests/support/standin_tp.py shards it as vLLM's ranks hold
+it); each rank builds the trainer's DTensor model over its shards and takes APOLLO-Mini steps on the
 same batch. Prints per-step time (forward + backward + optimizer), the optimizer step alone,
 the weights and optimizer state one rank holds, and the collectives of one TP=2 step
 (docs/scaling.md derives their volume).
