@@ -176,55 +176,49 @@ def pending(model_dir: Path) -> list[Write]:
     return writes
 
 
-def replay(model_dir: Path, fds: Mapping[str, int] | None = None) -> bool:
-    """Roll a committed journal forward and delete it (the caller holds the directory lock);
-    False if there is none. `fds`: the files, already opened and checked by the caller."""
-    if not os.path.lexists(model_dir / JOURNAL):
-        return False
-    writes = pending(model_dir)
-    if fds is not None:
-        unknown = {w.file for w in writes} - set(fds)
-        if unknown:
-            raise JournalError(f"refusing to replay {JOURNAL}: it writes {sorted(unknown)}, "
-                               "which this checkpointer did not open")
-        apply(fds, writes)
-    else:
-        with opened(model_dir, {w.file for w in writes}) as own:
-            apply(own, writes)
-    finish(model_dir)
-    return True
-
-
 def recover_locked(model_dir: Path) -> str:
-    """recover() for a caller that holds the directory lock."""
-    outcome = "clean"
-    if os.path.lexists(model_dir / JOURNAL_TMP):
-        try:
-            os.unlink(model_dir / JOURNAL_TMP)
-        except IsADirectoryError:
-            raise JournalError(f"{model_dir / JOURNAL_TMP} is a directory: remove it") from None
-        outcome = "rolled back an uncommitted sync"
-    if replay(model_dir):
-        outcome = "rolled forward a committed sync"
+    """recover() for a caller that holds the directory lock. Every check (the journal, the
+    files it names) passes before anything in the directory changes."""
+    committed = os.path.lexists(model_dir / JOURNAL)
+    writes = pending(model_dir) if committed else []
+    with opened(model_dir, {w.file for w in writes}) as fds:
+        outcome = "clean"
+        if os.path.lexists(model_dir / JOURNAL_TMP):
+            try:
+                os.unlink(model_dir / JOURNAL_TMP)
+            except IsADirectoryError:
+                raise JournalError(f"{model_dir / JOURNAL_TMP} is a directory: remove it") \
+                    from None
+            outcome = "rolled back an uncommitted sync"
+        if committed:
+            apply(fds, writes)
+            finish(model_dir)
+            outcome = "rolled forward a committed sync"
     return outcome
 
 
 def recover(model_dir: str | os.PathLike) -> str:
     """Roll an interrupted sync forward or back; returns what was done ("clean" if nothing).
 
-    A read-only directory is left untouched: fine when there is nothing to replay, an error
-    when a committed sync still has to reach the files.
+    Writes nothing when there is nothing to do. A read-only directory is left untouched: fine
+    when there is nothing to replay, an error when a committed sync still has to reach the
+    files.
     """
     model_dir = Path(model_dir)
+    committed = os.path.lexists(model_dir / JOURNAL)
+    uncommitted = os.path.lexists(model_dir / JOURNAL_TMP)
     if not dir_writable(model_dir):
-        if os.path.lexists(model_dir / JOURNAL):
+        if committed:
+            pending(model_dir)  # a journal that would be refused anyway says so first
             raise JournalError(f"{model_dir} is read-only but holds a committed sync "
                                f"({JOURNAL}) that must reach the weights before they are "
                                "loaded: make the directory writable and run `python -m "
                                "checkpoint recover` again")
-        if os.path.lexists(model_dir / JOURNAL_TMP):
+        if uncommitted:
             return (f"nothing to recover (read-only directory; the files hold the state before "
                     f"the interrupted sync that left {JOURNAL_TMP})")
         return "nothing to recover (read-only directory)"
+    if not committed and not uncommitted:
+        return "clean"  # and nothing written, not even the lock file
     with dir_lock(model_dir):
         return recover_locked(model_dir)

@@ -4,6 +4,7 @@ Change detection keeps one 64-bit checksum pair per chunk (default 1 MiB), compu
 tensor lives (GPU or CPU) with integer arithmetic, so it needs no second copy of the weights.
 The baseline is computed from the files themselves when the checkpointer starts, so the first
 sync writes exactly what differs from disk. Checksums detect change; they are not a MAC.
+Each sync first checks that the files are still the ones whose layout it read (guard.py).
 """
 
 from __future__ import annotations
@@ -195,17 +196,17 @@ class Checkpointer:
     def _write(self, writes: list[journal.Write]) -> int:
         """Journal, write and fsync `writes`, refusing any file that changed on disk since its
         layout was read (nothing is written then); returns the journal's size."""
-        names = {w.file for w in writes}
         with dir_lock(self.model_dir):
-            leftover = os.path.lexists(self.model_dir / journal.JOURNAL)
-            if leftover:  # an earlier sync of this process failed after its commit
-                names |= {w.file for w in journal.pending(self.model_dir)}
+            # A journal left by an earlier sync of this process that failed after its commit.
+            leftover = journal.pending(self.model_dir)
+            names = {w.file for w in writes} | {w.file for w in leftover}
             with journal.opened(self.model_dir, names) as fds:
                 for name, fd in fds.items():
                     self._check_identity(name, fd)
                 try:
                     if leftover:
-                        journal.replay(self.model_dir, fds)
+                        journal.apply(fds, leftover, self.durable)
+                        journal.finish(self.model_dir, self.durable)
                     size = journal.commit(self.model_dir, writes, self.durable)
                     journal.apply(fds, writes, self.durable)
                     journal.finish(self.model_dir, self.durable)

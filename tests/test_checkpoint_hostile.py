@@ -248,8 +248,14 @@ def test_a_planted_dangling_journal_tmp_link_is_not_written_through(tmp_path, ou
 def test_a_planted_lock_link_is_refused(tmp_path, outside, capsys):
     model_dir = _model_dir(tmp_path)
     (model_dir / ".apollo-sync.lock").symlink_to(outside / "lockfile")
-    code, out = _recover(model_dir, capsys)
+    with pytest.raises(RuntimeError, match="symbolic link"):
+        Checkpointer(model_dir, {k: v.clone() for k, v in TENSORS.items()})
+    slot = read_layout(model_dir)["b"]
+    _forge(model_dir / JOURNAL, [("model.safetensors", slot.offset, b"\x00" * 16)])
+    model = (model_dir / "model.safetensors").read_bytes()
+    code, out = _recover(model_dir, capsys)  # a journal to replay: recover needs the lock
     assert code == 1 and "symbolic link" in out.err
+    assert (model_dir / "model.safetensors").read_bytes() == model
     assert not os.path.lexists(outside / "lockfile")
 
 
@@ -357,6 +363,16 @@ def make_read_only():
         if os.geteuid() == 0:
             subprocess.run(["chattr", "-i", str(d)], check=True)
         os.chmod(d, 0o755)
+
+
+def test_recover_with_nothing_to_do_writes_nothing(tmp_path, outside, capsys):
+    """The launcher's recover on a Hugging Face snapshot leaves the cache as it was."""
+    model_dir, _ = _hf_snapshot(tmp_path)
+    outside.seal()
+    before = _tree(model_dir)
+    code, out = _recover(model_dir, capsys)
+    assert code == 0 and "clean" in out.out
+    assert _tree(model_dir) == before  # not even a lock file
 
 
 def test_recover_on_a_read_only_dir_with_nothing_to_do_writes_nothing(tmp_path, capsys,
