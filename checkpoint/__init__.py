@@ -1,8 +1,10 @@
 """Diff-based, crash-safe write-back of the live weights into the model's safetensors files."""
 
-from checkpoint.journal import recover
+from checkpoint.guard import CheckpointRefused
+from checkpoint.journal import JournalError, recover
 from checkpoint.layout import LayoutError, read_layout
+from checkpoint.preflight import checkpoint_blockers
 from checkpoint.sync import Checkpointer, SyncResult, chunk_checksums
 
-__all__ = ["Checkpointer", "LayoutError", "SyncResult", "chunk_checksums", "read_layout",
-           "recover"]
+__all__ = ["CheckpointRefused", "Checkpointer", "JournalError", "LayoutError", "SyncResult",
+           "checkpoint_blockers", "chunk_checksums", "read_layout", "recover"]

@@ -1,32 +1,42 @@
 """python -m checkpoint verify|recover MODEL_DIR
 
-verify: headers, sizes, index and journal state; exit 1 with a message on any problem.
-recover: roll an interrupted sync forward or back (the launcher runs it before vLLM starts).
+verify: headers, sizes, index, journal state, and whether a checkpoint may be written there
+(no links, no unsafe names, no forged journal); exit 1 with a message on any problem.
+recover: roll an interrupted sync forward or back (the launcher runs it before vLLM starts);
+refuses (exit 1) a journal that would write anywhere but inside this model's tensors.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-from checkpoint.journal import JOURNAL, JOURNAL_TMP, JournalError, read, recover
+from checkpoint.guard import dir_writable, write_problem
+from checkpoint.journal import JOURNAL, JOURNAL_TMP, JournalError, pending, recover
 from checkpoint.layout import LayoutError, read_layout
-from checkpoint.sync import dir_lock
+from checkpoint.preflight import lock_problem
 
 
 def verify(model_dir: Path) -> list[str]:
     problems = []
+    slots = {}
     try:
         slots = read_layout(model_dir)
         if not slots:
             problems.append("no tensors found")
-    except (LayoutError, OSError, ValueError) as exc:
+    except (LayoutError, OSError) as exc:
         problems.append(str(exc))
-    if (model_dir / JOURNAL_TMP).exists():
+    for f in sorted({s.file for s in slots.values()}):
+        if (p := write_problem(f)) is not None:
+            problems.append(f"cannot checkpoint into it: {p}")
+    if (p := lock_problem(model_dir)) is not None:
+        problems.append(p)
+    if os.path.lexists(model_dir / JOURNAL_TMP):
         problems.append(f"an uncommitted sync was interrupted ({JOURNAL_TMP}); run recover")
-    if (model_dir / JOURNAL).exists():
+    if os.path.lexists(model_dir / JOURNAL):
         try:
-            read(model_dir / JOURNAL)
+            pending(model_dir)
             problems.append(f"a committed sync was interrupted ({JOURNAL}); run recover")
         except JournalError as exc:
             problems.append(str(exc))
@@ -43,17 +53,17 @@ def main(argv: list[str]) -> int:
         return 2
     if argv[0] == "recover":
         try:
-            with dir_lock(model_dir):
-                print(f"{model_dir}: {recover(model_dir)}")
-        except (JournalError, RuntimeError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"{model_dir}: {recover(model_dir)}")
+        except (RuntimeError, OSError) as exc:  # JournalError, CheckpointRefused, lock busy
+            print(f"error: {model_dir}: {exc}", file=sys.stderr)
             return 1
         return 0
     problems = verify(model_dir)
     for p in problems:
         print(f"error: {model_dir}: {p}", file=sys.stderr)
     if not problems:
-        print(f"{model_dir}: ok ({len(read_layout(model_dir))} tensors)")
+        note = "" if dir_writable(model_dir) else "; read-only: no checkpoint can be written"
+        print(f"{model_dir}: ok ({len(read_layout(model_dir))} tensors{note})")
     return 1 if problems else 0
 
 

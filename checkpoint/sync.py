@@ -4,28 +4,33 @@ Change detection keeps one 64-bit checksum pair per chunk (default 1 MiB), compu
 tensor lives (GPU or CPU) with integer arithmetic, so it needs no second copy of the weights.
 The baseline is computed from the files themselves when the checkpointer starts, so the first
 sync writes exactly what differs from disk. Checksums detect change; they are not a MAC.
+Each sync first checks that the files are still the ones whose layout it read (guard.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from checkpoint import journal
+from checkpoint.guard import (
+    CheckpointRefused,
+    FileIdentity,
+    dir_lock,
+    dir_writable,
+    file_problems,
+)
 from checkpoint.layout import LayoutError, TensorSlot, read_layout
 
 log = logging.getLogger("vllm_apollo.checkpoint")
 CHUNK_BYTES = 1 << 20
-LOCK = ".apollo-sync.lock"
 _BLOCK_CHUNKS = 16  # chunks checksummed at once: bounds the int64 temporaries
 
 
@@ -72,20 +77,6 @@ def chunk_checksums(t: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Te
     return out
 
 
-@contextlib.contextmanager
-def dir_lock(model_dir: Path) -> Iterator[None]:
-    """One syncing process per model directory (recovery takes it too)."""
-    fd = os.open(model_dir / LOCK, os.O_CREAT | os.O_RDWR, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"{model_dir} is being synced by another process") from None
-        yield
-    finally:
-        os.close(fd)
-
-
 class Checkpointer:
     """Syncs `live` (HF name -> tensor, e.g. the mapped model's views) into `model_dir`."""
 
@@ -104,12 +95,33 @@ class Checkpointer:
         live = {self._file_name.get(name, name): t for name, t in live.items()}
         self.durable = durable  # fsync (survives OS crashes) or not (survives process crashes)
         self.chunk_bytes = chunk_bytes
+        if not dir_writable(self.model_dir):
+            raise CheckpointRefused(f"cannot checkpoint into {self.model_dir}: read-only")
         with dir_lock(self.model_dir):
-            outcome = journal.recover(self.model_dir)
+            outcome = journal.recover_locked(self.model_dir)
             if outcome != "clean":
                 log.warning("checkpoint recovery: %s", outcome)
             self.slots = read_layout(self.model_dir)
-        self.live: dict[str, torch.Tensor] = {}
+            self.live = self._match(live)
+            files = {self.slots[name].file for name in self.live}
+            if problems := file_problems(self.model_dir, files):
+                raise CheckpointRefused(f"cannot checkpoint into {self.model_dir}: "
+                                        + "; ".join(problems))
+            # What each file is now: a sync refuses a file that changed since (stale offsets).
+            with journal.opened(self.model_dir, {f.name for f in files}) as fds:
+                self._identity = {name: FileIdentity.of(fd) for name, fd in fds.items()}
+                if read_layout(self.model_dir) != self.slots:
+                    raise CheckpointRefused(f"{self.model_dir}: the safetensors files changed "
+                                            "while the checkpointer read them")
+        # Computed where the live tensor is: CPU and CUDA use different checksums.
+        self.baseline = {name: chunk_checksums(self._file_tensor(self.slots[name]).to(t.device),
+                                               chunk_bytes)
+                         for name, t in self.live.items()}
+        self.last: SyncResult | None = None
+
+    def _match(self, live: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The live tensors that the layout holds (file names), checked against it."""
+        out: dict[str, torch.Tensor] = {}
         for name, slot in self.slots.items():
             if name not in live:
                 continue
@@ -119,12 +131,8 @@ class Checkpointer:
                                   f"{slot.shape}")
             if t.dtype != slot.dtype:
                 log.info("%s: live %s is saved as the file's %s", name, t.dtype, slot.dtype)
-            self.live[name] = t
-        # Computed where the live tensor is: CPU and CUDA use different checksums.
-        self.baseline = {name: chunk_checksums(self._file_tensor(self.slots[name]).to(t.device),
-                                               chunk_bytes)
-                         for name, t in self.live.items()}
-        self.last: SyncResult | None = None
+            out[name] = t
+        return out
 
     def _file_tensor(self, slot: TensorSlot) -> torch.Tensor:
         with open(slot.file, "rb") as f:
@@ -174,11 +182,8 @@ class Checkpointer:
                 data = host[lo:hi] if host is not None else memoryview(raw[lo:hi].cpu().numpy())
                 writes.append(journal.Write(slot.file.name, slot.offset + lo, data))
         journal_bytes = 0
-        if writes:
-            with dir_lock(self.model_dir):
-                journal_bytes = journal.commit(self.model_dir, writes, self.durable)
-                journal.apply(self.model_dir, writes, self.durable)
-                journal.finish(self.model_dir, self.durable)
+        if writes:  # checked only now: under tensor parallelism every gather above must run
+            journal_bytes = self._write(writes)
             self.baseline.update(new_sums)
         self.last = SyncResult(tensors=len(new_sums), chunks=len(writes),
                                bytes_written=sum(len(w.data) for w in writes),
@@ -187,3 +192,38 @@ class Checkpointer:
         log.info("checkpoint: %d tensors, %d chunks, %d bytes in %.3f s", self.last.tensors,
                  self.last.chunks, self.last.bytes_written, self.last.seconds)
         return self.last
+
+    def _write(self, writes: list[journal.Write]) -> int:
+        """Journal, write and fsync `writes`, refusing any file that changed on disk since its
+        layout was read (nothing is written then); returns the journal's size."""
+        with dir_lock(self.model_dir):
+            # A journal left by an earlier sync of this process that failed after its commit.
+            leftover = journal.pending(self.model_dir)
+            names = {w.file for w in writes} | {w.file for w in leftover}
+            with journal.opened(self.model_dir, names) as fds:
+                for name, fd in fds.items():
+                    self._check_identity(name, fd)
+                try:
+                    if leftover:
+                        journal.apply(fds, leftover, self.durable)
+                        journal.finish(self.model_dir, self.durable)
+                    size = journal.commit(self.model_dir, writes, self.durable)
+                    journal.apply(fds, writes, self.durable)
+                    journal.finish(self.model_dir, self.durable)
+                finally:  # checked files: what happened to them since is this process's doing
+                    for name, fd in fds.items():
+                        self._identity[name] = FileIdentity.of(fd)
+        return size
+
+    def _check_identity(self, name: str, fd: int) -> None:
+        known = self._identity.get(name)
+        if known is None:
+            raise CheckpointRefused(f"{name} is not a file this checkpointer read; nothing was "
+                                    "written")
+        changes = known.changes(FileIdentity.of(fd))
+        if changes:
+            raise CheckpointRefused(
+                f"{self.model_dir / name} changed on disk since the checkpointer read its "
+                f"layout ({', '.join(changes)} differ): its tensors may sit at other offsets "
+                "now, so this sync was refused and nothing was written; restart the training "
+                "server to checkpoint into the new files")

@@ -1,5 +1,6 @@
 """checkpoint/: only changed bytes are written, in place, and a crash never leaves a mix."""
 
+import errno
 import json
 import os
 import random
@@ -118,3 +119,89 @@ def test_kill_9_during_syncs_never_leaves_a_mix(tmp_path):
     print(f"\nkill -9 outcomes: {outcomes}")
     assert outcomes["before"] + outcomes["after"] >= 20  # most kills landed during work
     assert checkpoint_cli(["verify", str(model_dir)]) == 0
+
+
+def _partial(real, most):
+    """os.write / os.pwrite that write at most `most` bytes per call (as a signal may cause)."""
+    return lambda fd, data, *pos: real(fd, memoryview(data).cast("B")[:most], *pos)
+
+
+def _syncable(tmp_path, chunk_bytes=4096):
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(64, 64), "v": torch.randn(300)}
+    model_dir = _model_dir(tmp_path, tensors)
+    live = {k: v.clone() for k, v in tensors.items()}
+    ck = Checkpointer(model_dir, live, chunk_bytes=chunk_bytes)
+    live["w"].add_(1.0)
+    live["v"][7] = 9.0
+    return model_dir, live, ck
+
+
+def test_short_pwrites_are_completed(tmp_path, monkeypatch):
+    model_dir, live, ck = _syncable(tmp_path)
+    monkeypatch.setattr(os, "pwrite", _partial(os.pwrite, 1000))
+    ck.sync()
+    monkeypatch.undo()
+    on_disk = _load_all(model_dir)
+    assert all(torch.equal(on_disk[k], live[k]) for k in live)
+
+
+def test_short_writes_to_the_journal_are_completed(tmp_path, monkeypatch):
+    """The journal is written in short writes, then the in-place writes fail: the committed
+    journal alone must hold the whole sync."""
+    model_dir, live, ck = _syncable(tmp_path)
+    monkeypatch.setattr(os, "write", _partial(os.write, 1000))
+
+    def failing_pwrite(*args):
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    with pytest.raises(OSError, match="injected"):
+        ck.sync()
+    monkeypatch.undo()
+    assert recover(model_dir) == "rolled forward a committed sync"
+    on_disk = _load_all(model_dir)
+    assert all(torch.equal(on_disk[k], live[k]) for k in live)
+
+
+def test_a_write_that_makes_no_progress_raises_and_the_next_sync_finishes_it(tmp_path,
+                                                                              monkeypatch):
+    model_dir, live, ck = _syncable(tmp_path)
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: 0)
+    with pytest.raises(OSError, match="no progress"):
+        ck.sync()
+    monkeypatch.undo()
+    assert (model_dir / ".apollo-sync.journal").exists()  # committed, not yet in the files
+    ck.sync()
+    assert not (model_dir / ".apollo-sync.journal").exists()
+    on_disk = _load_all(model_dir)
+    assert all(torch.equal(on_disk[k], live[k]) for k in live)
+
+
+def test_durable_helpers(tmp_path, monkeypatch):
+    from checkpoint.durable import atomic_replace, fsync_dir, pwrite_all, write_all
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    monkeypatch.setattr(os, "write", _partial(os.write, 3))
+    monkeypatch.setattr(os, "pwrite", _partial(os.pwrite, 3))
+    assert write_all(fd, b"0123456789") == 10
+    assert pwrite_all(fd, torch.arange(4, dtype=torch.int32).numpy(), 2) == 16  # not bytes
+    monkeypatch.undo()
+    os.close(fd)
+    assert path.read_bytes() == b"01" + torch.arange(4, dtype=torch.int32).numpy().tobytes()
+
+    outside = tmp_path / "outside"
+    (tmp_path / "f.tmp").symlink_to(outside)  # planted: must not be written through
+    assert atomic_replace(path, [b"new ", memoryview(b"content")]) == 11
+    assert path.read_bytes() == b"new content" and not outside.exists()
+    assert not os.path.lexists(tmp_path / "f.tmp")
+
+    def failing():
+        yield b"half"
+        raise OSError(errno.ENOSPC, "injected")
+
+    with pytest.raises(OSError, match="injected"):
+        atomic_replace(path, failing(), durable=False)
+    assert path.read_bytes() == b"new content" and not os.path.lexists(tmp_path / "f.tmp")
+    fsync_dir(tmp_path)
