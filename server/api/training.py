@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, HTTPException
 
+from checkpoint import CheckpointRefused
 from server.api.deps import EngineDep, SettingsDep, TrainerDep, require_key
 from server.api.schemas import (
     CheckpointResult,
@@ -55,5 +56,9 @@ def example_state(example_id: str, trainer: TrainerDep) -> ExampleState:
 def checkpoint(engine: EngineDep) -> CheckpointResult:
     """Write the changed weights into the model's safetensors files, all or nothing."""
     if engine.checkpoints is None:
-        raise HTTPException(409, "checkpointing is not available for this model")
-    return CheckpointResult(**engine.checkpoints.sync())
+        raise HTTPException(409, "checkpointing is disabled for this model directory (the "
+                                 "training server's log says why)")
+    try:
+        return CheckpointResult(**engine.checkpoints.sync())
+    except CheckpointRefused as exc:
+        raise HTTPException(409, f"checkpoint refused, nothing written: {exc}") from None

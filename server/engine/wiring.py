@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from checkpoint import Checkpointer, read_layout
+from checkpoint import Checkpointer, CheckpointRefused, checkpoint_blockers, read_layout
 from optimizer import ApolloMini
 from server.engine.checkpointing import CheckpointService
 from server.engine.coordination import Standalone, VllmCoordinator
@@ -142,17 +142,30 @@ def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
     tokenizer = AutoTokenizer.from_pretrained(export.model_path)
     log.info("rank %d/%d attached to %s: %d parameters mapped onto vLLM's tensors", rank,
              export.world_size, export.model_path, sum(1 for _ in model.parameters()))
-    checkpointer = None
-    if rank == 0:  # the other ranks send their shards to it (engine/distributed.py)
-        params = dict(model.named_parameters(remove_duplicate=False))
-        checkpointer = Checkpointer(
-            export.model_path, params,
-            file_names=checkpoint_file_names(list(params), set(read_layout(export.model_path))),
-            gather=(lambda t: gather_to_leader(t, group)) if group else None)
+    checkpointer = _checkpointer(model, export.model_path, group) if rank == 0 else None
     coordinator = VllmCoordinator(export, settings.consistency, settings.prefix_cache_reset,
                                   group)
     return assemble(settings, model, tokenizer, model_path=export.model_path, export=export,
                     checkpointer=checkpointer, coordinator=coordinator, group=group)
+
+
+def _checkpointer(model: nn.Module, model_path: str, group: Group | None
+                  ) -> Checkpointer | None:
+    """Rank 0's checkpointer (the other ranks send it their shards), or None with the reason
+    logged when the model directory cannot take checkpoints (read-only, symlinked weights as
+    in a Hugging Face cache snapshot, ...): the server then serves and trains without them."""
+    blockers = checkpoint_blockers(model_path)
+    if not blockers:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        try:
+            return Checkpointer(
+                model_path, params,
+                file_names=checkpoint_file_names(list(params), set(read_layout(model_path))),
+                gather=(lambda t: gather_to_leader(t, group)) if group else None)
+        except CheckpointRefused as exc:
+            blockers = [str(exc)]
+    log.warning("checkpointing disabled for %s: %s", model_path, "; ".join(blockers))
+    return None
 
 
 def _exit_with_parent(parent: int) -> None:
