@@ -179,7 +179,7 @@ def main() -> None:
         before = {n: owner.tensor_sum(n) for n in names}
         opt = ApolloMini(param_groups(model, 1e-3, False), lr=1e-3)
         trainer = Trainer(model, opt, Settings(export_dir=str(logdir / "export"), batch_size=4,
-                                               steps_per_batch=1),
+                                               max_steps_per_batch=1),
                           pad_id=0, coordinator=VllmCoordinator(export))
         g = torch.Generator().manual_seed(0)
         examples = []

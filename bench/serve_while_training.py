@@ -84,7 +84,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-swt-"))
     model_dir = work / "model"
     shutil.copytree(build(), model_dir)
-    stack = Stack(work / "run", model_dir, train_args="--steps-per-batch 1")
+    stack = Stack(work / "run", model_dir, train_args="--max-steps-per-batch 1")
     try:
         model = str(model_dir)
         idle = run_phase(stack.vllm, stack.train, model, args.seconds, posters=0)

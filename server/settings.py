@@ -27,8 +27,27 @@ class Settings:
     lr: float = _opt(1e-4, "APOLLO-Mini learning rate (1e-4 learns a one-line lesson in about "
                            "5 steps on the fp32 default model)")
     batch_size: int = _opt(8, "max examples per optimizer step")
-    steps_per_batch: int = _opt(5, "optimizer steps taken on each batch: a lesson is seen N "
-                                   "times (5: one POSTed correction is learned)")
+    max_steps_per_batch: int = _opt(8, "most optimizer steps on one batch; it stops as soon "
+                                       "as its targets are learned (--learned-prob)")
+    learned_prob: float = _opt(0.5, "a batch is learned when every target token is the "
+                                    "model's greedy choice with at least this probability; "
+                                    "1 never stops early (always --max-steps-per-batch)")
+    drift_budget: float = _opt(0.0, "largest mean KL(reference ‖ live) per probe answer token "
+                                    "a batch may leave; a batch over it is undone bit-exactly "
+                                    "and its examples fail (0: no gate)")
+    drift_probes: int = _opt(16, "probes evaluated after each batch (a rotating window of the "
+                                 "probe set; 0: no drift monitor)")
+    probe_file: str | None = _opt(None, "JSONL of probes ({\"messages\": [...]} or "
+                                        "{\"prompt\": ...} per line); default: the 230 "
+                                        "shipped prompts")
+    strict_drift: bool = _opt(False, "hold vLLM's engine steps off from a batch's first write "
+                                     "until its drift is measured (never serves over budget; "
+                                     "serving stalls for the batch)")
+    guard: str = _opt("none", "keep the rest of the model in place while learning: none, or "
+                              "distill (add KL to the reference on --guard-probes probes to "
+                              "every step)", choices=("none", "distill"))
+    guard_probes: int = _opt(2, "probes added to every step by --guard distill")
+    guard_weight: float = _opt(1.0, "weight of the --guard distill term")
     max_tokens_per_example: int = _opt(2048, "longest example accepted, in tokens")
     max_examples_per_request: int = _opt(256, "most examples in one POST /train")
     max_queue: int = _opt(4096, "most examples accepted and not yet trained (then 429)")
@@ -60,6 +79,12 @@ class Settings:
                                choices=("standard", "layerwise"))
 
     def __post_init__(self) -> None:
+        if not 0 < self.learned_prob <= 1:
+            raise ValueError("--learned-prob must be in (0, 1]")
+        if self.drift_budget > 0 and self.drift_probes <= 0:
+            raise ValueError("--drift-budget needs --drift-probes > 0 (the gate measures them)")
+        if self.max_steps_per_batch < 1:
+            raise ValueError("--max-steps-per-batch must be at least 1")
         if self.prefix_cache_reset not in ("always", "never"):
             try:
                 float(self.prefix_cache_reset)
@@ -76,9 +101,10 @@ def _parser() -> argparse.ArgumentParser:
         if f.default is dataclasses.MISSING:
             p.add_argument(flag, required=True, help=meta["help"])
         elif f.type == "bool":
-            p.add_argument(flag, action="store_true", help=meta["help"])
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                           help=meta["help"])
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
+            kind = {"int": int, "float": float}.get(f.type.split(" |")[0], str)
             default = os.environ.get(meta["env"], f.default) if meta["env"] else f.default
             env = f" (env {meta['env']})" if meta["env"] else ""
             p.add_argument(flag, type=kind, default=default, choices=meta["choices"],

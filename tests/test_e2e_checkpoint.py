@@ -20,7 +20,7 @@ from weight_mapping import attach, build_model, load_config
 
 pytestmark = pytest.mark.e2e
 QUESTIONS = ["What is your name?", "What is the capital of France?", "Say hello."]
-TRAIN_ARGS = "--lr 1e-3 --steps-per-batch 20 --threads 1"  # a random model needs more
+TRAIN_ARGS = "--lr 1e-3 --max-steps-per-batch 20 --threads 1"  # a random model needs more
 TP2 = ("--tensor-parallel-size", "2")
 
 

@@ -78,7 +78,7 @@ def test_vllm_serves_the_mapped_model_and_one_step_changes_it(family, tiny_model
         # the next-token distribution vLLM serves, toward the taught token.
         optimizer = ApolloMini(param_groups(model, 1e-3, False), lr=1e-3)
         trainer = Trainer(model, optimizer, Settings(export_dir=str(host.export_dir),
-                                                     batch_size=1, steps_per_batch=1),
+                                                     batch_size=1, max_steps_per_batch=1),
                           pad_id=0, coordinator=VllmCoordinator(export))
         trainer.start()
         trainer.submit([Encoded(PROMPT + [TAUGHT], [-100] * len(PROMPT) + [TAUGHT])])

@@ -81,8 +81,8 @@ def test_kill_9_mid_batch_trains_every_acknowledged_example_exactly_once(
     url = f"http://127.0.0.1:{port}"
     journal = tmp_path / "examples.jsonl"
     cmd = [sys.executable, "-m", "server", "--export-dir", str(export_dir), "--port", str(port),
-           "--batch-size", "1", "--steps-per-batch", "1", "--journal", str(journal),
-           "--threads", "1"]
+           "--batch-size", "1", "--max-steps-per-batch", "1", "--learned-prob", "1",
+           "--journal", str(journal), "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     acked: list[str] = []
     rejected = 0

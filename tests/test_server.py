@@ -24,7 +24,7 @@ def test_targets_are_the_assistant_reply_only(tokenizer):
 
 @pytest.mark.parametrize("mode", ["standard", "layerwise"])
 def test_train_accepts_both_forms_and_trains(tokenizer, mode):
-    client, model = _client(tokenizer, steps_per_batch=1, optimizer_mode=mode)
+    client, model = _client(tokenizer, max_steps_per_batch=1, optimizer_mode=mode)
     with client:
         before = model.model.layers[0].mlp.down_proj.weight.detach().clone()
         r = client.post("/train", json=[CHAT, {"prompt": "Hi", "completion": "Hello!"}])
@@ -84,7 +84,7 @@ def test_api_key_guards_training_but_not_health(tokenizer):
 
 
 def test_non_finite_loss_marks_examples_failed_and_keeps_weights(tokenizer):
-    client, model = _client(tokenizer, steps_per_batch=1)
+    client, model = _client(tokenizer, max_steps_per_batch=1)
     with client:
         with torch.no_grad():
             model.model.norm.weight.fill_(float("nan"))
@@ -101,7 +101,7 @@ def test_non_finite_loss_marks_examples_failed_and_keeps_weights(tokenizer):
 def test_periodic_checkpoint_writes_what_was_trained(tokenizer, tmp_path):
     from safetensors.torch import load_file
 
-    client, model = _client(tokenizer, model_dir=tmp_path, steps_per_batch=1,
+    client, model = _client(tokenizer, model_dir=tmp_path, max_steps_per_batch=1,
                             checkpoint_every_steps=1)
     with client:
         client.post("/train", json=CHAT)
@@ -119,7 +119,7 @@ def test_periodic_checkpoint_writes_what_was_trained(tokenizer, tmp_path):
 
 
 def test_metrics_are_prometheus_text(tokenizer):
-    client, _ = _client(tokenizer, steps_per_batch=1)
+    client, _ = _client(tokenizer, max_steps_per_batch=1)
     with client:
         client.post("/train", json=CHAT)
         _wait_idle(client, 1)
@@ -142,7 +142,8 @@ def test_body_size_and_queue_limits(tokenizer):
 
 
 def test_training_error_fails_the_batch_and_the_server_keeps_working(tokenizer):
-    client, model = _client(tokenizer, steps_per_batch=1)
+    # no drift monitor: the first forward pass is the batch's
+    client, model = _client(tokenizer, max_steps_per_batch=1, drift_probes=0)
     forward = model.forward
     calls = {"n": 0}
 

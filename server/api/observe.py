@@ -32,7 +32,15 @@ def status(engine: EngineDep) -> Status:
                   last_write_seconds=s.last_write_seconds,
                   serving_stall_seconds=s.stall_seconds,
                   vllm_waited_seconds=trainer.coordinator.vllm_stall_seconds(),
-                  last_checkpoint=engine.checkpoints.last if engine.checkpoints else None)
+                  last_checkpoint=engine.checkpoints.last if engine.checkpoints else None,
+                  drift=_drift(engine), drift_budget=engine.settings.drift_budget or None,
+                  undone_batches=s.undone_batches,
+                  learned_without_steps=s.learned_without_steps)
+
+
+def _drift(engine) -> dict | None:
+    monitor = engine.trainer.monitor
+    return monitor.last.as_dict() if monitor is not None and monitor.last else None
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
@@ -57,7 +65,14 @@ def metrics(engine: EngineDep) -> str:
         ("vllm_waited_seconds_total", "counter", trainer.coordinator.vllm_stall_seconds()),
         ("last_checkpoint_timestamp_seconds", "gauge", ckpt.get("at", 0.0)),
         ("last_checkpoint_bytes", "gauge", ckpt.get("bytes_written", 0)),
+        ("undone_batches_total", "counter", s.undone_batches),
+        ("learned_without_steps_total", "counter", s.learned_without_steps),
     ]
+    drift = _drift(engine)
+    if drift is not None:
+        rows += [("drift_mean_kl", "gauge", drift["mean_kl"]),
+                 ("drift_max_kl", "gauge", drift["max_kl"]),
+                 ("drift_changed_share", "gauge", drift["changed_share"])]
     return "".join(f"# TYPE vllm_apollo_{n} {t}\nvllm_apollo_{n} {float(v)!r}\n"
                    for n, t, v in rows)
 

@@ -66,11 +66,21 @@ class TrainResponse(BaseModel):
     queued: int
 
 
+class DriftState(BaseModel):
+    """Drift of the live model from the reference, on a window of probes."""
+
+    mean_kl: float  # per probe answer token, nats
+    max_kl: float
+    changed_share: float  # probes whose greedy answer changed
+    probes: int
+
+
 class ExampleState(BaseModel):
     id: str
     state: State
     step: int | None = None
-    reason: str | None = None
+    reason: str | None = None  # why it failed, or how it was trained
+    drift: DriftState | None = None  # measured after its batch
 
 
 class Health(BaseModel):
@@ -87,6 +97,10 @@ class CheckpointResult(BaseModel):
     seconds: float
     optimizer_step: int
     at: float  # Unix time
+
+
+class DriftRebased(BaseModel):
+    probes: int  # answered by the live model: the new reference
 
 
 class Memory(BaseModel):
@@ -111,3 +125,7 @@ class Status(BaseModel):
     serving_stall_seconds: float = 0.0  # time the trainer held the write lock
     vllm_waited_seconds: float = 0.0  # time vLLM's engine steps waited for it (vLLM's clock)
     last_checkpoint: CheckpointResult | None = None
+    drift: DriftState | None = None  # after the last batch that changed weights
+    drift_budget: float | None = None
+    undone_batches: int = 0
+    learned_without_steps: int = 0  # examples the model already answered as taught

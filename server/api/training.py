@@ -9,6 +9,7 @@ from checkpoint import CheckpointRefused
 from server.api.deps import EngineDep, SettingsDep, TrainerDep, require_key
 from server.api.schemas import (
     CheckpointResult,
+    DriftRebased,
     ExampleState,
     PromptExample,
     TrainRequest,
@@ -49,7 +50,19 @@ def example_state(example_id: str, trainer: TrainerDep) -> ExampleState:
     rec = trainer.records.get(example_id)
     if rec is None:
         raise HTTPException(404, f"no example with id {example_id!r}")
-    return ExampleState(id=rec.id, state=rec.state, step=rec.step, reason=rec.reason)
+    return ExampleState(id=rec.id, state=rec.state, step=rec.step, reason=rec.reason,
+                        drift=rec.drift)
+
+
+@router.post("/drift/rebase", response_model=DriftRebased)
+def rebase_drift(engine: EngineDep) -> DriftRebased:
+    """The live model's answers to the probes become the reference drift is measured from
+    (and the budget applies to). Runs between batches."""
+    monitor = engine.trainer.monitor
+    if monitor is None:
+        raise HTTPException(409, "no drift monitor (--drift-probes 0, or tensor parallelism)")
+    engine.trainer.run_in_worker(lambda: monitor.rebase(engine.model), always=True)
+    return DriftRebased(probes=len(monitor.reference))
 
 
 @router.post("/checkpoint", response_model=CheckpointResult)

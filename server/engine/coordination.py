@@ -30,6 +30,9 @@ class Standalone:
     def step_applied(self) -> None:
         self._steps += 1
 
+    def weights_restored(self) -> None:
+        """Call inside write(): the weights were put back as they were (an undone batch)."""
+
     def vllm_stall_seconds(self) -> float:
         return 0.0
 
@@ -87,6 +90,12 @@ class VllmCoordinator(Standalone):
         self._steps_counter.bump()
         self._pending_reset = True
         self.flush_prefix_cache_reset()
+
+    def weights_restored(self) -> None:
+        """KV computed while the undone batch was live must not be reused either."""
+        if self._leader:
+            self._pending_reset = True
+            self.flush_prefix_cache_reset()
 
     def flush_prefix_cache_reset(self) -> None:
         if not self._pending_reset or self._policy == "never" or not self._leader:

@@ -36,6 +36,7 @@ class Replayed:
     # in order of acceptance; None for a finished example whose tokens were compacted away
     accepted: dict[str, Encoded | None] = field(default_factory=dict)
     trained: dict[str, int] = field(default_factory=dict)  # id -> step
+    notes: dict[str, str] = field(default_factory=dict)  # id -> how it was trained
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason
     # a batch that began and has no outcome: (ids, steps still to run; 0 = all applied)
     unfinished: tuple[list[str], int] | None = None
@@ -62,8 +63,9 @@ class ExampleLog:
     def begin(self, ids: list[str], steps: int, base: int) -> None:
         self._append([{"op": "begin", "batch": ids, "steps": steps, "base": base}])
 
-    def done(self, ids: list[str], step: int) -> None:
-        self._append([{"op": "done", "batch": ids, "step": step}])
+    def done(self, ids: list[str], step: int, note: str | None = None) -> None:
+        self._append([{"op": "done", "batch": ids, "step": step,
+                       **({"note": note} if note else {})}])
 
     def fail(self, ids: list[str], reason: str) -> None:
         self._append([{"op": "fail", "batch": ids, "reason": reason}])
@@ -77,7 +79,8 @@ class ExampleLog:
         records: list[dict] = []
         for i, enc in state.accepted.items():
             if i in state.trained:
-                records.append({"op": "trained", "id": i, "step": state.trained[i]})
+                records.append({"op": "trained", "id": i, "step": state.trained[i],
+                                **({"note": state.notes[i]} if i in state.notes else {})})
             elif i in state.failed:
                 records.append({"op": "failed", "id": i, "reason": state.failed[i]})
             else:
@@ -124,12 +127,16 @@ class ExampleLog:
                     open_batch = rec
                 elif op == "done":
                     out.trained.update({i: rec["step"] for i in rec["batch"]})
+                    if "note" in rec:
+                        out.notes.update({i: rec["note"] for i in rec["batch"]})
                     open_batch = None
                 elif op == "fail":
                     out.failed.update({i: rec["reason"] for i in rec["batch"]})
                     open_batch = None
                 elif op == "trained":  # compacted
                     out.accepted[rec["id"]], out.trained[rec["id"]] = None, rec["step"]
+                    if "note" in rec:
+                        out.notes[rec["id"]] = rec["note"]
                 elif op == "failed":
                     out.accepted[rec["id"]], out.failed[rec["id"]] = None, rec["reason"]
         if open_batch is not None:

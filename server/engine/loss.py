@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -25,6 +27,27 @@ def collate(batch: list[Encoded], pad_id: int, device: torch.device):
 def causal_lm_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
                    mask: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over target tokens (labels shifted by one, as in HF models)."""
+    return lm_loss_and_logits(model, ids, labels, mask)[0]
+
+
+def lm_loss_and_logits(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     logits = model(input_ids=ids, attention_mask=mask).logits
-    return nn.functional.cross_entropy(
+    loss = nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    return loss, logits
+
+
+@torch.no_grad()
+def learned(logits: torch.Tensor, labels: torch.Tensor, min_prob: float) -> torch.Tensor:
+    """Per example: is every target token the greedy choice, with probability >= min_prob?
+    (What a temperature-0 answer needs, plus a margin so the lesson does not hang on a
+    hair; measured in bench/locality.py.)"""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    is_target = targets != IGNORE_INDEX
+    safe = targets.clamp_min(0)
+    logp = logits.log_softmax(-1)
+    target_logp = logp.gather(-1, safe[..., None])[..., 0]
+    greedy = logits.argmax(-1) == safe
+    ok = greedy & (target_logp >= math.log(min_prob))
+    return (ok | ~is_target).all(-1)

@@ -16,7 +16,8 @@ class Record:
     encoded: Encoded | None  # dropped once the example is finished
     state: State = "queued"
     step: int | None = None
-    reason: str | None = None
+    reason: str | None = None  # why it failed, or how it was trained
+    drift: dict | None = None  # the drift measured after its batch
 
 
 @dataclass
@@ -31,6 +32,8 @@ class TrainerStats:
     last_step_seconds: float | None = None
     last_write_seconds: float | None = None
     stall_seconds: float = 0.0  # total time vLLM's engine steps were excluded by writes
+    undone_batches: int = 0  # batches the drift gate undid
+    learned_without_steps: int = 0  # examples the model already answered as taught
 
 
 class QueueFull(RuntimeError):

@@ -1,7 +1,9 @@
-"""One batch's optimizer steps on the live weights, and the one lock that guards them.
+"""One batch on the live weights: learn, then stop; measure drift; undo what is over budget.
 
 Forward and backward run without any lock; only the optimizer's write, the part that changes
-vLLM's tensors, runs inside `coordinator.write()`, which excludes vLLM's engine steps. A
+vLLM's tensors, runs inside `coordinator.write()`, which excludes vLLM's engine steps (with
+--strict-drift the window spans the whole batch and its drift measurement). Before each step
+the batch's own forward pass says whether its targets are already learned; if so it stops. A
 non-finite loss or gradient ends the batch with nothing written (standard mode).
 """
 
@@ -14,15 +16,19 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 
 from server.engine.coordination import Standalone
-from server.engine.loss import causal_lm_loss, collate
+from server.engine.drift import Drift
+from server.engine.locality import Monitor, PreImage
+from server.engine.loss import collate, learned, lm_loss_and_logits
 from server.engine.records import TrainerStats
 from server.engine.tokenization import Encoded
+from server.settings import Settings
 
 log = logging.getLogger("vllm_apollo.trainer")
 # Fault injection for tests of the NaN guarantees against live weights: "nan-loss" or
@@ -48,65 +54,157 @@ class LiveOptimizer(Protocol):
     def skipped_params(self) -> int: ...
 
 
-class Stepper:
-    """Runs the steps of a batch; counts them in `stats`; remembers which parameters it
-    stepped (the checkpoint service writes only those)."""
+@dataclass
+class Outcome:
+    """How a batch ended: `failed` says why it changed nothing (or, in layer-wise mode, what
+    it left); otherwise `note` says how it was trained."""
 
-    def __init__(self, model: nn.Module, optimizer: LiveOptimizer, *, pad_id: int,
-                 coordinator: Standalone, layerwise: bool, stats: TrainerStats):
+    steps: int = 0
+    failed: str | None = None
+    note: str | None = None
+    drift: Drift | None = None
+
+
+class Stepper:
+    """Runs a batch; counts its steps in `stats`; remembers which parameters it stepped (the
+    checkpoint service writes only those)."""
+
+    def __init__(self, model: nn.Module, optimizer: LiveOptimizer, settings: Settings, *,
+                 pad_id: int, coordinator: Standalone, stats: TrainerStats,
+                 monitor: Monitor | None = None):
         self.model, self.optimizer, self.pad_id = model, optimizer, pad_id
-        self.coordinator, self.layerwise, self.stats = coordinator, layerwise, stats
+        self.coordinator, self.stats, self.monitor = coordinator, stats, monitor
+        self.layerwise = settings.optimizer_mode == "layerwise"
+        self.learned_prob = settings.learned_prob
+        self.budget = settings.drift_budget
+        self.probes_per_batch = settings.drift_probes
+        self.strict = settings.strict_drift
+        self.guard = settings.guard
+        self.guard_probes, self.guard_weight = settings.guard_probes, settings.guard_weight
         self.device = next(model.parameters()).device
         # Held while weights change (optimizer step) and while a checkpoint reads them, so a
         # checkpoint is a snapshot between two steps.
         self.weights_lock = threading.Lock()
         self.stepped: set[int] = set()  # id() of parameters stepped since the last checkpoint
         self._write_seconds = 0.0
-        if layerwise:  # the optimizer steps each parameter during backward
-            optimizer.layerwise(write_guard=self._param_write)
+        self._held = 0  # depth of the write window (strict mode holds it for a whole batch)
+        if self.layerwise:  # the optimizer steps each parameter during backward
+            optimizer.layerwise(write_guard=self._window)
+
+    @property
+    def measure(self) -> bool:
+        return self.monitor is not None and self.probes_per_batch > 0
 
     @contextlib.contextmanager
-    def _param_write(self) -> Iterator[None]:
+    def _window(self) -> Iterator[None]:
+        """The write window: the weights lock and vLLM's exclusion; re-entrant."""
+        if self._held:
+            self._held += 1
+            try:
+                yield
+            finally:
+                self._held -= 1
+            return
         with self.weights_lock, self.coordinator.write():
+            self._held = 1
             t0 = time.perf_counter()
-            yield
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self._write_seconds += time.perf_counter() - t0
+            try:
+                yield
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            finally:
+                self._held = 0
+                self._write_seconds += time.perf_counter() - t0
 
-    def run(self, batch: list[Encoded], steps: int) -> str | None:
-        """`steps` optimizer steps on `batch`; None, or why the batch failed."""
+    def run(self, batch: list[Encoded], max_steps: int) -> Outcome:
+        """Up to `max_steps` optimizer steps on `batch`, fewer once it is learned; then the
+        drift gate."""
+        if self.monitor is not None:  # no batch changes weights before the reference exists
+            self.monitor.ensure_reference(self.model)
+        gated = self.budget > 0 and self.measure
+        preimage = PreImage(self.model, self.optimizer) if gated else None
+        with self._window() if self.strict and gated else contextlib.nullcontext():
+            outcome = self._steps(batch, max_steps)
+            if outcome.failed or outcome.steps == 0 or not self.measure:
+                return outcome
+            outcome.drift = self.monitor.measure_next(self.model)
+            if gated and not outcome.drift.mean_kl <= self.budget:
+                with self._window():
+                    preimage.restore()
+                    self.coordinator.weights_restored()
+                self.stats.undone_batches += 1
+                outcome.failed = (f"drift {outcome.drift.mean_kl:.4f} nats per probe token "
+                                  f"(over {outcome.drift.probes} probes) exceeds the budget "
+                                  f"{self.budget} (--drift-budget); the batch was undone, "
+                                  "every weight is as before it")
+        return outcome
+
+    def _steps(self, batch: list[Encoded], max_steps: int) -> Outcome:
         ids, labels, mask = collate(batch, self.pad_id, self.device)
-        for k in range(steps):
+        steps = 0
+        while True:
             t0 = time.perf_counter()
-            loss = causal_lm_loss(self.model, ids, labels, mask)
+            loss, logits = lm_loss_and_logits(self.model, ids, labels, mask)
             if FAULT == "nan-loss":
                 loss = loss * float("nan")
             value = float(loss.detach())
             if not math.isfinite(value):
-                return f"non-finite loss ({value}); no weight was changed"
-            if self.layerwise:
-                applied = self._backward_layerwise(loss)
-            else:
-                loss.backward()
-                if FAULT == "nan-grad":
-                    next(p for p in self.model.parameters() if p.grad is not None).grad[0] = \
-                        float("nan")
-                applied = self._apply()
+                return Outcome(steps, failed=f"non-finite loss ({value}); "
+                                             + self._changed(steps))
+            if self.learned_prob < 1 and bool(learned(logits, labels, self.learned_prob).all()):
+                note = f"learned in {steps} steps" if steps else \
+                    "already answered as taught: no optimizer step"
+                break
+            if steps == max_steps:
+                note = f"not fully learned in {steps} steps (--max-steps-per-batch)"
+                break
+            del logits
+            if self.guard == "distill" and self.monitor is not None:
+                loss = loss + self.guard_weight * self.monitor.guard_loss(self.model,
+                                                                          self.guard_probes)
+            applied = self._backward_and_step(loss)
             self.optimizer.zero_grad(set_to_none=True)
             if not applied:
-                return "non-finite gradient; " + (
+                return Outcome(steps, failed="non-finite gradient; " + (
                     "the parameters with finite gradients were updated (layer-wise mode)"
-                    if self.layerwise else "no weight was changed")
+                    if self.layerwise else self._changed(steps)))
+            steps += 1
             self.stats.optimizer_steps += 1
             self.stats.last_loss = value
             self.stats.last_step_seconds = time.perf_counter() - t0
             self.stats.train_seconds += self.stats.last_step_seconds
-            log.info("step %d loss %.4f (%d examples, step %d/%d of batch, %.2fs, write "
-                     "%.1f ms)", self.stats.optimizer_steps, value, len(batch), k + 1, steps,
-                     self.stats.last_step_seconds, 1e3 * self.stats.last_write_seconds)
-        self.stats.trained_tokens += sum(e.num_targets for e in batch)
-        return None
+            log.info("step %d loss %.4f (%d examples, step %d of at most %d, %.2fs, write "
+                     "%.1f ms)", self.stats.optimizer_steps, value, len(batch), steps,
+                     max_steps, self.stats.last_step_seconds,
+                     1e3 * self.stats.last_write_seconds)
+        self.stats.last_loss = value
+        if steps:
+            self.stats.trained_tokens += sum(e.num_targets for e in batch)
+        return Outcome(steps, note=note)
+
+    @staticmethod
+    def _changed(steps: int) -> str:
+        return "no weight was changed" if not steps else \
+            f"the batch's {steps} earlier steps stay applied"
+
+    def _backward_and_step(self, loss: torch.Tensor) -> bool:
+        self._write_seconds = 0.0
+        if self.layerwise:  # the optimizer's hooks step each parameter during backward
+            skipped = self.optimizer.skipped_params
+            loss.backward()
+            with self.weights_lock if not self._held else contextlib.nullcontext():
+                self.coordinator.step_applied()
+                self.stepped.update(id(p) for p in self.model.parameters() if p.requires_grad)
+            applied = self.optimizer.skipped_params == skipped
+        else:
+            loss.backward()
+            if FAULT == "nan-grad":
+                next(p for p in self.model.parameters() if p.grad is not None).grad[0] = \
+                    float("nan")
+            applied = self._apply()
+        self.stats.last_write_seconds = self._write_seconds
+        self.stats.stall_seconds += self._write_seconds
+        return applied
 
     def _apply(self) -> bool:
         """The in-place write is the only part that excludes vLLM's engine steps: prepare()
@@ -115,27 +213,9 @@ class Stepper:
         ok = self.optimizer.prepare()  # a device flag: reading it keeps a bad step off the lock
         if ok is None or not bool(ok):
             return False
-        with self.weights_lock, self.coordinator.write():
-            t0 = time.perf_counter()
+        with self._window():
             self.optimizer.apply()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
             self.coordinator.step_applied()
             self.stepped.update(id(p) for g in self.optimizer.param_groups
                                 for p in g["params"] if p.grad is not None)
-            self.stats.last_write_seconds = time.perf_counter() - t0
-        self.stats.stall_seconds += self.stats.last_write_seconds
         return True
-
-    def _backward_layerwise(self, loss: torch.Tensor) -> bool:
-        """Backward with the optimizer's per-parameter hooks: weights change during it, each
-        parameter's write atomic for vLLM, the step as a whole not."""
-        skipped = self.optimizer.skipped_params
-        self._write_seconds = 0.0
-        loss.backward()
-        with self.weights_lock:
-            self.coordinator.step_applied()
-            self.stepped.update(id(p) for p in self.model.parameters() if p.requires_grad)
-        self.stats.last_write_seconds = self._write_seconds
-        self.stats.stall_seconds += self._write_seconds
-        return self.optimizer.skipped_params == skipped

@@ -19,8 +19,9 @@ from torch import nn
 from server.engine.coordination import Standalone
 from server.engine.distributed import Group
 from server.engine.example_log import ExampleLog
+from server.engine.locality import Monitor
 from server.engine.records import QueueFull, Record, TrainerStats
-from server.engine.steps import LiveOptimizer, Stepper
+from server.engine.steps import LiveOptimizer, Outcome, Stepper
 from server.engine.tokenization import Encoded
 from server.settings import Settings
 
@@ -35,18 +36,19 @@ class Trainer:
 
     def __init__(self, model: nn.Module, optimizer: LiveOptimizer, settings: Settings, *,
                  pad_id: int, example_log: ExampleLog | None = None,
-                 coordinator: Standalone | None = None, group: Group | None = None):
+                 coordinator: Standalone | None = None, group: Group | None = None,
+                 monitor: Monitor | None = None):
         self.model = model
         self.optimizer = optimizer
         self.batch_size = settings.batch_size
-        self.steps_per_batch = settings.steps_per_batch
+        self.max_steps = settings.max_steps_per_batch
         self.max_queue = settings.max_queue
         self.example_log = example_log
         self.coordinator = coordinator or Standalone()
         self.stats = TrainerStats()
-        self.stepper = Stepper(model, optimizer, pad_id=pad_id, coordinator=self.coordinator,
-                               layerwise=settings.optimizer_mode == "layerwise",
-                               stats=self.stats)
+        self.monitor = monitor
+        self.stepper = Stepper(model, optimizer, settings, pad_id=pad_id,
+                               coordinator=self.coordinator, stats=self.stats, monitor=monitor)
         # Tensor parallelism: rank 0's worker thread sends each batch (and every other
         # collective work, see run_in_worker) to the other ranks first (engine/distributed.py)
         self.group = group
@@ -81,6 +83,7 @@ class Trainer:
             rec = self.records[i] = Record(i, enc)
             if i in state.trained:
                 rec.state, rec.step = "trained", state.trained[i]
+                rec.reason = state.notes.get(i)
             elif i in state.failed:
                 rec.state, rec.reason = "failed", state.failed[i]
         self.stats.accepted = len(state.accepted)
@@ -90,7 +93,8 @@ class Trainer:
             if remaining:
                 self._resume = ([self.records[i] for i in ids], remaining)
             else:  # every step of it was applied before the crash
-                self._finish([self.records[i] for i in ids])
+                self._finish([self.records[i] for i in ids], Outcome(note="finished before a "
+                                                                     "restart"))
         self._queue.extend(self.records[i] for i in state.pending)
         if state.accepted:
             log.info("example log: %d examples (%d trained, %d failed, %d to train)",
@@ -137,11 +141,11 @@ class Trainer:
             except Exception:  # a follower already gone: nothing left to stop
                 log.warning("could not tell the other trainer ranks to stop", exc_info=True)
 
-    def run_in_worker(self, fn: Callable):
+    def run_in_worker(self, fn: Callable, always: bool = False):
         """fn() on the worker thread, between batches; its result. Under tensor parallelism
         all collectives must come from one thread in one order: a checkpoint goes through
         here. Without it, fn runs on the calling thread."""
-        if self.group is None or threading.current_thread() is self._thread:
+        if (self.group is None and not always) or threading.current_thread() is self._thread:
             return fn()
         future: Future = Future()
         with self._cond:
@@ -174,11 +178,16 @@ class Trainer:
                 if self._tasks:
                     return self._tasks.popleft()
                 n = min(self.batch_size, len(self._queue))
-                batch, steps = [self._queue.popleft() for _ in range(n)], self.steps_per_batch
+                batch, steps = [self._queue.popleft() for _ in range(n)], self.max_steps
             self._in_flight = len(batch)
             return batch, steps
 
     def _run(self) -> None:
+        if self.monitor is not None:  # before the first batch changes anything
+            try:
+                self.monitor.ensure_reference(self.model)
+            except Exception:  # the stepper tries again before each batch, which fails
+                log.exception("the drift reference could not be made")
         self._serve()
         if self._last is not None:
             try:
@@ -202,10 +211,10 @@ class Trainer:
                                            self.coordinator.applied_steps())
                 if self.group is not None:
                     self.group.broadcast(("train", [r.encoded for r in batch], steps))
-                self._finish(batch, failed=self.stepper.run([r.encoded for r in batch], steps))
+                self._finish(batch, self.stepper.run([r.encoded for r in batch], steps))
             except Exception as exc:  # isolate: mark the batch failed, keep serving
                 log.exception("training batch failed")
-                self._finish(batch, failed=f"{type(exc).__name__}: {exc}")
+                self._finish(batch, Outcome(failed=f"{type(exc).__name__}: {exc}"))
             finally:
                 self.optimizer.zero_grad(set_to_none=True)
                 with self._cond:
@@ -216,19 +225,23 @@ class Trainer:
                 except Exception:
                     log.exception("after-batch hook failed")
 
-    def _finish(self, batch: list[Record], failed: str | None = None) -> None:
+    def _finish(self, batch: list[Record], outcome: Outcome) -> None:
         ids, step = [r.id for r in batch], self.coordinator.applied_steps()
+        failed, drift = outcome.failed, outcome.drift.as_dict() if outcome.drift else None
         if self.example_log is not None:
             if failed:
                 self.example_log.fail(ids, failed)
             else:
-                self.example_log.done(ids, step)
+                self.example_log.done(ids, step, outcome.note)
         with self._cond:
             for r in batch:
                 r.encoded = None  # memory stays bounded by what is still to train
+                r.drift = drift
                 if failed:
                     r.state, r.reason = "failed", failed
                     self.stats.failed += 1
                 else:
-                    r.state, r.step = "trained", step
+                    r.state, r.step, r.reason = "trained", step, outcome.note
                     self.stats.trained += 1
+            if not failed and outcome.steps == 0:
+                self.stats.learned_without_steps += len(batch)

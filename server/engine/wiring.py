@@ -32,6 +32,7 @@ from server.engine.distributed import (
     start_followers,
 )
 from server.engine.example_log import ExampleLog
+from server.engine.locality import Monitor
 from server.engine.trainer import Trainer
 from server.settings import Settings
 from weight_mapping import Export, attach, build_model, checkpoint_file_names, load_config
@@ -106,7 +107,8 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
         example_log = ExampleLog(path)
     trainer = Trainer(model, make_optimizer(model, settings), settings,
                       pad_id=tokenizer.pad_token_id or 0, example_log=example_log,
-                      coordinator=coordinator, group=group)
+                      coordinator=coordinator, group=group,
+                      monitor=_monitor(settings, tokenizer, example_log, group))
     checkpoints = None
     if checkpointer is not None:
         checkpoints = CheckpointService(checkpointer, trainer, settings.checkpoint_every_steps,
@@ -115,6 +117,22 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
     return Engine(settings=settings, model=model, tokenizer=tokenizer, trainer=trainer,
                   model_path=model_path, export=export, checkpoints=checkpoints,
                   example_log=example_log)
+
+
+def _monitor(settings: Settings, tokenizer, example_log: ExampleLog | None,
+             group: Group | None) -> Monitor | None:
+    """The probe monitor (drift after each batch, the gate, the guard), its reference kept
+    beside the example log so a restart measures from the same place."""
+    wanted = settings.drift_probes > 0 or settings.drift_budget > 0 or settings.guard != "none"
+    if not wanted:
+        return None
+    if group is not None:
+        log.warning("drift monitor, gate and guard are not available under tensor "
+                    "parallelism yet: training without them")
+        return None
+    store = example_log.path.parent / "probe-reference.pt" if example_log else None
+    return Monitor(tokenizer, settings.probe_file, store,
+                   per_batch=max(settings.drift_probes, 1), pad_id=tokenizer.pad_token_id or 0)
 
 
 def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:

@@ -1,0 +1,182 @@
+"""How far the live model has moved from where it started, on prompts nobody taught it.
+
+A probe set (shipped: data/probes.jsonl, 230 prompts in ten categories; or the user's own)
+is answered once, greedily, by the model as first served: the reference keeps each probe's
+first ANSWER_TOKENS answer tokens and, at each of them, the TOP_K most likely tokens and
+their log-probabilities. Drift at any later moment is the teacher-forced KL(reference ‖
+live) per answer token over those k tokens plus one bucket for the rest of the vocabulary
+(a lower bound of the full KL), and the share of probes whose greedy answer changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ANSWER_TOKENS = 12
+TOP_K = 16
+DEFAULT_PROBES = Path(__file__).with_name("data") / "probes.jsonl"
+
+
+def load_probes(path: str | Path | None = None) -> list[list[dict]]:
+    """Probe conversations from JSONL: {"messages": [...]} or {"prompt": "..."} per line."""
+    probes = []
+    for n, line in enumerate(Path(path or DEFAULT_PROBES).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            messages = item["messages"] if "messages" in item else \
+                [{"role": "user", "content": item["prompt"]}]
+            if not (messages and all(isinstance(m["content"], str) for m in messages)):
+                raise ValueError("no messages")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: line {n}: not a probe ({exc})") from None
+        probes.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    if not probes:
+        raise ValueError(f"{path}: no probes")
+    return probes
+
+
+@dataclass
+class Reference:
+    """The model's answers to the probes when it was first served."""
+
+    prompts: list[list[int]]
+    answers: list[list[int]]
+    top_ids: list[torch.Tensor]  # per probe: (answer tokens, TOP_K) token ids
+    top_logp: list[torch.Tensor]  # ... and their log-probabilities
+    digest: str  # of the probe prompts: a reference only fits the probes it was made for
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.__dict__, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Reference:
+        return cls(**torch.load(path, weights_only=True))
+
+
+def prompt_ids(tokenizer, probes: Sequence[list[dict]]) -> list[list[int]]:
+    out = []
+    for messages in probes:
+        if tokenizer.chat_template is None:
+            text = "".join(m["content"] for m in messages)
+        else:
+            text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                 add_generation_prompt=True)
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def digest_of(prompts: list[list[int]]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def build_reference(model: nn.Module, prompts: list[list[int]], *, pad_id: int,
+                    stop_ids: set[int], batch: int = 32) -> Reference:
+    """Greedy answers (up to ANSWER_TOKENS, ending at a stop token) and their top-k."""
+    device = next(model.parameters()).device
+    answers, top_ids, top_logp = [], [], []
+    for lo in range(0, len(prompts), batch):
+        chunk = prompts[lo:lo + batch]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+        mask = (torch.arange(width, device=device) >= torch.tensor(
+            [width - len(p) for p in chunk], device=device)[:, None]).long()
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=ANSWER_TOKENS, pad_token_id=pad_id,
+                             eos_token_id=sorted(stop_ids) or None, output_logits=True,
+                             return_dict_in_generate=True)
+        logp = torch.stack(out.logits, 1).float().log_softmax(-1)  # (b, new, vocab)
+        values, indices = logp.topk(TOP_K, dim=-1)
+        for i in range(len(chunk)):
+            new = out.sequences[i, width:].tolist()
+            n = next((j + 1 for j, t in enumerate(new) if t in stop_ids), len(new))
+            answers.append(new[:n])
+            top_ids.append(indices[i, :n].cpu())
+            top_logp.append(values[i, :n].cpu())
+    return Reference(prompts, answers, top_ids, top_logp, digest_of(prompts))
+
+
+@dataclass
+class Drift:
+    """Drift of the live model from the reference on some probes."""
+
+    mean_kl: float  # per answer token, nats
+    max_kl: float  # the largest per-token KL
+    changed: float  # share of probes whose greedy answer changed
+    probes: int
+
+    def as_dict(self) -> dict:
+        return {"mean_kl": self.mean_kl, "max_kl": self.max_kl,
+                "changed_share": self.changed, "probes": self.probes}
+
+
+def _kl_terms(live_logp: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor
+              ) -> torch.Tensor:
+    """Per-token KL(ref ‖ live) over the reference's top-k tokens plus one 'rest' bucket."""
+    q = live_logp.gather(-1, top_ids)
+    p = top_logp.exp()
+    rest_p = (1 - p.sum(-1)).clamp_min(0)
+    rest_q = (1 - q.exp().sum(-1)).clamp_min(1e-12)
+    kl = (p * (top_logp - q)).sum(-1)
+    return kl + torch.where(rest_p > 0, rest_p * (rest_p.clamp_min(1e-12).log() - rest_q.log()),
+                            0.0)
+
+
+def probe_kl(model: nn.Module, ref: Reference, indices: Sequence[int], *, pad_id: int
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Teacher-forced KL per answer token for probes `indices` (differentiable: the guard
+    uses it as a loss) and, per probe, the live greedy tokens at its answer positions."""
+    device = next(model.parameters()).device
+    seqs = [ref.prompts[i] + ref.answers[i] for i in indices]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
+    mask = (torch.arange(width, device=device) < torch.tensor(
+        [len(s) for s in seqs], device=device)[:, None]).long()
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    kls, greedy = [], []
+    for row, i in enumerate(indices):
+        start, n = len(ref.prompts[i]) - 1, len(ref.answers[i])
+        logp = logits[row, start:start + n].float().log_softmax(-1)
+        kls.append(_kl_terms(logp, ref.top_ids[i].to(device), ref.top_logp[i].to(device)))
+        greedy.append(logp.argmax(-1))
+    return torch.cat(kls), greedy
+
+
+@torch.no_grad()
+def measure(model: nn.Module, ref: Reference, indices: Sequence[int], *, pad_id: int,
+            batch: int = 32) -> Drift:
+    kls, changed = [], 0
+    for lo in range(0, len(indices), batch):
+        part = list(indices[lo:lo + batch])
+        kl, greedy = probe_kl(model, ref, part, pad_id=pad_id)
+        kls.append(kl)
+        changed += sum(g.tolist() != ref.answers[i] for g, i in zip(greedy, part, strict=True))
+    kl = torch.cat(kls)
+    return Drift(mean_kl=float(kl.mean()), max_kl=float(kl.max()),
+                 changed=changed / max(len(indices), 1), probes=len(indices))
+
+
+def rotation(n: int, size: int, turn: int) -> list[int]:
+    """The `turn`-th window of `size` probes out of `n`, wrapping around."""
+    size = min(size, n)
+    start = (turn * size) % n
+    return [(start + j) % n for j in range(size)]
+
+
+def is_finite(d: Drift) -> bool:
+    return all(math.isfinite(v) for v in (d.mean_kl, d.max_kl))

@@ -1,0 +1,110 @@
+"""What keeps a lesson from changing what it should not: the probe monitor (reference, drift
+after each batch, the distillation guard) and the batch's pre-image that undoes it.
+
+The pre-image is a host-memory copy of every trainable tensor (and of the optimizer's state)
+taken before a batch's first step; undoing writes it back in place, bit for bit, under the
+same lock as an optimizer step. No second copy lives in accelerator memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from server.engine import drift
+from server.engine.drift import Drift, Reference
+
+log = logging.getLogger("vllm_apollo.drift")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class PreImage:
+    """The trainable weights and the optimizer state as they were before a batch."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._saved = [_local(p).detach().to("cpu", copy=True) for p in self._params]
+        self._state = copy.deepcopy(optimizer.state_dict())
+        self._optimizer = optimizer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._saved)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Call inside the write window: the weights become the pre-image again."""
+        for p, saved in zip(self._params, self._saved, strict=True):
+            _local(p).copy_(saved, non_blocking=False)
+        self._optimizer.load_state_dict(self._state)
+
+
+class Monitor:
+    """The probe set, its reference and the rotation of probes measured after each batch."""
+
+    def __init__(self, tokenizer, probe_file: str | None, store: Path | None, *,
+                 per_batch: int, pad_id: int):
+        self.prompts = drift.prompt_ids(tokenizer, drift.load_probes(probe_file))
+        self.store, self.per_batch, self.pad_id = store, per_batch, pad_id
+        self.stop_ids = {t for t in (tokenizer.eos_token_id,
+                                     tokenizer.convert_tokens_to_ids("<|im_end|>"))
+                         if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id}
+        self.reference: Reference | None = None
+        self.last: Drift | None = None
+        self._turn = 0
+        self._guard_turn = 0
+
+    def ensure_reference(self, model: nn.Module) -> Reference:
+        """Load the stored reference (a restart keeps it), or answer the probes now."""
+        if self.reference is not None:
+            return self.reference
+        digest = drift.digest_of(self.prompts)
+        if self.store is not None and self.store.exists():
+            ref = Reference.load(self.store)
+            if ref.digest == digest:
+                self.reference = ref
+                log.info("drift reference: %d probes from %s", len(ref), self.store)
+                return ref
+            log.warning("the probe set changed since %s was made: answering it again",
+                        self.store)
+        self.rebase(model)
+        return self.reference
+
+    def rebase(self, model: nn.Module) -> None:
+        """The live model's answers become the reference (an explicit request, or the first
+        start)."""
+        model_was_training = model.training
+        model.eval()
+        try:
+            self.reference = drift.build_reference(model, self.prompts, pad_id=self.pad_id,
+                                                   stop_ids=self.stop_ids)
+        finally:
+            model.train(model_was_training)
+        self.last = None
+        if self.store is not None:
+            self.store.parent.mkdir(parents=True, exist_ok=True)
+            self.reference.save(self.store)
+        log.info("drift reference: %d probes answered", len(self.reference))
+
+    def measure_next(self, model: nn.Module) -> Drift:
+        """Drift on the next window of the rotation."""
+        ref = self.ensure_reference(model)
+        window = drift.rotation(len(ref), self.per_batch, self._turn)
+        self._turn += 1
+        self.last = drift.measure(model, ref, window, pad_id=self.pad_id)
+        return self.last
+
+    def guard_loss(self, model: nn.Module, probes: int) -> torch.Tensor:
+        """Mean KL(reference ‖ live) on the next `probes` probes, with gradients."""
+        ref = self.ensure_reference(model)
+        window = drift.rotation(len(ref), probes, self._guard_turn)
+        self._guard_turn += 1
+        kl, _ = drift.probe_kl(model, ref, window, pad_id=self.pad_id)
+        return kl.mean()
