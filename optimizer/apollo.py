@@ -180,12 +180,13 @@ class Apollo(Optimizer):
         lists = [self._init_group(group, ps) for group, ps in work]
         projected, params, norms = [], [], []
         for (group, _), (mats, others) in zip(work, lists, strict=True):
-            low = self._project(group, mats) if mats["params"] else None
+            low = F.project(mats["params"], mats["grads"], mats["projs"], rank=group["rank"],
+                            scale_type=group["scale_type"], fused=group["fused"],
+                            tiles=group["tiles"], **self._flags(group)) if mats["params"] else None
             projected.append(low)
             params += mats["params"] + others["params"]
             norms += (low[2] if low else []) + F.grad_norms(
-                others["params"], others["grads"], per_channel=False,
-                foreach=group["foreach"], reductions=self._reductions)
+                others["params"], others["grads"], per_channel=False, **self._flags(group))
         ok, norms = F.all_finite(params, norms, self._reductions)
         norm_of = dict(zip(params, norms, strict=True))
         if self._rounding_seed is None:
@@ -193,41 +194,34 @@ class Apollo(Optimizer):
         self._rounding_seed.add_(1)  # fresh rounding bits every step, also in graph replays
         updates: list[F.Update] = []
         for (group, _), (mats, others), low in zip(work, lists, projected, strict=True):
-            hyper = self._hyper(group)
             if low is not None:
                 updates += F.apollo(
                     **mats, projected=low[0], lows=low[1],
                     norms=[norm_of[p] for p in mats["params"]], ok=ok, rank=group["rank"],
                     scale=group["scale"], scale_type=group["scale_type"],
                     update_proj_gap=group["update_proj_gap"], capturable=group["capturable"],
-                    **hyper)
+                    **self._hyper(group))
             if others["params"]:
-                updates += F.adamw(**others, ok=ok, **hyper)
+                updates += F.adamw(**others, ok=ok, **self._hyper(group))
         return ok, updates
 
-    def _project(self, group: dict, mats: dict[str, list]
-                 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        return F.project(mats["params"], mats["grads"], mats["projs"], rank=group["rank"],
-                         scale_type=group["scale_type"], foreach=group["foreach"],
-                         fused=group["fused"], tiles=group["tiles"],
-                         reductions=self._reductions)
+    def _flags(self, group: dict) -> dict[str, Any]:
+        return dict(foreach=group["foreach"], reductions=self._reductions)
 
     def _hyper(self, group: dict) -> dict[str, Any]:
         """The hyper-parameters apollo() and adamw() share."""
         beta1, beta2 = group["betas"]
         return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"],
-                    stochastic_rounding=group["stochastic_rounding"],
-                    foreach=group["foreach"], fused=group["fused"],
-                    reductions=self._reductions)
+                    stochastic_rounding=group["stochastic_rounding"], fused=group["fused"],
+                    **self._flags(group))
 
     def _init_group(self, group: dict, ps: list[Tensor]) -> tuple[dict, dict]:
         """As torch's: lazy state, then the lists the step takes, for APOLLO's matrices and
         for the AdamW parameters. Also advances the host's projection schedule."""
-        mats = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs", "projs",
-                                "update_norms", "state_steps", "streams")}
-        others = {k: [] for k in ("params", "grads", "exp_avgs", "exp_avg_sqs",
-                                  "state_steps", "streams")}
+        common = ("params", "grads", "exp_avgs", "exp_avg_sqs", "state_steps", "streams")
+        mats = {k: [] for k in (*common, "projs", "update_norms")}
+        others: dict[str, list] = {k: [] for k in common}
         for p in ps:
             state, matrix = self.state[p], bool(group["apollo"]) and p.dim() == 2
             if "step" not in state:

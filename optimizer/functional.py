@@ -64,7 +64,8 @@ def project(params: list[Tensor], grads: list[Tensor], projs: list[Tensor], *, r
                                       strict=True)]
     if rank == 1 and scale_type == "tensor" and all(reductions.shard(p) is None
                                                     for p in params):
-        return flat, lows, project_rank1_(grads, projs, flat, fused=fused, tiles=tiles)
+        return flat, lows, project_rank1_(grads, projs, flat, fused=fused, tiles=tiles,
+                                          foreach=_foreach(foreach, grads))
     for p, g, proj, low in zip(params, grads, projs, lows, strict=True):
         # the matrix's orientation: a shard's own shape may be oriented otherwise
         project_into(g, proj, low, along_rows=p.shape[0] >= p.shape[1])

@@ -207,15 +207,17 @@ class ProjectionTiles:
 # optimizer's `tiles=` option, or project_rank1_(tiles=...) (bench/tune_projection.py).
 DEFAULT_TILES = ProjectionTiles(rows=Tiles(bm=4, bn=512, splits=1),
                                 cols=Tiles(bm=32, bn=64, splits=8))
+# The optimizer's param groups hold them: torch.load(weights_only=True) may rebuild them.
+torch.serialization.add_safe_globals([Tiles, ProjectionTiles])
 
 
 def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor, *,
-                   fused: bool | None = None, tiles: ProjectionTiles = DEFAULT_TILES
-                   ) -> list[Tensor]:
+                   fused: bool | None = None, tiles: ProjectionTiles = DEFAULT_TILES,
+                   foreach: bool = True) -> list[Tensor]:
     """For matrices G_i with rank-1 projections P_i: fills `low` (fp32, the R_i concatenated)
     and returns ||G_i|| (0-d fp32 each). On Triton (`fused`, see use_triton), one pass over
     each G gives both: the squared norms per row (m >= n) or column (m < n) come with the dot
-    products. Elsewhere: a matmul and a norm per matrix."""
+    products. Elsewhere: a matmul and a norm per matrix (`foreach`: all norms in one call)."""
     if use_triton(fused, *grads, *projs, low):
         return _project_rank1_triton(grads, projs, low, tiles)
     for g, p, lo in zip(grads, projs, low.split([max(g.shape) for g in grads]), strict=True):
@@ -224,7 +226,9 @@ def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor, *,
             torch.matmul(g32, p.t(), out=lo.view(-1, 1))
         else:
             torch.matmul(p.t(), g32, out=lo.view(1, -1))
-    return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    if foreach:
+        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    return [torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads]
 
 
 def _project_rank1_triton(grads: list[Tensor], projs: list[Tensor], low: Tensor,

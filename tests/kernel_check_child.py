@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from optimizer import ApolloMini, kernels
+from optimizer import Apollo, ApolloMini, kernels
 
 assert kernels.triton is not None and kernels.INTERPRET
 
@@ -95,10 +95,26 @@ print("ok unbiased", mean)
 # The whole optimizer with the kernels (fused=True) against the torch paths (fused=False):
 # APOLLO-Mini and rank-4 channel-wise (per-row and per-column coefficients), fp32, a skipped
 # step in the middle.
-from optimizer import Apollo  # noqa: E402
+launches = {"write": 0, "project": 0}  # the Triton launchers, counted
+tiles_seen = set()
+
+
+def counted(name: str, launcher):
+    def launch(*args, **kwargs):
+        launches[name] += 1
+        if name == "project":
+            tiles_seen.add(args[3])
+        return launcher(*args, **kwargs)
+    return launch
+
+
+kernels.write_triton_ = counted("write", kernels.write_triton_)
+kernels._project_rank1_triton = counted("project", kernels._project_rank1_triton)
 
 
 def train(fused: bool, **hp):
+    before = dict(launches)
+    tiles_seen.clear()
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=g).requires_grad_(True)
               for s in ((48, 16), (12, 40), (40,))]
@@ -109,6 +125,11 @@ def train(fused: bool, **hp):
         if k == 3:
             params[0].grad[0, 0] = float("nan")
         opt.step()
+    mini = hp["rank"] == 1
+    ran = {k: launches[k] - before[k] for k in launches}
+    assert ran == ({"write": 18, "project": 6 if mini else 0} if fused else
+                   {"write": 0, "project": 0}), ran  # the flag reaches every kernel
+    assert tiles_seen == ({hp.get("tiles", kernels.DEFAULT_TILES)} if fused and mini else set())
     return [p.detach() for p in params], opt.skipped_steps
 
 

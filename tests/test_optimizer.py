@@ -194,18 +194,50 @@ def test_state_dict_without_the_flags_loads_with_their_defaults():
     fresh.step()
 
 
-@pytest.mark.parametrize("variant", ["mini", "rank4-channel"])
+def test_state_dict_loads_with_weights_only(tmp_path):
+    """torch.load's safe default rebuilds it: the launch shapes in the groups included."""
+    w = torch.randn(16, 8, requires_grad=True)
+    tiles = kernels.ProjectionTiles(rows=kernels.Tiles(2, 64, 3), cols=kernels.Tiles(16, 32, 5))
+    opt = ApolloMini([w], lr=1e-3, tiles=tiles)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert loaded["param_groups"][0]["tiles"] == tiles
+    assert torch.equal(loaded["device_counters"]["rounding_seed"],
+                       opt.state_dict()["device_counters"]["rounding_seed"])
+
+
+@pytest.mark.parametrize("variant", ["mini", "rank4-channel", "mini-capturable"])
 def test_single_tensor_ops_equal_multi_tensor_ops(variant):
-    """foreach=False (a loop of per-tensor ops) gives the default's weights bit for bit."""
-    hp = (dict(rank=1, scale=128.0, scale_type="tensor") if variant == "mini"
+    """foreach=False (a loop of per-tensor ops, no torch._foreach_* op at all) gives the
+    default's weights bit for bit."""
+    hp = (dict(rank=1, scale=128.0, scale_type="tensor") if variant.startswith("mini")
           else dict(rank=4, scale_type="channel"))
 
     def make(foreach):
-        return lambda ps: Apollo(_groups(ps, True, **hp), lr=1e-2, weight_decay=0.01,
-                                 update_proj_gap=7, foreach=foreach)
+        def build(ps):
+            torch.manual_seed(0)  # capturable redraws projections from torch's generator
+            return Apollo(_groups(ps, True, **hp), lr=1e-2, weight_decay=0.01,
+                          update_proj_gap=7, foreach=foreach,
+                          capturable=variant.endswith("capturable"))
+        return build
 
     for x, y in zip(_run(make(None), 20), _run(make(False), 20), strict=True):
         assert torch.equal(x, y)
+    assert not any("_foreach_" in op for op in _ops_of_steps(make(False)))
+    assert any("_foreach_" in op for op in _ops_of_steps(make(None)))
+
+
+def _ops_of_steps(make_opt) -> set[str]:
+    """The torch ops two steps run (the first creates the state)."""
+    params, _ = _problem()
+    params = [p.clone().requires_grad_(True) for p in params]
+    opt = make_opt(params)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for k in range(2):
+            _random_step(params, opt, k)
+    return {event.key for event in prof.key_averages()}
 
 
 @pytest.mark.skipif(kernels.INTERPRET, reason="Triton's interpreter runs the kernels on CPU")
