@@ -1,11 +1,9 @@
 """APOLLO and APOLLO-Mini (Zhu et al., arXiv:2412.05270), as a torch.optim.Optimizer.
 
-APOLLO keeps Adam's moments only for a random low-rank projection of each matrix's gradient
-and scales the raw gradient by what they say: about AdamW's training for a sliver of its
-state, which is what lets a trainer sit beside vLLM on the same device. This module holds the
-state and the host-side schedule, in the shape of torch.optim.Adam; the maths is
-optimizer/functional.py; docs/optimizer.md explains both.
-"""
+Adam's moments kept only for a random low-rank projection of each matrix's gradient: about
+AdamW's training for a sliver of its state, so that a trainer fits beside vLLM. Here are the
+state and the host's schedule, shaped like torch.optim.Adam; the maths is in
+optimizer/functional.py; docs/optimizer.md explains both."""
 
 from __future__ import annotations
 
@@ -20,8 +18,8 @@ from torch.utils.hooks import RemovableHandle
 
 from optimizer import functional as F
 from optimizer.kernels import DEFAULT_TILES, ProjectionTiles, require_triton
-from optimizer.maths import next_seed
 from optimizer.sharding import UNSHARDED, Reductions, reductions_for
+from optimizer.state import init_state_, refresh_on_schedule_
 
 FLAG_DEFAULTS = {"foreach": None, "fused": None, "capturable": False, "tiles": DEFAULT_TILES}
 
@@ -92,10 +90,7 @@ class Apollo(Optimizer):
             if p.requires_grad:
                 self.state[p]["seed"] = self._index[p]
         self._reductions = reductions_for(p for g in self.param_groups for p in g["params"])
-        self._check_flags()
-
-    def _check_flags(self) -> None:
-        """Refuse at construction what a flag cannot do, as torch does for fused=True."""
+        # refuse at construction what a flag cannot do, as torch does for fused=True
         if self._reductions.sharded and any(g["capturable"] for g in self.param_groups):
             raise ValueError("capturable=True draws refreshed projections from each device's "
                              "own generator; with sharded (DTensor) parameters they would "
@@ -178,17 +173,9 @@ class Apollo(Optimizer):
     def _prepare(self, work: list[tuple[dict, list[Tensor]]]) -> tuple[Tensor, list[F.Update]]:
         """The three phases of optimizer/functional.py over the groups in `work`."""
         lists = [self._init_group(group, ps) for group, ps in work]
-        projected, params, norms = [], [], []
-        for (group, _), (mats, others) in zip(work, lists, strict=True):
-            low = F.project(mats["params"], mats["grads"], mats["projs"], rank=group["rank"],
-                            scale_type=group["scale_type"], fused=group["fused"],
-                            tiles=group["tiles"], **self._flags(group)) if mats["params"] else None
-            projected.append(low)
-            params += mats["params"] + others["params"]
-            norms += (low[2] if low else []) + F.grad_norms(
-                others["params"], others["grads"], per_channel=False, **self._flags(group))
-        ok, norms = F.all_finite(params, norms, self._reductions)
-        norm_of = dict(zip(params, norms, strict=True))
+        projected = [self._project(group, mats) for (group, _), (mats, _) in
+                     zip(work, lists, strict=True)]
+        ok, norm_of = self._check(work, lists, projected)
         if self._rounding_seed is None:
             self._rounding_seed = torch.randint(1 << 62, (), device=ok.device)
         self._rounding_seed.add_(1)  # fresh rounding bits every step, also in graph replays
@@ -204,6 +191,26 @@ class Apollo(Optimizer):
             if others["params"]:
                 updates += F.adamw(**others, ok=ok, **self._hyper(group))
         return ok, updates
+
+    def _project(self, group: dict, mats: dict[str, list]
+                 ) -> tuple[Tensor, list[Tensor], list[Tensor]] | None:
+        """Phase 1 for the group's matrices, if any: R, and this rank's ||G||."""
+        if not mats["params"]:
+            return None
+        return F.project(mats["params"], mats["grads"], mats["projs"], rank=group["rank"],
+                         scale_type=group["scale_type"], fused=group["fused"],
+                         tiles=group["tiles"], **self._flags(group))
+
+    def _check(self, work: list[tuple[dict, list[Tensor]]], lists: list[tuple[dict, dict]],
+               projected: list) -> tuple[Tensor, dict[Tensor, Tensor]]:
+        """Phase 2: the step-valid flag, and each parameter's ||G|| over the whole tensor."""
+        params, norms = [], []
+        for (group, _), (mats, others), low in zip(work, lists, projected, strict=True):
+            params += mats["params"] + others["params"]
+            norms += (low[2] if low else []) + F.grad_norms(
+                others["params"], others["grads"], per_channel=False, **self._flags(group))
+        ok, norms = F.all_finite(params, norms, self._reductions)
+        return ok, dict(zip(params, norms, strict=True))
 
     def _flags(self, group: dict) -> dict[str, Any]:
         return dict(foreach=group["foreach"], reductions=self._reductions)
@@ -225,10 +232,11 @@ class Apollo(Optimizer):
         for p in ps:
             state, matrix = self.state[p], bool(group["apollo"]) and p.dim() == 2
             if "step" not in state:
-                self._init_state(p, group, matrix)
+                init_state_(state, p, group, matrix=matrix, seed=self._index[p],
+                            reductions=self._reductions)
             lists = mats if matrix else others
             if matrix:
-                self._refresh_on_schedule(p, group)
+                refresh_on_schedule_(state, p, group, self._reductions)
                 lists["projs"].append(state["proj"])
                 lists["update_norms"].append(state["update_norm"])
             lists["params"].append(p)
@@ -238,34 +246,6 @@ class Apollo(Optimizer):
             lists["state_steps"].append(state["step"])
             lists["streams"].append(self._index[p])
         return mats, others
-
-    def _init_state(self, p: Tensor, group: dict, matrix: bool) -> None:
-        state, reductions = self.state[p], self._reductions
-        state.setdefault("seed", self._index[p])
-        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        if matrix:
-            state["calls"] = 0
-            state["proj"] = reductions.projection(p, group["rank"], state["seed"])
-            low = reductions.low_rank_shape(p, group["rank"])
-            state["exp_avg"] = torch.zeros(low, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(low, dtype=torch.float32, device=p.device)
-            # inf: the limiter leaves the first update alone, as the reference does
-            state["update_norm"] = torch.full((), torch.inf, device=p.device)
-        else:
-            state["exp_avg"] = torch.zeros_like(reductions.local(p), dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(reductions.local(p), dtype=torch.float32)
-
-    def _refresh_on_schedule(self, p: Tensor, group: dict) -> None:
-        """Without capturable, P is redrawn from the next seed of its chain every
-        `update_proj_gap` steps asked of p, as in the reference. "Asked": ``state["calls"]``
-        is the one entry a skipped step advances (the host cannot know it was skipped
-        without a sync)."""
-        state = self.state[p]
-        calls = state["calls"]
-        state["calls"] += 1
-        if not group["capturable"] and calls > 0 and calls % group["update_proj_gap"] == 0:
-            state["seed"] = next_seed(state["seed"])
-            state["proj"].copy_(self._reductions.projection(p, group["rank"], state["seed"]))
 
     def state_dict(self) -> dict[str, Any]:
         """As torch's, plus the optimizer-wide device counters (skipped steps and parameters,
