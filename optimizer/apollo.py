@@ -107,6 +107,11 @@ class Apollo(Optimizer):
                 group.setdefault(key, value)
 
     @property
+    def capturable(self) -> bool:
+        """step() may be captured in a CUDA graph: every group refreshes on the device."""
+        return all(group["capturable"] for group in self.param_groups)
+
+    @property
     def skipped_steps(self) -> int:
         return 0 if self._skipped is None else int(self._skipped)
 

@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from optimizer import Apollo, ApolloMini, kernels
+from optimizer import Apollo, ApolloMini, kernels, rounding
 
 assert kernels.triton is not None and kernels.INTERPRET
 
@@ -21,7 +21,7 @@ def case(dtype, coef_kind: str, stochastic: bool, ok: bool) -> None:
     a, b = w.clone(), w.clone()
     assert kernels.triton_usable(a, d)
     kernels.write_triton_(a, d, coef, 0.01, flag, stochastic, seed, index=3)
-    kernels.write_torch_(b, d, coef, 0.01, flag, stochastic=False)
+    rounding.write_torch_(b, d, coef, 0.01, flag, stochastic=False)
     exact = (w.float() + coef * d.float()) * (1 - 0.01)
     if not ok:
         assert torch.equal(a, w), "a skipped step wrote"
@@ -54,7 +54,7 @@ v, dv = torch.randn(300), torch.randn(300)
 a, b = v.clone(), v.clone()
 kernels.write_triton_(a, dv, torch.tensor(-1e-2), 0.0, torch.tensor(True), False,
                       torch.tensor(1), 0)
-kernels.write_torch_(b, dv, torch.tensor(-1e-2), 0.0, torch.tensor(True), False)
+rounding.write_torch_(b, dv, torch.tensor(-1e-2), 0.0, torch.tensor(True), False)
 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 print("ok vector")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optimizer import Apollo, ApolloMini
-from optimizer.kernels import write_torch_
+from optimizer.rounding import write_torch_
 from tests.conftest import ROOT
 from tests.test_optimizer import _groups, _problem
 
@@ -87,6 +87,7 @@ def test_capturable_mode_equals_default_within_a_projection_period(variant):
 
     (a, opt_a), (b, opt_b) = _train(make(False), 60, nan_at=20), _train(make(True), 60, 20)
     assert opt_a.skipped_steps == opt_b.skipped_steps == 1
+    assert (opt_a.capturable, opt_b.capturable) == (False, True)
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 
