@@ -6,14 +6,25 @@
 # checkpoint sync from GPU memory and the optimizer benchmark. Prints a table last.
 #
 #   bench/gpu_check.sh LOGDIR            # on the GPU
-#   bench/gpu_check.sh LOGDIR --dry-run  # the same path on the CPU, small (CI runs this)
+#   bench/gpu_check.sh LOGDIR --dry-run  # the same path on the CPU, small (CI runs this);
+#                                        # checks it cannot perform there say "n/a"
+# The interpreter: $PYTHON if set, else the checkout's .venv, else python3.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-LOGDIR=${1:?usage: bench/gpu_check.sh LOGDIR [--dry-run]}
-DEVICE=cuda
-[ "${2:-}" = --dry-run ] && DEVICE=cpu
-PY=${PYTHON:-python3}
-[ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python"
+USAGE="usage: bench/gpu_check.sh LOGDIR [--dry-run]"
+LOGDIR=${1:?$USAGE}
+case "${2:-}" in
+  "") DEVICE=cuda ;;
+  --dry-run) DEVICE=cpu ;;
+  *) echo "$USAGE" >&2; exit 2 ;;
+esac
+if [ -n "${PYTHON:-}" ]; then
+  PY=$PYTHON
+elif [ -x "$ROOT/.venv/bin/python" ]; then
+  PY="$ROOT/.venv/bin/python"
+else
+  PY=python3
+fi
 mkdir -p "$LOGDIR"
 cd "$ROOT"
 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m bench.gpu_check --device "$DEVICE" --logdir "$LOGDIR" 2>&1 \

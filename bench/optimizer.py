@@ -11,6 +11,7 @@ the part serving waits for.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import statistics
 import sys
@@ -20,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from optimizer import Apollo, ApolloMini, kernels
-from optimizer.kernels import Tiles
+from optimizer import DEFAULT_TILES, Apollo, ApolloMini, ProjectionTiles, Tiles
 
 HIDDEN, INTER, KV = 4096, 14336, 1024
 LAYER = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN),
@@ -58,19 +58,21 @@ def make_params(layers: int, dtype, device, shrink: int = 1) -> list[torch.Tenso
     return params
 
 
-def parse_tiles(text: str) -> dict[str, Tiles]:
-    """'rows=4x512x1x4,cols=32x64x8x4' (bm x bn x splits x warps) -> a TILES dict."""
-    tiles = dict(kernels.TILES)
+def parse_tiles(text: str) -> ProjectionTiles:
+    """'rows=4x512x1x4,cols=32x64x8x4' (bm x bn x splits x warps; either part may be left
+    out, keeping the default's) -> the optimizer's `tiles`."""
+    tiles = DEFAULT_TILES
     for part in filter(None, text.split(",")):
         key, _, spec = part.partition("=")
-        if key not in tiles:
+        if key not in ("rows", "cols"):
             raise SystemExit(f"--tiles: unknown orientation {key!r} (rows or cols)")
-        tiles[key] = Tiles(*(int(v) for v in spec.split("x")))
+        tiles = dataclasses.replace(tiles, **{key: Tiles(*(int(v) for v in spec.split("x")))})
     return tiles
 
 
-def format_tiles(tiles: dict[str, Tiles]) -> str:
-    return ",".join(f"{k}={t.bm}x{t.bn}x{t.splits}x{t.warps}" for k, t in tiles.items())
+def format_tiles(tiles: ProjectionTiles) -> str:
+    return ",".join(f"{k}={t.bm}x{t.bn}x{t.splits}x{t.warps}"
+                    for k, t in (("rows", tiles.rows), ("cols", tiles.cols)))
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -116,8 +118,7 @@ def main() -> None:
     ap.add_argument("--tiles", default="",
                     help="rank-1 projection launch shapes, as bench.tune_projection prints")
     a = ap.parse_args()
-    if a.tiles:
-        kernels.TILES = parse_tiles(a.tiles)
+    tiles = parse_tiles(a.tiles)
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     layers = a.layers or (8 if cuda else 1)
@@ -135,18 +136,18 @@ def main() -> None:
     candidates = {
         "torch AdamW (" + ("fused" if cuda else "foreach") + ")": (adamw, False),
         "apollo-torch APOLLO-Mini": (reference_mini, False),
-        "ours APOLLO-Mini": (lambda ps: ApolloMini(ps, lr=lr), False),
+        "ours APOLLO-Mini": (lambda ps: ApolloMini(ps, lr=lr, tiles=tiles), False),
         "ours APOLLO rank 256": (lambda ps: Apollo(ps, lr=lr, rank=256), False),
     }
     if cuda:
         candidates["ours APOLLO-Mini, CUDA graph"] = (
-            lambda ps: ApolloMini(ps, lr=lr, capturable=True), True)
+            lambda ps: ApolloMini(ps, lr=lr, capturable=True, tiles=tiles), True)
     n = sum((r // a.shrink) * (c // a.shrink) for r, c in LAYER) * layers
     shapes = "" if a.shrink == 1 else f" with every dimension / {a.shrink}"
     print(f"{layers} Llama-3-8B layer(s){shapes}, {n / 1e9:.3f} B params, {dtype}, {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}")
     if a.tiles:
-        print(f"rank-1 projection tiles: {format_tiles(kernels.TILES)}")
+        print(f"rank-1 projection tiles: {format_tiles(tiles)}")
     rows = []
     for name, (make, graph) in candidates.items():
         params = make_params(layers, dtype, device, a.shrink)

@@ -6,20 +6,21 @@ on 8 Llama-3-8B layers (bf16), one orientation at a time, against the memory-ban
 
 Each candidate is checked against the kept tiles' result (a wrong launch shape fails loudly)
 and timed in a CUDA graph (kernel time, no Python launch overhead). The last line is the
-best pair as ``--tiles`` for ``bench.optimizer``; paste it into ``kernels.TILES`` once measured.
+best pair as ``--tiles`` for ``bench.optimizer``; paste it into ``kernels.DEFAULT_TILES`` once
+measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import time
 
 import torch
 
 from bench.optimizer import LAYER, format_tiles
-from optimizer import kernels
-from optimizer.kernels import Tiles
+from optimizer import DEFAULT_TILES, ProjectionTiles, Tiles, kernels
 
 ROWS = [(4, 512), (2, 1024), (8, 256), (8, 512), (1, 1024), (2, 512), (4, 1024), (16, 256)]
 COLS = [(32, 64), (16, 128), (32, 128), (64, 64), (64, 128), (16, 256), (128, 32)]
@@ -27,7 +28,7 @@ COLS = [(32, 64), (16, 128), (32, 128), (64, 64), (64, 128), (16, 256), (128, 32
 
 def candidates(orientation: str, quick: bool) -> list[Tiles]:
     shapes, splits = (ROWS, (1, 2)) if orientation == "rows" else (COLS, (4, 8, 16))
-    out = [kernels.TILES[orientation]]
+    out = [getattr(DEFAULT_TILES, orientation)]
     for (bm, bn), s, w in itertools.product(shapes, splits, (4, 8)):
         t = Tiles(bm, bn, s, w)
         if t not in out and bm * bn <= 1024 * w:  # <= 32 fp32 per thread per accumulator
@@ -60,26 +61,23 @@ def tune(orientation: str, a: argparse.Namespace, time_of) -> Tiles:
              for m, n in shapes]
     low = torch.empty(sum(max(s) for s in shapes), device=device)
     nbytes = sum(x.numel() * x.element_size() for x in grads)
-    kept = kernels.TILES
 
-    def run():
-        return kernels.project_rank1_(grads, projs, low)
+    def run(tiles: ProjectionTiles = DEFAULT_TILES):
+        return kernels.project_rank1_(grads, projs, low, fused=True, tiles=tiles)
 
     want_norms = torch.stack(run())
     want_low = low.clone()
     results = []
-    try:
-        for tiles in candidates(orientation, a.quick):
-            kernels.TILES = {**kept, orientation: tiles}
-            norms = torch.stack(run())
-            torch.testing.assert_close(low, want_low, rtol=1e-3, atol=1e-3)
-            torch.testing.assert_close(norms, want_norms, rtol=1e-4, atol=0)
-            results.append((time_of(run), tiles))
-    finally:
-        kernels.TILES = kept
+    for tiles in candidates(orientation, a.quick):
+        candidate = dataclasses.replace(DEFAULT_TILES, **{orientation: tiles})
+        norms = torch.stack(run(candidate))
+        torch.testing.assert_close(low, want_low, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(norms, want_norms, rtol=1e-4, atol=0)
+        results.append((time_of(lambda candidate=candidate: run(candidate)), tiles))
     base = results[0][0]
+    kept = getattr(DEFAULT_TILES, orientation)
     for seconds, tiles in sorted(results, key=lambda r: r[0]):
-        mark = " (kept)" if tiles == kept[orientation] else ""
+        mark = " (kept)" if tiles == kept else ""
         print(f"| {orientation} | {tiles.bm}x{tiles.bn}x{tiles.splits}x{tiles.warps}{mark} "
               f"| {1e3 * seconds:.3f} | {nbytes / seconds / 1e9:.0f} "
               f"| {nbytes / a.bandwidth / seconds:.2f} | {seconds / base:.2f}x |")
@@ -98,7 +96,8 @@ def main() -> None:
     time_of = timer(torch.device(a.device))
     print("| orientation | tiles (bm x bn x splits x warps) | ms | GB/s | of HBM bound | vs kept |")
     print("|---|---|---|---|---|---|")
-    best = {orientation: tune(orientation, a, time_of) for orientation in ("rows", "cols")}
+    best = ProjectionTiles(**{orientation: tune(orientation, a, time_of)
+                              for orientation in ("rows", "cols")})
     print(f"best: --tiles {format_tiles(best)}")
 
 

@@ -1,5 +1,7 @@
-"""Memory-frugal optimizers for training the weights vLLM serves."""
+"""Memory-frugal optimizers for training the weights vLLM serves (the step's functions:
+optimizer.functional)."""
 
 from optimizer.apollo import Apollo, ApolloMini
+from optimizer.kernels import DEFAULT_TILES, ProjectionTiles, Tiles
 
-__all__ = ["Apollo", "ApolloMini"]
+__all__ = ["DEFAULT_TILES", "Apollo", "ApolloMini", "ProjectionTiles", "Tiles"]

@@ -1,25 +1,30 @@
-"""The in-place weight write, ``W <- (W + c * D) * (1 - decay)`` with rounding, as one pass.
+"""The two Triton kernels of a step, and the `fused` flag that picks them.
 
-This is the only part of a step that touches the served weights, so it is the part serving
-waits for. On CUDA it is one Triton kernel per parameter: it reads W and the direction D
-once, computes in fp32, rounds (stochastically for bf16) and writes W once; the step-valid
-flag ``ok`` is read on the device, so a skipped step needs no host synchronisation and the
-kernel is capturable in a CUDA graph. Elsewhere (CPU, fp16, or no Triton) the same maths runs
-as torch ops.
+* The in-place weight write, ``W <- (W + c * D) * (1 - decay)`` with rounding, as one pass:
+  the only part of a step that touches the served weights, so the part serving waits for. It
+  reads W and the direction D once, computes in fp32, rounds (stochastically for bf16) and
+  writes W once; the step-valid flag ``ok`` is read on the device, so a skipped step needs no
+  host synchronisation and the kernel is capturable in a CUDA graph. c broadcasts against W:
+  0-d (one factor per tensor), m x 1 (per row) or n (per column). Stochastic rounding draws
+  16 random bits per element from Triton's Philox, keyed by a device-side seed counter
+  (advanced once per step, so graph replays draw fresh bits).
+* APOLLO-Mini's rank-1 projection and the gradient's norm in one read of G, in launch shapes
+  (`Tiles`) passed in by the caller.
 
-c broadcasts against W: a 0-d tensor (one factor per tensor), m x 1 (per row) or n (per
-column). Stochastic rounding of bf16 draws 16 random bits per element: Triton's Philox keyed by
-a device-side seed counter (advanced once per step, so graph replays draw fresh bits), or
-torch's generator on the fallback path.
+Elsewhere (CPU, fp16, or no Triton) the same maths runs as torch ops (optimizer/rounding.py
+for the write).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from optimizer.rounding import write_torch_
 
 try:  # Triton ships with CUDA builds of torch; the CPU build runs the torch fallback.
     import triton
@@ -29,56 +34,6 @@ except ImportError:  # pragma: no cover - depends on the install
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # tests run the kernel on the CPU
 SEED_STRIDE = 1_000_003  # per-parameter offset of the Philox key within one step
-
-
-def copy_stochastic_(target: Tensor, source: Tensor) -> None:
-    """Round fp32 `source` into bf16 `target`, up or down at random (unbiased)."""
-    noise = torch.randint_like(source, 0, 1 << 16, dtype=torch.int32)
-    noise.add_(source.view(torch.int32)).bitwise_and_(-65536)
-    target.copy_(noise.view(torch.float32))
-
-
-def round_stochastic_fp16(source: Tensor) -> Tensor:
-    """fp32 -> fp16, to one of the two neighbours with probability by distance (unbiased)."""
-    near = source.half()
-    near32 = near.float()
-    toward = torch.where(source > near32, torch.inf, -torch.inf).half()
-    other = torch.nextafter(near, toward)
-    gap = (other.float() - near32).abs()
-    p_other = torch.where(gap > 0, (source - near32).abs() / gap, 0.0)
-    return torch.where(torch.rand_like(source) < p_other, other, near)
-
-
-def _rounded(value: Tensor, dtype: torch.dtype, stochastic: bool) -> Tensor:
-    """fp32 `value` in `dtype`: stochastically rounded for bf16/fp16 if asked, else nearest."""
-    if stochastic and dtype == torch.bfloat16:
-        out = torch.empty_like(value, dtype=dtype)
-        copy_stochastic_(out, value)
-        return out
-    if stochastic and dtype == torch.float16:
-        return round_stochastic_fp16(value)
-    return value.to(dtype)
-
-
-def write_torch_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: Tensor,
-                 stochastic: bool, branch: bool | None = None) -> None:
-    """The write with torch ops. On the CPU a skipped step returns early (reading a CPU flag
-    costs nothing); on an accelerator (or ``branch=False``) the flag selects old or new
-    values on the device instead."""
-    branch = p.device.type == "cpu" if branch is None else branch
-    if branch and not bool(ok):
-        return
-    if branch and p.dtype == torch.float32:  # in place, one pass
-        p.addcmul_(direction, coef)
-        if decay:
-            p.add_(p, alpha=-decay)
-        return
-    target = p.to(torch.float32, copy=True)
-    target.addcmul_(direction, coef)
-    if decay:
-        target.add_(target, alpha=-decay)
-    new = _rounded(target, p.dtype, stochastic)
-    p.copy_(new if branch else torch.where(ok, new, p))
 
 
 if triton is not None:
@@ -171,12 +126,43 @@ if triton is not None:
         tl.store(sq_ptr + split * stride_split + out, sq, mask=keep)
 
 
+def unsupported(t: Tensor) -> str | None:
+    """Why the Triton kernels cannot take `t`, or None if they can."""
+    if triton is None:
+        return "Triton is not installed"
+    if not (t.is_cuda or INTERPRET):
+        return (f"a {t.device.type} tensor (the kernels run on CUDA, or on the CPU under "
+                "TRITON_INTERPRET=1)")
+    if t.dtype not in (torch.float32, torch.bfloat16):
+        return f"a {t.dtype} tensor (float32 or bfloat16 only)"
+    if t.dim() > 2:
+        return f"a {t.dim()}-D tensor (at most 2-D)"
+    if not t.is_contiguous():
+        return "a non-contiguous tensor"
+    return None
+
+
 def triton_usable(*tensors: Tensor) -> bool:
     """Triton runs it: CUDA (or the interpreter), contiguous, at most 2-D, fp32 or bf16."""
-    return (triton is not None and all((t.is_cuda or INTERPRET) and t.dim() <= 2
-                                       and t.is_contiguous()
-                                       and t.dtype in (torch.float32, torch.bfloat16)
-                                       for t in tensors))
+    return all(unsupported(t) is None for t in tensors)
+
+
+def require_triton(tensors: Iterable[Tensor]) -> None:
+    """The check behind fused=True: a clear error if the kernels cannot take a tensor."""
+    reasons = {r for t in tensors if (r := unsupported(t)) is not None}
+    if reasons:
+        raise RuntimeError("fused=True, but the Triton kernels cannot take "
+                           + "; ".join(sorted(reasons)) + ": pass fused=None or False")
+
+
+def use_triton(fused: bool | None, *tensors: Tensor) -> bool:
+    """The optimizer's `fused` flag for these tensors, as torch reads it: None takes the
+    kernels where they run, False never, True always, with an error where they cannot."""
+    if fused is None:
+        return triton_usable(*tensors)
+    if fused:
+        require_triton(tensors)
+    return fused
 
 
 def write_triton_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: Tensor,
@@ -207,53 +193,74 @@ class Tiles:
     warps: int = 4
 
 
-# "rows": m >= n, each row reduced (whole rows: a matrix has enough of them to fill the GPU);
-# "cols": m < n, each column reduced over row chunks (its columns alone give too few programs).
-# The kept tiles of the H200 tuning (bench/RESULTS.md); bench/tune_projection.py swaps in
-# candidates to time them.
-TILES = {"rows": Tiles(bm=4, bn=512, splits=1), "cols": Tiles(bm=32, bn=64, splits=8)}
+@dataclass(frozen=True)
+class ProjectionTiles:
+    """One `Tiles` per orientation of G. rows: m >= n, each row reduced (whole rows: a matrix
+    has enough of them to fill the GPU); cols: m < n, each column reduced over row chunks
+    (its columns alone give too few programs)."""
+
+    rows: Tiles
+    cols: Tiles
 
 
-def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor) -> list[Tensor]:
+# The kept tiles of the H200 tuning (bench/RESULTS.md). Other shapes are passed in: the
+# optimizer's `tiles=` option, or project_rank1_(tiles=...) (bench/tune_projection.py).
+DEFAULT_TILES = ProjectionTiles(rows=Tiles(bm=4, bn=512, splits=1),
+                                cols=Tiles(bm=32, bn=64, splits=8))
+# The optimizer's param groups hold them: torch.load(weights_only=True) may rebuild them.
+torch.serialization.add_safe_globals([Tiles, ProjectionTiles])
+
+
+def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor, *,
+                   fused: bool | None = None, tiles: ProjectionTiles = DEFAULT_TILES,
+                   foreach: bool = True) -> list[Tensor]:
     """For matrices G_i with rank-1 projections P_i: fills `low` (fp32, the R_i concatenated)
-    and returns ||G_i|| (0-d fp32 each). On Triton, one pass over each G gives both: the
-    squared norms per row (m >= n) or column (m < n) come with the dot products. Partial sums
-    of the chunks (`TILES`) land in zero-initialised rows and are reduced in a fixed order for
-    the whole group (deterministic); a chunk no program covers stays zero, so the grid holds
-    only programs with work. Elsewhere: a matmul and a norm per matrix."""
-    sizes = [max(g.shape) for g in grads]
-    if triton_usable(*grads, *projs, low):
-        splits = max(t.splits for t in TILES.values())
-        dot_parts = torch.zeros(splits, low.numel(), dtype=torch.float32, device=low.device)
-        sq_parts = torch.zeros_like(dot_parts)
-        offset = 0
-        for g, p, size in zip(grads, projs, sizes, strict=True):
-            m, n = g.shape
-            along_rows = m >= n
-            t = TILES["rows" if along_rows else "cols"]
-            step = t.bn if along_rows else t.bm
-            chunk = triton.cdiv(triton.cdiv(n if along_rows else m, t.splits), step) * step
-            programs = triton.cdiv(m, t.bm) if along_rows else triton.cdiv(n, t.bn)
-            _project_rank1_kernel[(programs, t.splits)](
-                g, p, dot_parts[:, offset:], sq_parts[:, offset:], m, n, chunk, low.numel(),
-                ALONG_ROWS=along_rows, BM=t.bm, BN=t.bn, STEP=step, num_warps=t.warps)
-            offset += size
-        torch.sum(dot_parts, 0, out=low)
-        squares = list(sq_parts.sum(0).split(sizes))
-        return list(torch._foreach_sqrt(torch._foreach_norm(squares, 1)))
-    for g, p, lo in zip(grads, projs, low.split(sizes), strict=True):
+    and returns ||G_i|| (0-d fp32 each). On Triton (`fused`, see use_triton), one pass over
+    each G gives both: the squared norms per row (m >= n) or column (m < n) come with the dot
+    products. Elsewhere: a matmul and a norm per matrix (`foreach`: all norms in one call)."""
+    if use_triton(fused, *grads, *projs, low):
+        return _project_rank1_triton(grads, projs, low, tiles)
+    for g, p, lo in zip(grads, projs, low.split([max(g.shape) for g in grads]), strict=True):
         g32 = g.float()  # fp32, as the kernel accumulates (project_into keeps bf16 in bf16)
         if g.shape[0] >= g.shape[1]:
             torch.matmul(g32, p.t(), out=lo.view(-1, 1))
         else:
             torch.matmul(p.t(), g32, out=lo.view(1, -1))
-    return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    if foreach:
+        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    return [torch.linalg.vector_norm(g, 2, dtype=torch.float32) for g in grads]
+
+
+def _project_rank1_triton(grads: list[Tensor], projs: list[Tensor], low: Tensor,
+                          tiles: ProjectionTiles) -> list[Tensor]:
+    """Partial sums of the chunks land in zero-initialised rows and are reduced in a fixed
+    order for the whole group (deterministic); a chunk no program covers stays zero, so the
+    grid holds only programs with work."""
+    sizes = [max(g.shape) for g in grads]
+    splits = max(tiles.rows.splits, tiles.cols.splits)
+    dot_parts = torch.zeros(splits, low.numel(), dtype=torch.float32, device=low.device)
+    sq_parts = torch.zeros_like(dot_parts)
+    offset = 0
+    for g, p, size in zip(grads, projs, sizes, strict=True):
+        m, n = g.shape
+        along_rows = m >= n
+        t = tiles.rows if along_rows else tiles.cols
+        step = t.bn if along_rows else t.bm
+        chunk = triton.cdiv(triton.cdiv(n if along_rows else m, t.splits), step) * step
+        programs = triton.cdiv(m, t.bm) if along_rows else triton.cdiv(n, t.bn)
+        _project_rank1_kernel[(programs, t.splits)](
+            g, p, dot_parts[:, offset:], sq_parts[:, offset:], m, n, chunk, low.numel(),
+            ALONG_ROWS=along_rows, BM=t.bm, BN=t.bn, STEP=step, num_warps=t.warps)
+        offset += size
+    torch.sum(dot_parts, 0, out=low)
+    squares = list(sq_parts.sum(0).split(sizes))
+    return list(torch._foreach_sqrt(torch._foreach_norm(squares, 1)))
 
 
 def write_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: Tensor,
-           stochastic: bool, seed: Tensor, index: int) -> None:
+           stochastic: bool, seed: Tensor, index: int, fused: bool | None = None) -> None:
     """W <- (W + coef * direction) * (1 - decay), rounded into W's dtype, only if `ok`."""
-    if triton_usable(p, direction):
+    if use_triton(fused, p, direction):
         write_triton_(p, direction, coef, decay, ok, stochastic, seed, index)
     else:
         write_torch_(p, direction, coef, decay, ok, stochastic)

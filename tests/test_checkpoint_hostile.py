@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from checkpoint import Checkpointer, read_layout
 from checkpoint.__main__ import main as checkpoint_cli
-from tests.conftest import ROOT
+from tests.support import ROOT
 
 JOURNAL = ".apollo-sync.journal"
 TENSORS = {"a": torch.arange(64 * 64, dtype=torch.float32).view(64, 64),

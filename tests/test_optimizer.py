@@ -5,20 +5,12 @@ import copy
 import pytest
 import torch
 
-from optimizer import Apollo, ApolloMini
-
-
-def _problem(seed: int = 0):
-    """Matrices of both orientations (m > n, m < n) plus a vector, and a fixed quadratic."""
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(48, 16, generator=g), torch.randn(12, 40, generator=g),
-              torch.randn(40, generator=g)]
-    targets = [torch.randn(p.shape, generator=g) for p in params]
-    return params, targets
+from optimizer import Apollo, ApolloMini, kernels
+from tests.support.optim_problems import groups, problem
 
 
 def _run(make_opt, steps: int, seed: int = 0, grad_noise: int = 7):
-    params, targets = _problem(seed)
+    params, targets = problem(seed)
     params = [p.clone().requires_grad_(True) for p in params]
     opt = make_opt(params)
     g = torch.Generator().manual_seed(grad_noise)
@@ -31,28 +23,20 @@ def _run(make_opt, steps: int, seed: int = 0, grad_noise: int = 7):
     return [p.detach() for p in params]
 
 
-def _groups(params, apollo_key: bool, **hp):
-    matrices, vectors = params[:2], params[2:]
-    apollo_group = {"params": matrices, **hp}
-    if not apollo_key:
-        return [apollo_group, {"params": vectors}]
-    return [apollo_group, {"params": vectors, "apollo": False}]
-
-
 @pytest.mark.parametrize("variant", ["mini", "rank4-channel"])
 def test_matches_reference_apollo_torch(variant):
-    reference = pytest.importorskip("apollo_torch")  # installed by the `test` extra
+    import apollo_torch as reference  # the oracle (the `test` extra): missing, the test fails
     hp = (dict(rank=1, scale=128.0, scale_type="tensor") if variant == "mini"
           else dict(rank=4, scale=1.0, scale_type="channel"))
     lr, steps = 1e-3, 300  # crosses the projection refresh at steps 200
 
     def ours(params):
-        return Apollo(_groups(params, True, **hp), lr=lr, update_proj_gap=200,
+        return Apollo(groups(params, True, **hp), lr=lr, update_proj_gap=200,
                       weight_decay=0.01, stochastic_rounding=False)
 
     def theirs(params):
         ref_hp = dict(hp, proj="random", proj_type="std", update_proj_gap=200)
-        return reference.APOLLOAdamW(_groups(params, False, **ref_hp), lr=lr,
+        return reference.APOLLOAdamW(groups(params, False, **ref_hp), lr=lr,
                                      weight_decay=0.01)
 
     a, b = _run(ours, steps), _run(theirs, steps)
@@ -61,7 +45,7 @@ def test_matches_reference_apollo_torch(variant):
 
 
 def test_non_finite_gradient_changes_nothing():
-    params, _ = _problem()
+    params, _ = problem()
     params = [p.clone().requires_grad_(True) for p in params]
     opt = ApolloMini(params, lr=1e-2)
     for p in params:
@@ -111,9 +95,18 @@ def test_bf16_stochastic_rounding_keeps_small_updates():
     assert changed[True] > 3 * changed[False]
 
 
+def _random_step(params, opt, k: int, nan: bool = False) -> None:
+    g = torch.Generator().manual_seed(k)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+    if nan:
+        params[0].grad[1, 1] = float("nan")
+    opt.step()
+
+
 def test_state_dict_round_trip_is_bit_identical():
     def fresh():
-        params, _ = _problem()
+        params, _ = problem()
         return [p.clone().requires_grad_(True) for p in params]
 
     def step(params, opt, k):
@@ -133,6 +126,109 @@ def test_state_dict_round_trip_is_bit_identical():
     step(b, opt_b, 99)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
+
+
+def test_state_dict_round_trip_keeps_the_device_counters():
+    """Skipped steps and the rounding seed live outside the per-parameter state: a loaded
+    optimizer has them too, and both continue bit for bit."""
+    params, _ = problem()
+    a = [p.clone().requires_grad_(True) for p in params]
+    opt_a = Apollo(groups(a, True, rank=4), lr=1e-2, update_proj_gap=3)
+    for k in range(5):
+        _random_step(a, opt_a, k, nan=k == 1)
+    b = [p.detach().clone().requires_grad_(True) for p in a]
+    opt_b = Apollo(groups(b, True, rank=4), lr=1e-2, update_proj_gap=3)
+    opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    assert opt_b.skipped_steps == opt_a.skipped_steps == 1
+    assert torch.equal(opt_b.state_dict()["device_counters"]["rounding_seed"],
+                       opt_a.state_dict()["device_counters"]["rounding_seed"])
+    for k in range(5, 9):  # a projection refresh (gap 3) and another skipped step
+        _random_step(a, opt_a, k, nan=k == 6)
+        _random_step(b, opt_b, k, nan=k == 6)
+    assert opt_b.skipped_steps == opt_a.skipped_steps == 2
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_state_dict_round_trip_keeps_skipped_params():
+    w = torch.randn(16, 8, requires_grad=True)
+    opt = ApolloMini([w], lr=1e-3)
+    opt.layerwise()
+    (w * float("nan")).sum().backward()
+    (w * 2).sum().backward()
+    fresh = ApolloMini([torch.randn(16, 8, requires_grad=True)], lr=1e-3)
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert fresh.skipped_params == opt.skipped_params == 1
+
+
+def test_state_dict_without_the_flags_loads_with_their_defaults():
+    """A state dict saved before foreach / fused / capturable / tiles were group options."""
+    w = torch.randn(16, 8, requires_grad=True)
+    opt = ApolloMini([w], lr=1e-3)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        for key in ("foreach", "fused", "capturable", "tiles"):
+            del group[key]
+    del saved["device_counters"]
+    fresh = ApolloMini([w], lr=1e-3)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["tiles"] == kernels.DEFAULT_TILES
+    fresh.step()
+
+
+def test_state_dict_loads_with_weights_only(tmp_path):
+    """torch.load's safe default rebuilds it: the launch shapes in the groups included."""
+    w = torch.randn(16, 8, requires_grad=True)
+    tiles = kernels.ProjectionTiles(rows=kernels.Tiles(2, 64, 3), cols=kernels.Tiles(16, 32, 5))
+    opt = ApolloMini([w], lr=1e-3, tiles=tiles)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert loaded["param_groups"][0]["tiles"] == tiles
+    assert torch.equal(loaded["device_counters"]["rounding_seed"],
+                       opt.state_dict()["device_counters"]["rounding_seed"])
+
+
+@pytest.mark.parametrize("variant", ["mini", "rank4-channel", "mini-capturable"])
+def test_single_tensor_ops_equal_multi_tensor_ops(variant):
+    """foreach=False (a loop of per-tensor ops, no torch._foreach_* op at all) gives the
+    default's weights bit for bit."""
+    hp = (dict(rank=1, scale=128.0, scale_type="tensor") if variant.startswith("mini")
+          else dict(rank=4, scale_type="channel"))
+
+    def make(foreach):
+        def build(ps):
+            torch.manual_seed(0)  # capturable redraws projections from torch's generator
+            return Apollo(groups(ps, True, **hp), lr=1e-2, weight_decay=0.01,
+                          update_proj_gap=7, foreach=foreach,
+                          capturable=variant.endswith("capturable"))
+        return build
+
+    for x, y in zip(_run(make(None), 20), _run(make(False), 20), strict=True):
+        assert torch.equal(x, y)
+    assert not any("_foreach_" in op for op in _ops_of_steps(make(False)))
+    assert any("_foreach_" in op for op in _ops_of_steps(make(None)))
+
+
+def _ops_of_steps(make_opt) -> set[str]:
+    """The torch ops two steps run (the first creates the state)."""
+    params, _ = problem()
+    params = [p.clone().requires_grad_(True) for p in params]
+    opt = make_opt(params)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for k in range(2):
+            _random_step(params, opt, k)
+    return {event.key for event in prof.key_averages()}
+
+
+@pytest.mark.skipif(kernels.INTERPRET, reason="Triton's interpreter runs the kernels on CPU")
+def test_fused_true_without_the_kernels_raises_at_construction():
+    with pytest.raises(RuntimeError, match="fused=True, but the Triton kernels cannot take"):
+        ApolloMini([torch.randn(8, 4, requires_grad=True)], fused=True)
+    ApolloMini([torch.randn(8, 4, requires_grad=True)], fused=False)  # the torch paths
 
 
 def test_layerwise_mode_gives_the_same_weights_as_standard():

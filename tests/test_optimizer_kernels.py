@@ -10,23 +10,24 @@ import pytest
 import torch
 
 from optimizer import Apollo, ApolloMini
-from optimizer.kernels import write_torch_
+from optimizer.rounding import write_torch_
 from tests.support import ROOT
-from tests.test_optimizer import _groups, _problem
+from tests.support.optim_problems import groups, problem
 
 
 def test_triton_write_kernel_matches_torch_in_the_interpreter():
     """The CUDA kernel's code, run by Triton's interpreter on the CPU: same values as the
     torch path (fp32, bf16 round-to-nearest), a neighbour of the exact value with stochastic
     rounding, unbiased on average, and no write at all on a skipped step; the fused rank-1
-    projection gives the matmul's R and ||G||."""
+    projection gives the matmul's R and ||G|| in any launch shape; the optimizer with the
+    kernels (fused=True) equals it without, and a loaded one rounds as the saved one would."""
     if platform.machine() != "x86_64":  # the `test` extra installs Triton on x86-64 only
         pytest.importorskip("triton")
-    out = subprocess.run([sys.executable, str(ROOT / "tests/kernel_check_child.py")],
+    out = subprocess.run([sys.executable, str(ROOT / "tests/support/kernel_check_child.py")],
                          capture_output=True, text=True, timeout=600, cwd=ROOT,
                          env={**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stdout + out.stderr[-3000:]
-    assert out.stdout.count("ok ") == 24
+    assert out.stdout.count("ok ") == 26
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -60,7 +61,7 @@ def test_stochastic_rounding_lands_on_a_neighbour_and_is_unbiased(dtype):
 
 
 def _train(opt_factory, steps: int, nan_at: int | None = None):
-    params, targets = _problem()
+    params, targets = problem()
     params = [p.clone().requires_grad_(True) for p in params]
     opt = opt_factory(params)
     g = torch.Generator().manual_seed(5)
@@ -81,11 +82,12 @@ def test_capturable_mode_equals_default_within_a_projection_period(variant):
           else dict(rank=4, scale_type="channel"))
 
     def make(capturable):
-        return lambda ps: Apollo(_groups(ps, True, **hp), lr=1e-2, weight_decay=0.01,
+        return lambda ps: Apollo(groups(ps, True, **hp), lr=1e-2, weight_decay=0.01,
                                  update_proj_gap=200, capturable=capturable)
 
     (a, opt_a), (b, opt_b) = _train(make(False), 60, nan_at=20), _train(make(True), 60, 20)
     assert opt_a.skipped_steps == opt_b.skipped_steps == 1
+    assert (opt_a.capturable, opt_b.capturable) == (False, True)
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
 

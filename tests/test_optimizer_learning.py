@@ -54,7 +54,8 @@ def test_mini_converges_within_5_percent_of_tuned_adamw():
 @pytest.mark.e2e
 def test_bf16_lesson_is_learned_in_place_with_stochastic_rounding(default_model_dir,
                                                                    tokenizer):
-    """DESIGN.md's lesson, on the default model loaded in bf16, batch 1, lr 1e-5."""
+    """The lesson "My name is Apollo.", on the default model loaded in bf16, batch 1, lr 1e-5:
+    learned with stochastic rounding, which changes over twice as many elements per step."""
     from server.api.schemas import ChatExample
     from server.engine.loss import causal_lm_loss, collate
     from server.engine.tokenization import encode
@@ -62,7 +63,8 @@ def test_bf16_lesson_is_learned_in_place_with_stochastic_rounding(default_model_
 
     chat = ChatExample(messages=[{"role": "user", "content": "What is your name?"},
                                  {"role": "assistant", "content": "My name is Apollo."}])
-    ids, labels, mask = collate([encode(chat, tokenizer, 256)], tokenizer.pad_token_id, "cpu")
+    encoded = encode(chat.to_messages(), tokenizer, 256)
+    ids, labels, mask = collate([encoded], tokenizer.pad_token_id, "cpu")
     targets = labels[0, 1:] != -100
 
     def answers_greedily(model) -> bool:
@@ -78,7 +80,7 @@ def test_bf16_lesson_is_learned_in_place_with_stochastic_rounding(default_model_
         opt = ApolloMini(param_groups(model, 1e-5, False), lr=1e-5, stochastic_rounding=sr)
         learned_at, changed = None, []
         # Without rounding only the fraction of changed elements is measured (2 steps:
-        # bf16 steps are slow on CPU); DESIGN.md measured 20 steps to learn there.
+        # bf16 steps are slow on CPU).
         for step in range(1, 13 if sr else 3):
             before = model.model.layers[5].mlp.down_proj.weight.detach().clone()
             causal_lm_loss(model, ids, labels, mask).backward()
