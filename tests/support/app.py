@@ -16,11 +16,16 @@ from server.settings import Settings
 from tests.support.tiny_models import CONFIGS
 
 
+def tiny_llama(tokenizer) -> torch.nn.Module:
+    """A tiny random Llama with the tokenizer's vocabulary (the same one every call)."""
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(CONFIGS["llama"](vocab_size=len(tokenizer)))
+
+
 def app_client(tokenizer, model_dir=None, **settings) -> tuple[TestClient, torch.nn.Module]:
     """A client of an app whose engine trains a tiny model in this process; with `model_dir`
     the model is saved there first and checkpoints write into it."""
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(CONFIGS["llama"](vocab_size=len(tokenizer)))
+    model = tiny_llama(tokenizer)
     s = Settings(export_dir="unused", **settings)
     checkpointer = None
     if model_dir is not None:
@@ -34,9 +39,10 @@ def app_client(tokenizer, model_dir=None, **settings) -> tuple[TestClient, torch
     return TestClient(create_app(s, build=build)), model
 
 
-def wait_idle(client: TestClient, finished: int) -> dict:
+def wait_idle(client: TestClient, finished: int, timeout: float = 120) -> dict:
     """/status once `finished` examples are trained or failed and none is queued."""
-    for _ in range(600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         st = client.get("/status").json()
         if st["examples_trained"] + st["examples_failed"] >= finished and \
                 st["examples_queued"] == 0:

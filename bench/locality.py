@@ -1,0 +1,235 @@
+"""Teach without breaking: reliability, generalization and locality of live lessons, for
+several ways of training them, side by side in one run.
+
+    .venv/bin/python -m bench.locality [--lessons 10] [--approaches a,b,...]
+
+The default model (fp32, in this process) is taught the lessons of bench/data/locality one
+POST at a time through the real engine (trainer, stepper, drift monitor); then, at
+temperature 0: reliability (each lesson's question answered with its key), generalization
+(its first paraphrase), locality (control questions the untouched model answers right that
+still carry their key fact), "What is your name?" unchanged, and the drift monitor's KL on
+the whole probe set. Then, for the default settings: a flood (one example posted 200 times)
+and the gate (a batch of wrong answers to a dozen control questions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from server.default_model import build
+from server.engine import drift
+from server.engine.locality import Monitor
+from server.engine.tokenization import encode
+from server.engine.wiring import assemble
+from server.settings import Settings
+
+DATA = Path(__file__).parent / "data" / "locality"
+NAME = "What is your name?"
+APPROACHES = {
+    # name: (settings overrides, what it is)
+    "fixed-5": (dict(learned_prob=1.0, max_steps_per_batch=5, lr=1e-4),
+                "5 steps per lesson at lr 1e-4 (before)"),
+    "stop": (dict(learned_prob=0.5, max_steps_per_batch=8, lr=1e-4),
+             "learn, then stop (p >= 0.5), lr 1e-4"),
+    "stop-lr3e-5": (dict(learned_prob=0.5, max_steps_per_batch=16, lr=3e-5),
+                    "learn, then stop, lr 3e-5"),
+    "stop-distill": (dict(learned_prob=0.5, max_steps_per_batch=8, lr=1e-4, guard="distill",
+                          guard_probes=2), "learn, then stop + KL to the reference on 2 probes"),
+}
+
+
+def load(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / name).read_text().splitlines() if line]
+
+
+@torch.no_grad()
+def answer(model, tokenizer, questions: list[str], max_new: int = 24, batch: int = 32
+           ) -> list[str]:
+    tokenizer.padding_side = "left"
+    out = []
+    for lo in range(0, len(questions), batch):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                               add_generation_prompt=True, tokenize=False)
+                 for q in questions[lo:lo + batch]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new,
+                             pad_token_id=tokenizer.pad_token_id)
+        out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:],
+                                      skip_special_tokens=True)
+    return out
+
+
+def has(text: str, keys: list[str]) -> bool:
+    return any(k.lower() in text.lower() for k in keys)
+
+
+def lesson_example(lesson: dict, tokenizer):
+    return encode([{"role": "user", "content": lesson["question"]},
+                   {"role": "assistant", "content": lesson["answer"]}], tokenizer, 512)
+
+
+def teach(engine, examples: list, timeout: float = 600) -> tuple[list[str], float]:
+    """Submit `examples` as one POST; wait until all are finished; ids and seconds."""
+    t0 = time.monotonic()
+    ids = engine.trainer.submit(examples)
+    while time.monotonic() - t0 < timeout:
+        if all(engine.trainer.records[i].state != "queued" for i in ids):
+            return ids, time.monotonic() - t0
+        time.sleep(0.02)
+    raise TimeoutError("lesson not trained")
+
+
+class Bench:
+    def __init__(self, args):
+        torch.set_num_threads(args.threads)
+        self.model_dir = build()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
+        self.original = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.lessons = load("lessons.jsonl")[:args.lessons]
+        candidates = load("controls.jsonl")[:args.controls or None]
+        base = answer(self.model, self.tokenizer, [c["question"] for c in candidates])
+        self.controls = [c for c, a in zip(candidates, base, strict=True) if has(a, c["keys"])]
+        self.base_name = answer(self.model, self.tokenizer, [NAME], 30)[0]
+        self.settings = Settings(export_dir="unused", drift_probes=args.drift_probes)
+        self.pad = self.tokenizer.pad_token_id or 0
+        t0 = time.monotonic()
+        self.reference = Monitor(self.tokenizer, None, None, per_batch=1,
+                                 pad_id=self.pad).ensure_reference(self.model)
+        self.reference_seconds = time.monotonic() - t0
+        print(f"controls the base model answers right: {len(self.controls)} of "
+              f"{len(candidates)}; drift reference: {len(self.reference)} probes in "
+              f"{self.reference_seconds:.0f} s; base name answer: {self.base_name!r}",
+              flush=True)
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self.original)
+
+    def engine(self, **overrides):
+        engine = assemble(replace(self.settings, **overrides), self.model, self.tokenizer,
+                          model_path=str(self.model_dir))
+        if engine.trainer.monitor is not None:
+            engine.trainer.monitor.reference = self.reference
+        engine.start()
+        return engine
+
+    def evaluate(self) -> dict:
+        lessons = answer(self.model, self.tokenizer, [x["question"] for x in self.lessons])
+        paraphrases = answer(self.model, self.tokenizer,
+                             [x["paraphrases"][0] for x in self.lessons])
+        controls = answer(self.model, self.tokenizer, [c["question"] for c in self.controls])
+        name = answer(self.model, self.tokenizer, [NAME], 30)[0]
+        d = drift.measure(self.model, self.reference, range(len(self.reference)), pad_id=self.pad)
+        return {
+            "reliability": sum(has(a, [x["key"]]) for a, x in zip(lessons, self.lessons,
+                                                                   strict=True)),
+            "generalization": sum(has(a, [x["key"]]) for a, x in zip(paraphrases, self.lessons,
+                                                                      strict=True)),
+            "locality": sum(has(a, c["keys"]) for a, c in zip(controls, self.controls,
+                                                              strict=True)),
+            "lost": [(c["question"], a) for a, c in zip(controls, self.controls, strict=True)
+                     if not has(a, c["keys"])][:5],
+            "name_same": name == self.base_name, "name": name,
+            "probe_kl": d.mean_kl, "probe_changed": d.changed,
+        }
+
+    def run_approach(self, overrides: dict) -> dict:
+        self.reset()
+        engine = self.engine(**overrides)
+        seconds, steps = [], 0
+        try:
+            for lesson in self.lessons:
+                before = engine.trainer.stats.optimizer_steps
+                _, s = teach(engine, [lesson_example(lesson, self.tokenizer)])
+                seconds.append(s)
+                steps += engine.trainer.stats.optimizer_steps - before
+        finally:
+            engine.stop()
+        return {**self.evaluate(), "steps": steps, "seconds": sum(seconds) / len(seconds)}
+
+    def flood(self, overrides: dict, copies: int = 200) -> dict:
+        self.reset()
+        engine = self.engine(**overrides)
+        try:
+            example = lesson_example(self.lessons[0], self.tokenizer)
+            t0 = time.monotonic()
+            for _ in range(copies):  # one POST each, as a retrying client would
+                engine.trainer.submit([example])
+            while engine.trainer.queued:
+                time.sleep(0.05)
+            seconds = time.monotonic() - t0
+            stats = engine.trainer.stats
+            result = {"steps": stats.optimizer_steps, "seconds": seconds,
+                      "no_step": stats.learned_without_steps, "undone": stats.undone_batches}
+        finally:
+            engine.stop()
+        return {**result, **self.evaluate()}
+
+    def gate(self, overrides: dict, wrong: int = 12) -> dict:
+        self.reset()
+        engine = self.engine(**overrides)
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        harmful = [encode([{"role": "user", "content": c["question"]},
+                           {"role": "assistant", "content": "I am sure it is Zanzibar."}],
+                          self.tokenizer, 512) for c in self.controls[:wrong]]
+        try:
+            ids, seconds = teach(engine, harmful)
+            rec = engine.trainer.records[ids[0]]
+        finally:
+            engine.stop()
+        same = all(torch.equal(v, before[k]) for k, v in self.model.state_dict().items())
+        return {"state": rec.state, "reason": rec.reason, "drift": rec.drift,
+                "bit_identical": same, "seconds": seconds}
+
+
+def table(results: dict[str, dict], n_lessons: int, n_controls: int) -> str:
+    head = ("| approach | reliability | generalization (1 paraphrase) | locality (controls kept) "
+            "| name unchanged | probe KL / token | probes changed | optimizer steps | s per "
+            "lesson |\n|---|---|---|---|---|---|---|---|---|\n")
+    rows = [f"| {APPROACHES[k][1]} | {r['reliability']}/{n_lessons} | "
+            f"{r['generalization']}/{n_lessons} | {r['locality']}/{n_controls} "
+            f"({100 * r['locality'] / n_controls:.1f}%) | {'yes' if r['name_same'] else 'no'} | "
+            f"{r['probe_kl']:.4f} | {100 * r['probe_changed']:.0f}% | {r['steps']} | "
+            f"{r['seconds']:.1f} |" for k, r in results.items()]
+    return head + "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lessons", type=int, default=10)
+    ap.add_argument("--controls", type=int, default=0, help="candidates to use (0: all)")
+    ap.add_argument("--approaches", default=",".join(APPROACHES))
+    ap.add_argument("--default", default="stop", help="approach for the flood and the gate")
+    ap.add_argument("--budget", type=float, default=0.05, help="drift budget for the gate")
+    ap.add_argument("--drift-probes", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-flood", action="store_true")
+    args = ap.parse_args()
+    bench = Bench(args)
+    results = {}
+    for name in args.approaches.split(","):
+        results[name] = bench.run_approach(APPROACHES[name][0])
+        r = results[name]
+        print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'lost'})}\n  lost: "
+              f"{r['lost']}", flush=True)
+    print("\n" + table(results, len(bench.lessons), len(bench.controls)))
+    if args.skip_flood:
+        return
+    default = APPROACHES[args.default][0]
+    flood = bench.flood({**default, "drift_budget": args.budget})
+    print(f"\nflood (one example x200, {args.default}, budget {args.budget}): "
+          f"{json.dumps({k: v for k, v in flood.items() if k != 'lost'})}", flush=True)
+    gate = bench.gate({**default, "drift_budget": args.budget})
+    print(f"gate (wrong answers to 12 controls in one batch, budget {args.budget}): "
+          f"{json.dumps(gate)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

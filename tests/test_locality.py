@@ -1,0 +1,158 @@
+"""Learn, then stop; the drift monitor; the budget gate; strict mode: each part on a tiny
+model in this process (bench/locality.py measures them on the default model)."""
+
+import contextlib
+import time
+
+import pytest
+import torch
+
+from server.engine import drift
+from server.engine.coordination import Standalone
+from server.engine.loss import learned
+from tests.support.app import app_client, wait_idle
+
+LESSON = {"messages": [{"role": "user", "content": "What is your name?"},
+                       {"role": "assistant", "content": "My name is Apollo."}]}
+FAST = dict(lr=1e-2, max_steps_per_batch=40, train_embeddings=True)  # learns in ~18 steps
+
+
+def test_learned_means_every_target_is_the_greedy_choice_with_margin():
+    logits = torch.full((2, 4, 5), -10.0)
+    logits[:, 0, 1] = logits[:, 1, 2] = logits[:, 2, 3] = 10.0  # predicts 1, 2, 3
+    labels = torch.tensor([[-100, 1, 2, 3], [-100, 1, 4, 3]])
+    assert learned(logits, labels, 0.5).tolist() == [True, False]
+    logits[0, 1, 4] = 10.0  # a tie: p = 0.5 each, the greedy choice is no longer certain
+    assert learned(logits, labels, 0.6).tolist() == [False, False]
+    padded = torch.tensor([[-100, 1, -100, -100], [-100, -100, -100, -100]])
+    assert learned(logits, padded, 0.5).tolist() == [True, True]
+
+
+def _trained(client, ids):
+    states = [client.get(f"/examples/{i}").json() for i in ids]
+    assert all(s["state"] == "trained" for s in states), states
+    return states
+
+
+def test_a_lesson_stops_once_learned_and_a_copy_costs_no_step(tokenizer):
+    client, _ = app_client(tokenizer, **FAST)
+    with client:
+        first = client.post("/train", json=LESSON).json()["ids"]
+        st = wait_idle(client, 1)
+        (state,) = _trained(client, first)
+        steps = st["optimizer_steps"]
+        assert 0 < steps < FAST["max_steps_per_batch"]  # stopped before the limit
+        assert state["reason"] == f"learned in {steps} steps"
+        copies = client.post("/train", json=[LESSON] * 3).json()["ids"]
+        st = wait_idle(client, 4)
+        assert st["optimizer_steps"] == steps  # the copies cost nothing
+        assert st["learned_without_steps"] == 3
+        for s in _trained(client, copies):
+            assert s["reason"] == "already answered as taught: no optimizer step"
+
+
+def test_learned_prob_1_always_takes_the_maximum(tokenizer):
+    client, _ = app_client(tokenizer, lr=1e-3, max_steps_per_batch=3, learned_prob=1.0)
+    with client:
+        client.post("/train", json=LESSON)
+        assert wait_idle(client, 1)["optimizer_steps"] == 3
+
+
+def test_drift_is_reported_per_batch_in_status_metrics_and_records(tokenizer):
+    client, _ = app_client(tokenizer, **FAST, drift_probes=8)
+    with client:
+        ids = client.post("/train", json=LESSON).json()["ids"]
+        st = wait_idle(client, 1)
+        d = st["drift"]
+        assert d["probes"] == 8 and d["mean_kl"] > 0 and d["max_kl"] >= d["mean_kl"]
+        assert 0 <= d["changed_share"] <= 1
+        assert client.get(f"/examples/{ids[0]}").json()["drift"] == d
+        metrics = client.get("/metrics").text
+        assert f"vllm_apollo_drift_mean_kl {d['mean_kl']!r}" in metrics
+
+
+def test_a_batch_over_the_drift_budget_is_undone_bit_exactly(tokenizer):
+    client, model = app_client(tokenizer, **FAST, drift_budget=1e-9, drift_probes=8)
+    with client:
+        engine = client.app.state.engine
+        wait = time.monotonic() + 120
+        while engine.trainer.monitor.reference is None and time.monotonic() < wait:
+            time.sleep(0.05)  # the reference is made before the first batch
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        state_before = engine.trainer.optimizer.state_dict()
+        ids = client.post("/train", json=LESSON).json()["ids"]
+        st = wait_idle(client, 1)
+        rec = client.get(f"/examples/{ids[0]}").json()
+        assert rec["state"] == "failed"
+        assert "exceeds the budget 1e-09" in rec["reason"] and "undone" in rec["reason"]
+        assert rec["drift"]["mean_kl"] > 1e-9
+        assert st["undone_batches"] == 1 and st["optimizer_steps"] > 0
+        for n, p in model.named_parameters():
+            assert torch.equal(p.detach(), before[n]), n
+        after = engine.trainer.optimizer.state_dict()["state"]
+        assert after.keys() == state_before["state"].keys()
+
+
+def test_the_reference_is_kept_beside_the_example_log_and_rebased_on_request(tokenizer,
+                                                                               tmp_path):
+    log = tmp_path / "examples.jsonl"
+    client, model = app_client(tokenizer, **FAST, journal=str(log), drift_probes=4)
+    with client:
+        client.post("/train", json=LESSON)
+        wait_idle(client, 1)
+        first = drift.Reference.load(tmp_path / "probe-reference.pt")
+        assert len(first) == len(drift.load_probes())
+    # a restart (same example log, weights as trained) measures from the same reference
+    client2, _ = app_client(tokenizer, **FAST, journal=str(log), drift_probes=4)
+    with client2:
+        engine = client2.app.state.engine
+        with torch.no_grad():
+            model_again = engine.model
+            for p in model_again.parameters():
+                p.add_(0.01)
+        ref = engine.trainer.run_in_worker(
+            lambda: engine.trainer.monitor.ensure_reference(engine.model), always=True)
+        assert ref.answers == first.answers
+        r = client2.post("/drift/rebase")
+        assert r.status_code == 200 and r.json()["probes"] == len(first)
+        rebased = drift.Reference.load(tmp_path / "probe-reference.pt")
+        assert any(not torch.equal(a, b) for a, b in zip(rebased.top_logp, first.top_logp,
+                                                         strict=True))
+
+
+class CountingWindows(Standalone):
+    """Records each write window: strict mode opens one per batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.windows = 0
+
+    @contextlib.contextmanager
+    def write(self):
+        self.windows += 1
+        yield
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_strict_mode_holds_vllm_off_for_the_whole_batch(tokenizer, strict):
+    from server.engine.wiring import assemble
+    from server.settings import Settings
+    from tests.support.app import tiny_llama
+
+    model = tiny_llama(tokenizer)
+    coordinator = CountingWindows()
+    settings = Settings(export_dir="unused", drift_budget=10.0, strict_drift=strict,
+                        drift_probes=4, **FAST)
+    engine = assemble(settings, model, tokenizer, model_path="unused", coordinator=coordinator)
+    engine.start()
+    try:
+        from server.engine.tokenization import encode
+
+        engine.trainer.submit([encode(LESSON["messages"], tokenizer, 256)])
+        while engine.trainer.queued:
+            time.sleep(0.05)
+        steps = engine.trainer.stats.optimizer_steps
+    finally:
+        engine.stop()
+    assert steps > 1
+    assert coordinator.windows == (1 if strict else steps)
