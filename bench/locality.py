@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,14 +35,18 @@ DATA = Path(__file__).parent / "data" / "locality"
 NAME = "What is your name?"
 APPROACHES = {
     # name: (settings overrides, what it is)
-    "fixed-5": (dict(learned_prob=1.0, max_steps_per_batch=5, lr=1e-4),
-                "5 steps per lesson at lr 1e-4 (before)"),
-    "stop": (dict(learned_prob=0.5, max_steps_per_batch=8, lr=1e-4),
+    "fixed-5": (dict(learned_prob=1.0, max_steps_per_batch=5, lr=1e-4, guard="none"),
+                "5 steps per lesson, lr 1e-4, no guard (before)"),
+    "stop": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4, guard="none"),
              "learn, then stop (p >= 0.5), lr 1e-4"),
-    "stop-lr3e-5": (dict(learned_prob=0.5, max_steps_per_batch=16, lr=3e-5),
-                    "learn, then stop, lr 3e-5"),
-    "stop-distill": (dict(learned_prob=0.5, max_steps_per_batch=8, lr=1e-4, guard="distill",
-                          guard_probes=2), "learn, then stop + KL to the reference on 2 probes"),
+    "stop-lr1e-5": (dict(learned_prob=0.5, max_steps_per_batch=30, lr=1e-5, guard="none"),
+                    "learn, then stop, lr 1e-5"),
+    "distill": (dict(learned_prob=0.5, max_steps_per_batch=16, lr=3e-5, guard="distill",
+                     guard_probes=4), "learn, then stop, lr 3e-5, KL to the reference on 4 "
+                                      "probes per step"),
+    "nullspace": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4, guard="nullspace",
+                       guard_eps=1e-2), "learn, then stop, lr 1e-4, null-space guard (eps "
+                                        "1e-2), norms frozen (the default)"),
 }
 
 
@@ -111,12 +116,21 @@ class Bench:
 
     def reset(self) -> None:
         self.model.load_state_dict(self.original)
+        for module in self.model.modules():  # a guard's patched forward goes with its engine
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("null_guard_basis", None)
 
     def engine(self, **overrides):
+        for p in self.model.parameters():
+            p.requires_grad_(True)
         engine = assemble(replace(self.settings, **overrides), self.model, self.tokenizer,
                           model_path=str(self.model_dir))
-        if engine.trainer.monitor is not None:
-            engine.trainer.monitor.reference = self.reference
+        monitor = engine.trainer.monitor
+        if monitor is not None:
+            monitor.reference = self.reference
+            t0 = time.monotonic()
+            monitor.ensure_guard(self.model)  # once per start, before the first lesson
+            self.guard_seconds = time.monotonic() - t0
         engine.start()
         return engine
 
@@ -142,17 +156,22 @@ class Bench:
 
     def run_approach(self, overrides: dict) -> dict:
         self.reset()
+        self.guard_seconds = 0.0
         engine = self.engine(**overrides)
-        seconds, steps = [], 0
+        seconds, steps, drifts = [], 0, []
         try:
             for lesson in self.lessons:
                 before = engine.trainer.stats.optimizer_steps
-                _, s = teach(engine, [lesson_example(lesson, self.tokenizer)])
+                ids, s = teach(engine, [lesson_example(lesson, self.tokenizer)])
                 seconds.append(s)
                 steps += engine.trainer.stats.optimizer_steps - before
+                d = engine.trainer.records[ids[0]].drift
+                drifts.append(round(d["mean_kl"], 5) if d else None)
         finally:
             engine.stop()
-        return {**self.evaluate(), "steps": steps, "seconds": sum(seconds) / len(seconds)}
+        return {**self.evaluate(), "steps": steps, "seconds": sum(seconds) / len(seconds),
+                "max_seconds": max(seconds), "guard_fit_seconds": self.guard_seconds,
+                "batch_drift": drifts}
 
     def flood(self, overrides: dict, copies: int = 200) -> dict:
         self.reset()
@@ -206,12 +225,15 @@ def main() -> None:
     ap.add_argument("--lessons", type=int, default=10)
     ap.add_argument("--controls", type=int, default=0, help="candidates to use (0: all)")
     ap.add_argument("--approaches", default=",".join(APPROACHES))
-    ap.add_argument("--default", default="stop", help="approach for the flood and the gate")
+    ap.add_argument("--default", default="nullspace",
+                    help="approach for the flood and the gate")
     ap.add_argument("--budget", type=float, default=0.05, help="drift budget for the gate")
     ap.add_argument("--drift-probes", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-flood", action="store_true")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("vllm_apollo.trainer").setLevel(logging.WARNING)
     bench = Bench(args)
     results = {}
     for name in args.approaches.split(","):

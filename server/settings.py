@@ -27,7 +27,7 @@ class Settings:
     lr: float = _opt(1e-4, "APOLLO-Mini learning rate (1e-4 learns a one-line lesson in about "
                            "5 steps on the fp32 default model)")
     batch_size: int = _opt(8, "max examples per optimizer step")
-    max_steps_per_batch: int = _opt(8, "most optimizer steps on one batch; it stops as soon "
+    max_steps_per_batch: int = _opt(12, "most optimizer steps on one batch; it stops as soon "
                                        "as its targets are learned (--learned-prob)")
     learned_prob: float = _opt(0.5, "a batch is learned when every target token is the "
                                     "model's greedy choice with at least this probability; "
@@ -43,9 +43,13 @@ class Settings:
     strict_drift: bool = _opt(False, "hold vLLM's engine steps off from a batch's first write "
                                      "until its drift is measured (never serves over budget; "
                                      "serving stalls for the batch)")
-    guard: str = _opt("none", "keep the rest of the model in place while learning: none, or "
-                              "distill (add KL to the reference on --guard-probes probes to "
-                              "every step)", choices=("none", "distill"))
+    guard: str = _opt("nullspace", "keep the rest of the model in place while learning: "
+                                   "nullspace (a lesson changes each matrix only along input "
+                                   "directions the probe set does not use), distill (add KL "
+                                   "to the reference on --guard-probes probes to every step), "
+                                   "or none", choices=("nullspace", "distill", "none"))
+    guard_eps: float = _opt(1e-2, "--guard nullspace: share of the probe inputs' energy left "
+                                  "unprotected (smaller protects more directions)")
     guard_probes: int = _opt(2, "probes added to every step by --guard distill")
     guard_weight: float = _opt(1.0, "weight of the --guard distill term")
     max_tokens_per_example: int = _opt(2048, "longest example accepted, in tokens")

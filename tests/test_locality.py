@@ -156,3 +156,43 @@ def test_strict_mode_holds_vllm_off_for_the_whole_batch(tokenizer, strict):
         engine.stop()
     assert steps > 1
     assert coordinator.windows == (1 if strict else steps)
+
+
+def test_null_space_guard_leaves_protected_inputs_unchanged():
+    """A step with the guard's gradient changes W x only for x off the protected span."""
+    import types
+
+    from server.engine.nullspace import _projected_forward
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4, bias=False)
+    basis, _ = torch.linalg.qr(torch.randn(8, 3))
+    layer.null_guard_basis = basis
+    layer.forward = types.MethodType(_projected_forward, layer)
+    x = torch.randn(5, 8)
+    layer(x).pow(2).sum().backward()
+    projected = x - (x @ basis) @ basis.T
+    expected = (2 * (x @ layer.weight.T)).T @ projected
+    assert torch.allclose(layer.weight.grad, expected, atol=1e-5)
+    protected = torch.randn(6, 3) @ basis.T  # inputs inside the span
+    before = layer(protected).detach()
+    with torch.no_grad():
+        layer.weight -= 0.5 * layer.weight.grad
+    assert torch.allclose(layer(protected), before, atol=1e-5)
+    assert not torch.allclose(layer(x), x @ (layer.weight + 0.5 * layer.weight.grad).T)
+
+
+def test_null_space_guard_keeps_probe_answers_closer_than_no_guard(tokenizer):
+    """Same lesson, same steps, tiny model: the guard moves the probes' answers less."""
+    results = {}
+    for guard in ("none", "nullspace"):
+        client, model = app_client(tokenizer, lr=1e-2, max_steps_per_batch=5, learned_prob=1.0,
+                                   train_embeddings=False, guard=guard, drift_probes=32)
+        with client:
+            client.post("/train", json=LESSON)
+            st = wait_idle(client, 1)
+        assert st["optimizer_steps"] == 5
+        results[guard] = st["drift"]["mean_kl"]
+    print(f"\nprobe KL after 5 steps: no guard {results['none']:.2e}, "
+          f"null-space guard {results['nullspace']:.2e}")
+    assert results["nullspace"] < 0.5 * results["none"]

@@ -25,8 +25,15 @@ TOP_K = 16
 DEFAULT_PROBES = Path(__file__).with_name("data") / "probes.jsonl"
 
 
-def load_probes(path: str | Path | None = None) -> list[list[dict]]:
-    """Probe conversations from JSONL: {"messages": [...]} or {"prompt": "..."} per line."""
+@dataclass
+class Probe:
+    messages: list[dict]
+    protect: bool = True  # the null-space guard keeps it; False: measured, not protected
+
+
+def load_probes(path: str | Path | None = None) -> list[Probe]:
+    """Probes from JSONL: {"messages": [...]} or {"prompt": "..."} per line, and optionally
+    "protect": false (a behaviour users are expected to teach, such as the model's name)."""
     probes = []
     for n, line in enumerate(Path(path or DEFAULT_PROBES).read_text().splitlines(), 1):
         if not line.strip():
@@ -39,7 +46,8 @@ def load_probes(path: str | Path | None = None) -> list[list[dict]]:
                 raise ValueError("no messages")
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: line {n}: not a probe ({exc})") from None
-        probes.append([{"role": m["role"], "content": m["content"]} for m in messages])
+        probes.append(Probe([{"role": m["role"], "content": m["content"]} for m in messages],
+                            protect=item.get("protect", True) is not False))
     if not probes:
         raise ValueError(f"{path}: no probes")
     return probes
@@ -68,9 +76,10 @@ class Reference:
         return cls(**torch.load(path, weights_only=True))
 
 
-def prompt_ids(tokenizer, probes: Sequence[list[dict]]) -> list[list[int]]:
+def prompt_ids(tokenizer, probes: Sequence[Probe]) -> list[list[int]]:
     out = []
-    for messages in probes:
+    for probe in probes:
+        messages = probe.messages
         if tokenizer.chat_template is None:
             text = "".join(m["content"] for m in messages)
         else:
@@ -81,7 +90,9 @@ def prompt_ids(tokenizer, probes: Sequence[list[dict]]) -> list[list[int]]:
 
 
 def digest_of(prompts: list[list[int]]) -> str:
-    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+    """Identifies what a reference answers: the probe prompts and how they are answered."""
+    key = json.dumps([ANSWER_TOKENS, TOP_K, prompts])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ from torch import nn
 
 from server.engine import drift
 from server.engine.drift import Drift, Reference
+from server.engine.nullspace import NullSpaceGuard
 
 log = logging.getLogger("vllm_apollo.drift")
 
@@ -50,9 +51,18 @@ class Monitor:
     """The probe set, its reference and the rotation of probes measured after each batch."""
 
     def __init__(self, tokenizer, probe_file: str | None, store: Path | None, *,
-                 per_batch: int, pad_id: int):
-        self.prompts = drift.prompt_ids(tokenizer, drift.load_probes(probe_file))
+                 per_batch: int, pad_id: int, shared: Path | None = None,
+                 null_space_eps: float | None = None):
+        """`store`: where this server keeps its reference (beside the example log).
+        `shared`: a cache of references made from the model's files as they are on disk, for
+        servers that start while the live weights still equal the files."""
+        probes = drift.load_probes(probe_file)
+        self.prompts = drift.prompt_ids(tokenizer, probes)
+        self.protected = [i for i, p in enumerate(probes) if p.protect]
         self.store, self.per_batch, self.pad_id = store, per_batch, pad_id
+        self.shared = shared
+        self.null_space_eps = null_space_eps
+        self.guard: NullSpaceGuard | None = None
         self.stop_ids = {t for t in (tokenizer.eos_token_id,
                                      tokenizer.convert_tokens_to_ids("<|im_end|>"))
                          if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id}
@@ -74,8 +84,34 @@ class Monitor:
                 return ref
             log.warning("the probe set changed since %s was made: answering it again",
                         self.store)
+        if self.shared is not None and self.shared.exists():
+            ref = Reference.load(self.shared)
+            if ref.digest == digest:
+                self.reference = ref
+                self._save(self.store)
+                log.info("drift reference: %d probes from %s", len(ref), self.shared)
+                return ref
         self.rebase(model)
+        self._save(self.shared)
         return self.reference
+
+    def _save(self, path: Path | None) -> None:
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.reference.save(path)
+        except OSError as exc:  # a read-only model directory: only the cache is lost
+            log.warning("could not keep the drift reference at %s: %s", path, exc)
+
+    def ensure_guard(self, model: nn.Module) -> None:
+        """Fit the null-space guard (if configured) on the probes' inputs, once."""
+        if self.null_space_eps is None or (self.guard is not None and self.guard.fitted):
+            return
+        ref = self.ensure_reference(model)
+        self.guard = NullSpaceGuard(model, self.null_space_eps)
+        self.guard.fit(model, [ref.prompts[i] + ref.answers[i] for i in self.protected],
+                       self.pad_id)
 
     def rebase(self, model: nn.Module) -> None:
         """The live model's answers become the reference (an explicit request, or the first
@@ -88,10 +124,9 @@ class Monitor:
         finally:
             model.train(model_was_training)
         self.last = None
-        if self.store is not None:
-            self.store.parent.mkdir(parents=True, exist_ok=True)
-            self.reference.save(self.store)
-        log.info("drift reference: %d probes answered", len(self.reference))
+        self._save(self.store)
+        log.info("drift reference: %d probes answered (%d tokens each at most)",
+                 len(self.reference), drift.ANSWER_TOKENS)
 
     def measure_next(self, model: nn.Module) -> Drift:
         """Drift on the next window of the rotation."""

@@ -121,6 +121,7 @@ class Stepper:
         drift gate."""
         if self.monitor is not None:  # no batch changes weights before the reference exists
             self.monitor.ensure_reference(self.model)
+            self.monitor.ensure_guard(self.model)
         gated = self.budget > 0 and self.measure
         preimage = PreImage(self.model, self.optimizer) if gated else None
         with self._window() if self.strict and gated else contextlib.nullcontext():

@@ -186,8 +186,9 @@ class Trainer:
         if self.monitor is not None:  # before the first batch changes anything
             try:
                 self.monitor.ensure_reference(self.model)
+                self.monitor.ensure_guard(self.model)
             except Exception:  # the stepper tries again before each batch, which fails
-                log.exception("the drift reference could not be made")
+                log.exception("the drift reference or the guard could not be made")
         self._serve()
         if self._last is not None:
             try:

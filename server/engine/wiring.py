@@ -7,6 +7,7 @@ the trainer and the checkpoint service. Tests assemble an engine around a local 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -73,9 +74,11 @@ class Engine:
             self.example_log.close()
 
 
-def param_groups(model: nn.Module, lr: float, train_embeddings: bool) -> list[dict]:
-    """Matrices of the decoder layers get APOLLO-Mini; norms AdamW; embeddings frozen unless
-    asked (AdamW on them would cost two extra copies of the vocabulary matrix)."""
+def param_groups(model: nn.Module, lr: float, train_embeddings: bool,
+                 train_vectors: bool = True) -> list[dict]:
+    """Matrices of the decoder layers get APOLLO-Mini; norms (and biases) AdamW unless
+    `train_vectors` is off; embeddings frozen unless asked (AdamW on them would cost two
+    extra copies of the vocabulary matrix)."""
     embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
                   if m is not None for p in m.parameters()}
     matrices, others, frozen = [], [], []
@@ -85,14 +88,18 @@ def param_groups(model: nn.Module, lr: float, train_embeddings: bool) -> list[di
         elif p.dim() == 2:
             matrices.append(p)
         else:
-            others.append(p)
+            (others if train_vectors else frozen).append(p)
     for p in frozen:
         p.requires_grad_(False)
     return [{"params": matrices, "lr": lr}, {"params": others, "lr": lr, "apollo": False}]
 
 
 def make_optimizer(model: nn.Module, settings: Settings) -> ApolloMini:
-    return ApolloMini(param_groups(model, settings.lr, settings.train_embeddings), lr=settings.lr)
+    """The null-space guard protects what matrices compute; a norm's scale reaches every
+    input, so under that guard norms and biases stay as they are (bench/locality.py)."""
+    groups = param_groups(model, settings.lr, settings.train_embeddings,
+                          train_vectors=settings.guard != "nullspace")
+    return ApolloMini(groups, lr=settings.lr)
 
 
 def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str,
@@ -108,7 +115,8 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
     trainer = Trainer(model, make_optimizer(model, settings), settings,
                       pad_id=tokenizer.pad_token_id or 0, example_log=example_log,
                       coordinator=coordinator, group=group,
-                      monitor=_monitor(settings, tokenizer, example_log, group))
+                      monitor=_monitor(settings, tokenizer, example_log, group,
+                                       _shared_reference(model_path, coordinator)))
     checkpoints = None
     if checkpointer is not None:
         checkpoints = CheckpointService(checkpointer, trainer, settings.checkpoint_every_steps,
@@ -120,7 +128,7 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
 
 
 def _monitor(settings: Settings, tokenizer, example_log: ExampleLog | None,
-             group: Group | None) -> Monitor | None:
+             group: Group | None, shared: Path | None) -> Monitor | None:
     """The probe monitor (drift after each batch, the gate, the guard), its reference kept
     beside the example log so a restart measures from the same place."""
     wanted = settings.drift_probes > 0 or settings.drift_budget > 0 or settings.guard != "none"
@@ -131,8 +139,22 @@ def _monitor(settings: Settings, tokenizer, example_log: ExampleLog | None,
                     "parallelism yet: training without them")
         return None
     store = example_log.path.parent / "probe-reference.pt" if example_log else None
-    return Monitor(tokenizer, settings.probe_file, store,
-                   per_batch=max(settings.drift_probes, 1), pad_id=tokenizer.pad_token_id or 0)
+    return Monitor(tokenizer, settings.probe_file, store, shared=shared,
+                   per_batch=max(settings.drift_probes, 1), pad_id=tokenizer.pad_token_id or 0,
+                   null_space_eps=settings.guard_eps if settings.guard == "nullspace" else None)
+
+
+def _shared_reference(model_path: str, coordinator: Standalone | None) -> Path | None:
+    """Where references made from the model's files (as on disk now) are cached: valid only
+    while vLLM's weights still equal the files (no optimizer step applied since it loaded)."""
+    if coordinator is None or coordinator.applied_steps() != 0:
+        return None
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        return None
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    key = hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
+    return Path(model_path) / ".apollo" / f"probe-reference-{key}.pt"
 
 
 def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:

@@ -1,0 +1,129 @@
+"""The null-space guard: a lesson may change a matrix only along input directions the rest
+of the model's use does not occupy (after AlphaEdit, Fang et al., ICLR 2025).
+
+For every trained linear layer y = W x, the inputs x it sees while the model answers the
+probe set span a subspace S (the top eigenvectors of their covariance holding all but
+`eps` of its energy). The weight gradient dL/dW = Σ dy xᵀ is taken with each x projected
+off S, so the update ΔW satisfies ΔW s ≈ 0 for s in S: on probe-like inputs the layer
+computes what it computed before. The projection acts on the activations inside backward
+(T x d numbers per layer, not the d_out x d_in gradient), so a step costs little more.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger("vllm_apollo.guard")
+
+
+class _ProjectedLinear(torch.autograd.Function):
+    """F.linear whose weight gradient sees the input projected off `basis` (d_in x r)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, basis):
+        ctx.save_for_backward(x, weight, basis)
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, basis = ctx.saved_tensors
+        dx = dy @ weight if ctx.needs_input_grad[0] else None
+        dw = db = None
+        if ctx.needs_input_grad[1]:
+            flat_x = x.reshape(-1, x.shape[-1]).float()
+            flat_x = flat_x - (flat_x @ basis) @ basis.T
+            dw = dy.reshape(-1, dy.shape[-1]).T @ flat_x.to(dy.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        return dx, dw, db, None
+
+
+def _projected_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if not torch.is_grad_enabled() or not self.weight.requires_grad:
+        return F.linear(x, self.weight, self.bias)
+    return _ProjectedLinear.apply(x, self.weight, self.bias, self.null_guard_basis)
+
+
+class NullSpaceGuard:
+    """Fits the protected input subspaces of a model's trained linear layers and makes their
+    weight gradients avoid them."""
+
+    def __init__(self, model: nn.Module, eps: float):
+        self.eps = eps
+        self.layers = {name: m for name, m in model.named_modules()
+                       if isinstance(m, nn.Linear) and m.weight.requires_grad
+                       and m.weight.dim() == 2}
+        self.fitted = False
+
+    @torch.no_grad()
+    def fit(self, model: nn.Module, sequences: Sequence[list[int]], pad_id: int,
+            batch: int = 32) -> None:
+        """Input covariances over `sequences` (probe prompts with their answers), one per
+        distinct input (q/k/v, gate/up share theirs), then their protected bases."""
+        device = next(model.parameters()).device
+        key_of: dict[str, str] = {}  # layer -> the first layer that read the same input
+        cov: dict[str, torch.Tensor] = {}
+        # q/k/v (gate/up) read one tensor one after the other: sharing is "same as last"
+        state = {"mask": None, "last": None, "last_name": None}
+
+        def hook(name):
+            def pre(module, args):
+                x = args[0]
+                if x is state["last"]:
+                    key_of[name] = key_of[state["last_name"]]
+                    return
+                state["last"], state["last_name"] = x, name
+                key_of[name] = name
+                flat = x.reshape(-1, x.shape[-1])[state["mask"]].double()
+                acc = cov.setdefault(name, torch.zeros(x.shape[-1], x.shape[-1],
+                                                       dtype=torch.float64, device=device))
+                acc.addmm_(flat.T, flat)
+            return pre
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.layers.items()]
+        try:
+            for lo in range(0, len(sequences), batch):
+                chunk = sequences[lo:lo + batch]
+                width = max(map(len, chunk))
+                ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in chunk],
+                                   device=device)
+                mask = torch.arange(width, device=device)[None] < torch.tensor(
+                    [len(s) for s in chunk], device=device)[:, None]
+                state["mask"] = mask.reshape(-1)
+                model(input_ids=ids, attention_mask=mask.long())
+                state["last"] = None
+        finally:
+            for h in handles:
+                h.remove()
+        bases = {key: self._basis(c) for key, c in cov.items()}
+        for name, module in self.layers.items():
+            module.null_guard_basis = bases[key_of[name]]
+            module.forward = types.MethodType(_projected_forward, module)
+        self.fitted = True
+        dims = [b.shape for b in bases.values()]
+        log.info("null-space guard: %d layers, %d distinct inputs, %.0f of %.0f input "
+                 "directions protected on average (eps %g)", len(self.layers), len(bases),
+                 sum(d[1] for d in dims) / len(dims), sum(d[0] for d in dims) / len(dims),
+                 self.eps)
+
+    def _basis(self, cov: torch.Tensor) -> torch.Tensor:
+        """Top eigenvectors holding all but eps of the covariance's energy (d x r, fp32)."""
+        values, vectors = torch.linalg.eigh(cov)
+        values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+        energy = values.cumsum(0) / values.sum().clamp_min(1e-30)
+        r = int((energy < 1 - self.eps).sum()) + 1
+        return vectors[:, :r].float().contiguous()
+
+    def remove(self) -> None:
+        for module in self.layers.values():
+            if "forward" in module.__dict__:
+                del module.forward
+            module.__dict__.pop("null_guard_basis", None)
+        self.fitted = False
