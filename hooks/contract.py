@@ -30,6 +30,11 @@ def lock_paths(export_dir: str | os.PathLike, rank: int) -> tuple[Path, Path]:
     return d / f"rank{rank}.turnstile", d / f"rank{rank}.lock"
 
 
+def trainer_lock_path(export_dir: str | os.PathLike) -> Path:
+    """Held (flock) by the one training server attached to this export."""
+    return Path(export_dir) / "trainer.lock"
+
+
 def counter_path(export_dir: str | os.PathLike, name: str = "updates") -> Path:
     return Path(export_dir) / f"{name}.counter"
 

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers the rebuild functions handles refer to)
 
 from hooks.consistency import StepLock, UpdateCounter
-from hooks.contract import FORMAT_VERSION, handles_path, manifest_path
+from hooks.contract import FORMAT_VERSION, handles_path, manifest_path, trainer_lock_path
 from weight_mapping.sharded import ShardSpec
 
 
@@ -53,6 +53,11 @@ class Export:
     @property
     def export_dir(self) -> Path:
         return Path(self.manifest["_dir"])
+
+    @property
+    def trainer_lock_path(self) -> Path:
+        """The file the one training server attached to this export holds locked."""
+        return trainer_lock_path(self.export_dir)
 
     def step_lock(self) -> StepLock:
         """The lock vLLM's worker holds per engine step; write weights under .write()."""

@@ -15,8 +15,9 @@ router = APIRouter()
 
 @router.get("/health", response_model=Health)
 def health(engine: EngineDep) -> Health:
-    if engine.export is not None and not engine.export.owner_alive():
-        raise HTTPException(503, "the vLLM process that owns the weights has exited")
+    """200, or 503 with the reason the service cannot train (it then refuses /train too)."""
+    if (reason := engine.problem()) is not None:
+        raise HTTPException(503, reason)
     return Health(status="ok")
 
 

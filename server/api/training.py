@@ -14,7 +14,8 @@ from server.api.schemas import (
     TrainRequest,
     TrainResponse,
 )
-from server.engine.records import QueueFull
+from server.engine.example_log import ExampleLogError, NotLogged
+from server.engine.records import QueueFull, Unavailable
 from server.engine.tokenization import ExampleError, encode
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -23,6 +24,8 @@ router = APIRouter(dependencies=[Depends(require_key)])
 @router.post("/train", response_model=TrainResponse, status_code=202)
 def train(body: TrainRequest, engine: EngineDep, settings: SettingsDep) -> TrainResponse:
     """Validate and tokenize every example first: a request is queued whole or not at all."""
+    if (reason := engine.problem()) is not None:
+        raise HTTPException(503, f"not accepting examples: {reason}")
     examples = body if isinstance(body, list) else [body]
     if not examples:
         raise HTTPException(422, "no examples in request")
@@ -41,6 +44,10 @@ def train(body: TrainRequest, engine: EngineDep, settings: SettingsDep) -> Train
         ids = engine.trainer.submit(encoded)
     except QueueFull as exc:
         raise HTTPException(429, str(exc), headers={"Retry-After": "5"}) from None
+    except NotLogged as exc:  # e.g. a full disk: nothing was accepted
+        raise HTTPException(507, str(exc)) from None
+    except (Unavailable, ExampleLogError) as exc:
+        raise HTTPException(503, f"not accepting examples: {exc}") from None
     return TrainResponse(ids=ids, queued=engine.trainer.queued)
 
 

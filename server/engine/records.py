@@ -36,3 +36,7 @@ class TrainerStats:
 class QueueFull(RuntimeError):
     def __init__(self, queued: int, limit: int):
         super().__init__(f"training queue is full ({queued} of {limit} queued); retry later")
+
+
+class Unavailable(RuntimeError):
+    """The trainer cannot take examples any more; the message says why."""

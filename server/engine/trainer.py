@@ -18,15 +18,15 @@ from torch import nn
 
 from server.engine.coordination import Standalone
 from server.engine.distributed import Group
-from server.engine.example_log import ExampleLog
-from server.engine.records import QueueFull, Record, TrainerStats
+from server.engine.example_log import ExampleLog, ExampleLogError
+from server.engine.records import QueueFull, Record, TrainerStats, Unavailable
 from server.engine.steps import LiveOptimizer, Stepper
 from server.engine.tokenization import Encoded
 from server.settings import Settings
 
 log = logging.getLogger("vllm_apollo.trainer")
 
-__all__ = ["QueueFull", "Trainer"]
+__all__ = ["QueueFull", "Trainer", "Unavailable"]
 
 
 class Trainer:
@@ -60,6 +60,9 @@ class Trainer:
         self._tasks: deque[tuple[Callable, Future]] = deque()
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
         self.after_batch: list[Callable[[], None]] = []  # run by the worker after each batch
+        # Why the worker can no longer train (an outcome it could not log, an error that
+        # ended the thread): the service reports it (/health and /train 503) instead.
+        self.fatal: str | None = None
         if example_log is not None:
             self._restore(example_log)
 
@@ -75,8 +78,7 @@ class Trainer:
 
     def _restore(self, example_log: ExampleLog) -> None:
         applied = self.coordinator.applied_steps()
-        state = example_log.replay(applied)
-        example_log.compact(state, applied)  # finished examples keep their outcome, not tokens
+        state = example_log.restore(applied)  # compacted: finished examples lose their tokens
         for i, enc in state.accepted.items():
             rec = self.records[i] = Record(i, enc)
             if i in state.trained:
@@ -99,8 +101,11 @@ class Trainer:
 
     # --- producer side (HTTP handlers) ---
     def submit(self, examples: list[Encoded]) -> list[str]:
-        """Log (fsync) and queue all of `examples`, or none (raises QueueFull)."""
+        """Log (fsync) and queue all of `examples`, or none (raises QueueFull, Unavailable,
+        or the example log's NotLogged / LogBroken)."""
         with self._cond:
+            if self.fatal:
+                raise Unavailable(self.fatal)
             if len(self._queue) + self._in_flight + len(examples) > self.max_queue:
                 raise QueueFull(len(self._queue) + self._in_flight, self.max_queue)
             recs = [Record(id=uuid.uuid4().hex[:16], encoded=e) for e in examples]
@@ -145,6 +150,8 @@ class Trainer:
             return fn()
         future: Future = Future()
         with self._cond:
+            if self.fatal:
+                raise Unavailable(self.fatal)
             if self._stop or not self._thread.is_alive():
                 raise RuntimeError("the trainer is not running")
             self._tasks.append((fn, future))
@@ -178,8 +185,30 @@ class Trainer:
             self._in_flight = len(batch)
             return batch, steps
 
+    def problem(self) -> str | None:
+        """Why this trainer cannot train (None: it can)."""
+        if self.fatal:
+            return self.fatal
+        if self._thread.ident is not None and not self._thread.is_alive() and not self._stop:
+            return "the trainer thread has ended"
+        return None
+
+    def _die(self, reason: str) -> None:
+        log.critical("%s; the service is unhealthy until restarted", reason)
+        with self._cond:
+            self.fatal = reason
+            for _, future in self._tasks:
+                future.set_exception(Unavailable(reason))
+            self._tasks.clear()
+
     def _run(self) -> None:
-        self._serve()
+        try:
+            self._serve()
+        except BaseException as exc:  # nothing ends the worker silently (see self.fatal)
+            why = "the example log failed" if isinstance(exc, ExampleLogError) else \
+                "the trainer failed"
+            self._die(f"{why}: {type(exc).__name__}: {exc}")
+            return
         if self._last is not None:
             try:
                 self._last()
@@ -203,6 +232,8 @@ class Trainer:
                 if self.group is not None:
                     self.group.broadcast(("train", [r.encoded for r in batch], steps))
                 self._finish(batch, failed=self.stepper.run([r.encoded for r in batch], steps))
+            except ExampleLogError:
+                raise  # an outcome that cannot be logged: the log and counter resolve it later
             except Exception as exc:  # isolate: mark the batch failed, keep serving
                 log.exception("training batch failed")
                 self._finish(batch, failed=f"{type(exc).__name__}: {exc}")

@@ -7,6 +7,7 @@ the trainer and the checkpoint service. Tests assemble an engine around a local 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from server.engine.distributed import (
     start_followers,
 )
 from server.engine.example_log import ExampleLog
+from server.engine.exclusive import hold_exclusive
 from server.engine.trainer import Trainer
 from server.settings import Settings
 from weight_mapping import Export, attach, build_model, checkpoint_file_names, load_config
@@ -54,6 +56,17 @@ class Engine:
 
     def start(self) -> None:
         self.trainer.start()
+
+    def problem(self) -> str | None:
+        """Why this engine cannot take examples now (None: it can): the service is then
+        unhealthy rather than accepting what it would not train."""
+        if (reason := self.trainer.problem()) is not None:
+            return reason
+        if self.example_log is not None and self.example_log.broken:
+            return self.example_log.broken
+        if self.export is not None and not self.export.owner_alive():
+            return "the vLLM process that owns the weights has exited"
+        return None
 
     def stop(self) -> None:
         """Finish the batch in progress; with --checkpoint-on-exit sync what vLLM learned,
@@ -99,11 +112,7 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
              coordinator: Standalone | None = None, group: Group | None = None) -> Engine:
     """Optimizer, example log (rank 0), trainer and checkpoint service around `model`."""
     leader = group is None or group.leader
-    example_log = None
-    if leader and settings.journal != "off" and (settings.journal != "auto" or export):
-        path = settings.journal if settings.journal != "auto" else \
-            Path(model_path) / ".apollo" / "examples.jsonl"
-        example_log = ExampleLog(path)
+    example_log = open_example_log(settings, model_path, export) if leader else None
     trainer = Trainer(model, make_optimizer(model, settings), settings,
                       pad_id=tokenizer.pad_token_id or 0, example_log=example_log,
                       coordinator=coordinator, group=group)
@@ -117,12 +126,35 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
                   example_log=example_log)
 
 
+def open_example_log(settings: Settings, model_path: str, export: Export | None
+                     ) -> ExampleLog | None:
+    """--journal: a path, off, or auto: MODEL_DIR/.apollo/examples.jsonl, or beside vLLM's
+    export when the model directory is read-only (the log then lasts as long as the export,
+    and so as long as the weights it describes: nothing can be checkpointed there)."""
+    if settings.journal == "off" or (settings.journal == "auto" and export is None):
+        return None
+    if settings.journal != "auto":
+        return ExampleLog(settings.journal)
+    try:
+        return ExampleLog(Path(model_path) / ".apollo" / "examples.jsonl")
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+    path = export.export_dir / "examples.jsonl"
+    log.warning("the model directory %s is read-only: the example log is %s (it lasts as long "
+                "as vLLM's export)", model_path, path)
+    return ExampleLog(path)
+
+
 def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
     """Rank `rank`'s engine on vLLM's rank `rank` export. Under tensor parallelism rank 0
     (the server) also starts ranks 1..N-1, and all join one process group."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     export = attach(settings.export_dir, rank=rank, timeout=settings.attach_timeout)
+    if rank == 0:  # one trainer per vLLM (two would both step its weights); the fd stays
+        # open, and the lock held, until this process exits
+        hold_exclusive(export.trainer_lock_path, f"vLLM's export {export.export_dir}")
     group = None
     if export.world_size > 1:
         if settings.train_embeddings:
