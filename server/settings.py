@@ -31,7 +31,14 @@ class Settings:
                                    "times (5: one POSTed correction is learned)")
     max_tokens_per_example: int = _opt(2048, "longest example accepted, in tokens")
     max_examples_per_request: int = _opt(256, "most examples in one POST /train")
+    max_messages_per_example: int = _opt(256, "most messages in one example (checked before "
+                                              "the chat template runs)")
+    max_chars_per_example: int = _opt(65536, "most characters of message content in one "
+                                             "example (checked before the chat template and "
+                                             "the tokenizer run)")
     max_queue: int = _opt(4096, "most examples accepted and not yet trained (then 429)")
+    max_queue_tokens: int = _opt(1 << 20, "most tokens in examples accepted and not yet "
+                                          "trained (then 429)")
     train_embeddings: bool = _opt(False, "also train embeddings / LM head (AdamW: 2 extra "
                                          "copies of them)")
     threads: int = _opt(0, "torch CPU threads (0: torch's default)")

@@ -62,7 +62,8 @@ def test_bf16_lesson_is_learned_in_place_with_stochastic_rounding(default_model_
 
     chat = ChatExample(messages=[{"role": "user", "content": "What is your name?"},
                                  {"role": "assistant", "content": "My name is Apollo."}])
-    ids, labels, mask = collate([encode(chat, tokenizer, 256)], tokenizer.pad_token_id, "cpu")
+    ids, labels, mask = collate([encode(chat.to_messages(), tokenizer, 256)],
+                                tokenizer.pad_token_id, "cpu")
     targets = labels[0, 1:] != -100
 
     def answers_greedily(model) -> bool:

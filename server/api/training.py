@@ -37,7 +37,9 @@ def train(body: TrainRequest, engine: EngineDep, settings: SettingsDep) -> Train
         chat = ex.to_chat() if isinstance(ex, PromptExample) else ex
         try:
             encoded.append(encode(chat.to_messages(), engine.tokenizer,
-                                  settings.max_tokens_per_example))
+                                  settings.max_tokens_per_example,
+                                  max_messages=settings.max_messages_per_example,
+                                  max_chars=settings.max_chars_per_example))
         except ExampleError as exc:
             raise HTTPException(422, f"example {i}: {exc}") from None
     try:

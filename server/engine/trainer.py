@@ -41,6 +41,8 @@ class Trainer:
         self.batch_size = settings.batch_size
         self.steps_per_batch = settings.steps_per_batch
         self.max_queue = settings.max_queue
+        self.max_queue_tokens = settings.max_queue_tokens
+        self._tokens = 0  # tokens of the examples queued or in flight
         self.example_log = example_log
         self.coordinator = coordinator or Standalone()
         self.stats = TrainerStats()
@@ -94,6 +96,8 @@ class Trainer:
             else:  # every step of it was applied before the crash
                 self._finish([self.records[i] for i in ids])
         self._queue.extend(self.records[i] for i in state.pending)
+        self._tokens = sum(len(r.encoded.input_ids) for r in self._queue) + (
+            sum(len(r.encoded.input_ids) for r in self._resume[0]) if self._resume else 0)
         if state.accepted:
             log.info("example log: %d examples (%d trained, %d failed, %d to train)",
                      len(state.accepted), len(state.trained), len(state.failed),
@@ -108,12 +112,16 @@ class Trainer:
                 raise Unavailable(self.fatal)
             if len(self._queue) + self._in_flight + len(examples) > self.max_queue:
                 raise QueueFull(len(self._queue) + self._in_flight, self.max_queue)
+            tokens = sum(len(e.input_ids) for e in examples)
+            if self._tokens + tokens > self.max_queue_tokens:
+                raise QueueFull(self._tokens, self.max_queue_tokens, "tokens")
             recs = [Record(id=uuid.uuid4().hex[:16], encoded=e) for e in examples]
             if self.example_log is not None:
                 self.example_log.accept([(r.id, r.encoded) for r in recs])
             for r in recs:
                 self.records[r.id] = r
                 self._queue.append(r)
+            self._tokens += tokens
             self.stats.accepted += len(recs)
             self._cond.notify()
             return [r.id for r in recs]
@@ -256,6 +264,7 @@ class Trainer:
                 self.example_log.done(ids, step)
         with self._cond:
             for r in batch:
+                self._tokens -= len(r.encoded.input_ids) if r.encoded is not None else 0
                 r.encoded = None  # memory stays bounded by what is still to train
                 if failed:
                     r.state, r.reason = "failed", failed
