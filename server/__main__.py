@@ -18,9 +18,6 @@ def main() -> None:
     settings = parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.api_key and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s without --api-key: anyone who reaches it can retrain the "
-                    "model", settings.host)
     # The engine first (attach, example log, locks): a refusal is one clear line, exit 2.
     try:
         engine = attach_engine(settings)

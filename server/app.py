@@ -1,14 +1,15 @@
-"""The FastAPI application: the engine's lifespan, the routers and the body-size limit."""
+"""The FastAPI application: the engine's lifespan, the routers, and the request guard (Host,
+Origin, content type and body size: server/api/guards.py) in front of them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from server.api import observe, training
+from server.api.guards import RequestGuard
 from server.engine.wiring import Engine, attach_engine
 from server.settings import Settings
 
@@ -28,14 +29,7 @@ def create_app(settings: Settings,
     app.state.settings = settings
     app.include_router(observe.router)
     app.include_router(training.router)
-
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > settings.max_body_bytes:
-            return JSONResponse({"detail": f"request body of {length} bytes exceeds the limit "
-                                           f"of {settings.max_body_bytes} (--max-body-bytes)"},
-                                status_code=413)
-        return await call_next(request)
-
+    app.add_middleware(RequestGuard, bind_host=settings.host,
+                       allowed_hosts=settings.allowed_hosts,
+                       max_body_bytes=settings.max_body_bytes)
     return app

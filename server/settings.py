@@ -9,14 +9,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-         env: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "env": env})
+         env: str | None = None, cli: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "env": env,
+                                            "cli": cli})
+
+
+KEY_ENV = "VLLM_APOLLO_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """A bind address only this machine reaches (a name other than localhost is not)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @dataclass
@@ -43,8 +57,16 @@ class Settings:
                                          "copies of them)")
     threads: int = _opt(0, "torch CPU threads (0: torch's default)")
     attach_timeout: float = _opt(600.0, "seconds to wait for vLLM's export")
+    # Never on the command line (argv is visible to every local user in ps): from
+    # --api-key-file or the environment.
     api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on endpoints that "
-                                     "change the model", env="VLLM_APOLLO_API_KEY")
+                                     "change the model", env=KEY_ENV, cli=False)
+    api_key_file: str | None = _opt(None, "file holding the API key that endpoints changing "
+                                          f"the model require (or set {KEY_ENV}); required to "
+                                          "listen beyond loopback")
+    allowed_hosts: str = _opt("", "comma-separated host names requests may address besides "
+                                  "loopback ones and the bind address (the Host header; "
+                                  "guards against DNS rebinding); '*' allows any")
     checkpoint_every_steps: int = _opt(0, "sync the live weights into the model files every N "
                                           "optimizer steps")
     checkpoint_every_seconds: float = _opt(0.0, "... or when T seconds passed since the last "
@@ -67,6 +89,10 @@ class Settings:
                                choices=("standard", "layerwise"))
 
     def __post_init__(self) -> None:
+        if not self.api_key and not is_loopback(self.host):
+            raise ValueError(f"refusing to listen on {self.host} without an API key: anyone who "
+                             "reaches it could retrain the model; give --api-key-file FILE or "
+                             f"set {KEY_ENV}")
         if self.prefix_cache_reset not in ("always", "never"):
             try:
                 float(self.prefix_cache_reset)
@@ -78,8 +104,11 @@ class Settings:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m server",
                                 description="Training server attached to a live vLLM export.")
+    p.add_argument("--api-key", action=_NoKeyInArgv, help=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if not meta.get("cli", True):
+            continue
         if f.default is dataclasses.MISSING:
             p.add_argument(flag, required=True, help=meta["help"])
         elif f.type == "bool":
@@ -93,9 +122,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _NoKeyInArgv(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"--api-key is not accepted on the command line (every local user sees "
+                     f"argv in ps): put the key in a file and give --api-key-file FILE, or set "
+                     f"{KEY_ENV}")
+
+
+def read_key(path: str) -> str:
+    """The key in `path` (surrounding whitespace removed); refused if empty or if other users
+    may write it."""
+    st = os.stat(path)
+    if st.st_mode & 0o022:
+        raise ValueError(f"--api-key-file {path} is writable by other users: chmod 600 it")
+    key = Path(path).read_text().strip()
+    if not key:
+        raise ValueError(f"--api-key-file {path} is empty")
+    return key
+
+
 def parse_args(argv: list[str] | None = None) -> Settings:
     parser = _parser()
     try:
-        return Settings(**vars(parser.parse_args(argv)))
-    except ValueError as exc:
+        args = vars(parser.parse_args(argv))
+        args["api_key"] = read_key(args["api_key_file"]) if args["api_key_file"] else \
+            os.environ.get(KEY_ENV) or None
+        return Settings(**args)
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
