@@ -26,7 +26,7 @@ from hooks.contract import counter_path, lock_paths
 class StepLock:
     def __init__(self, export_dir: str | os.PathLike, rank: int = 0):
         turnstile, lock = lock_paths(export_dir, rank)
-        turnstile.parent.mkdir(parents=True, exist_ok=True)
+        turnstile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._turnstile = os.open(turnstile, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         self._lock = os.open(lock, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
 
@@ -60,7 +60,7 @@ class UpdateCounter:
 
     def __init__(self, export_dir: str | os.PathLike, name: str = "updates"):
         path = counter_path(export_dir, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
             if os.fstat(fd).st_size < 8:

@@ -39,6 +39,18 @@ def counter_path(export_dir: str | os.PathLike, name: str = "updates") -> Path:
     return Path(export_dir) / f"{name}.counter"
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None if
+    there is no such process (or only its zombie). A PID and its start time name one process,
+    even after the PID is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else int(fields[19])
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `path` whole or not at all: an unpredictable temp file beside it, fsynced, then
     renamed over it (a reader sees the old file or the new one, never a part)."""

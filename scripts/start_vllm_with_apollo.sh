@@ -98,7 +98,7 @@ esac
 
 RUN_DIR=${VLLM_APOLLO_RUN_DIR:-$(mktemp -d -t vllm-apollo.XXXXXX)}
 EXPORT_DIR="$RUN_DIR/export"
-mkdir -p "$EXPORT_DIR"
+mkdir -p "$EXPORT_DIR" && chmod 700 "$EXPORT_DIR"  # the trainer trusts only a private export
 VLLM_PID="" TRAIN_PID=""
 
 stop_group() {  # pid seconds: stop a server and its process group, KILL what lingers
