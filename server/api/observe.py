@@ -33,6 +33,7 @@ def status(engine: EngineDep) -> Status:
                   last_write_seconds=s.last_write_seconds,
                   serving_stall_seconds=s.stall_seconds,
                   vllm_waited_seconds=trainer.coordinator.vllm_stall_seconds(),
+                  vllm_unlocked_steps=trainer.coordinator.vllm_unlocked_steps(),
                   last_checkpoint=engine.checkpoints.last if engine.checkpoints else None)
 
 
@@ -56,6 +57,7 @@ def metrics(engine: EngineDep) -> str:
         ("write_seconds", "gauge", s.last_write_seconds or 0.0),
         ("serving_stall_seconds_total", "counter", s.stall_seconds),
         ("vllm_waited_seconds_total", "counter", trainer.coordinator.vllm_stall_seconds()),
+        ("vllm_unlocked_steps_total", "counter", trainer.coordinator.vllm_unlocked_steps()),
         ("last_checkpoint_timestamp_seconds", "gauge", ckpt.get("at", 0.0)),
         ("last_checkpoint_bytes", "gauge", ckpt.get("bytes_written", 0)),
     ]

@@ -110,4 +110,5 @@ class Status(BaseModel):
     last_write_seconds: float | None = None
     serving_stall_seconds: float = 0.0  # time the trainer held the write lock
     vllm_waited_seconds: float = 0.0  # time vLLM's engine steps waited for it (vLLM's clock)
+    vllm_unlocked_steps: int = 0  # engine steps run without the lock (a writer held it too long)
     last_checkpoint: CheckpointResult | None = None
