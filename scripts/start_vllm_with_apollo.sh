@@ -12,7 +12,9 @@
 #   VLLM_APOLLO_RUN_DIR (where the export lives; a fresh temp dir by default),
 #   TRAIN_STOP_TIMEOUT (seconds the training server gets to stop: 600, for
 #   TRAIN_ARGS="--checkpoint-on-exit" on a large model).
-# Ctrl-C or SIGTERM stops both servers, their children and the shared memory they used.
+# Ctrl-C or SIGTERM stops both servers, their children and the shared memory they used; what a
+# launcher killed outright (kill -9) left behind is swept at the next start (hooks/leftovers.py).
+# A read-only MODEL_DIR is served and trained with checkpointing disabled.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
@@ -49,6 +51,8 @@ VENV=${APOLLO_VENV:-.venv}
 case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
 PY="$VENV/bin/python"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Servers, exports and shared memory of launchers that were killed outright: stopped, removed.
+STATE_DIR=$("$PY" -m hooks sweep)
 
 VLLM_EXTRA=()
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
@@ -65,6 +69,10 @@ fi
 VLLM_EXTRA+=("$@")
 # Finish or undo a checkpoint sync that a crash interrupted, before vLLM reads the files.
 "$PY" -m checkpoint recover "$MODEL_DIR" >&2
+if [ ! -w "$MODEL_DIR" ]; then
+  echo "launcher: $MODEL_DIR is read-only: serving and training with checkpointing disabled" \
+       "(the example log lives beside vLLM's export, under the run directory)" >&2
+fi
 # vLLM's CPU backend reserves a fraction of RAM unless the KV cache size is given (GiB).
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 # Tensor parallelism: the training server starts one trainer rank per vLLM rank by itself.
@@ -100,6 +108,9 @@ RUN_DIR=${VLLM_APOLLO_RUN_DIR:-$(mktemp -d -t vllm-apollo.XXXXXX)}
 EXPORT_DIR="$RUN_DIR/export"
 mkdir -p "$EXPORT_DIR" && chmod 700 "$EXPORT_DIR"  # the trainer trusts only a private export
 VLLM_PID="" TRAIN_PID=""
+STATE="$STATE_DIR/launcher-$$.json"  # for the sweep, should this launcher be killed
+made=(); [ -n "${VLLM_APOLLO_RUN_DIR:-}" ] || made=(remove_run_dir="$RUN_DIR")
+"$PY" -m hooks record "$STATE" launcher $$ export_dir="$EXPORT_DIR" ${made[@]+"${made[@]}"}
 
 stop_group() {  # pid seconds: stop a server and its process group, KILL what lingers
   local pid=$1
@@ -127,6 +138,7 @@ cleanup() {
   stop_group "$VLLM_PID" 20
   "$PY" -m hooks cleanup "$EXPORT_DIR" 2>/dev/null || true
   [ -n "${VLLM_APOLLO_RUN_DIR:-}" ] || rm -rf "$RUN_DIR"
+  rm -f "$STATE"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -147,12 +159,14 @@ echo "launcher: starting vLLM on $BIND_HOST:$VLLM_PORT with $MODEL_DIR" >&2
 VLLM_APOLLO_EXPORT_DIR="$EXPORT_DIR" setsid "$PY" -m hooks serve \
   "$MODEL_DIR" --host "$BIND_HOST" --port "$VLLM_PORT" "${VLLM_EXTRA[@]}" &
 VLLM_PID=$!
+"$PY" -m hooks record "$STATE" vllm "$VLLM_PID"
 wait_healthy "http://127.0.0.1:$VLLM_PORT/health" "$VLLM_PID" vLLM "${VLLM_START_TIMEOUT:-900}"
 
 echo "launcher: starting the training server on $BIND_HOST:$TRAIN_PORT" >&2
 setsid "$PY" -m server --export-dir "$EXPORT_DIR" --host "$BIND_HOST" --port "$TRAIN_PORT" \
   "${TRAIN_EXTRA[@]}" &
 TRAIN_PID=$!
+"$PY" -m hooks record "$STATE" train "$TRAIN_PID"
 wait_healthy "http://127.0.0.1:$TRAIN_PORT/health" "$TRAIN_PID" "training server" 600
 
 MODEL_NAME="$MODEL_DIR"

@@ -34,7 +34,8 @@ def status(engine: EngineDep) -> Status:
                   serving_stall_seconds=s.stall_seconds,
                   vllm_waited_seconds=trainer.coordinator.vllm_stall_seconds(),
                   vllm_unlocked_steps=trainer.coordinator.vllm_unlocked_steps(),
-                  last_checkpoint=engine.checkpoints.last if engine.checkpoints else None)
+                  last_checkpoint=engine.checkpoints.last if engine.checkpoints else None,
+                  checkpointing_disabled=engine.checkpointing_disabled)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

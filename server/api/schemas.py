@@ -112,3 +112,4 @@ class Status(BaseModel):
     vllm_waited_seconds: float = 0.0  # time vLLM's engine steps waited for it (vLLM's clock)
     vllm_unlocked_steps: int = 0  # engine steps run without the lock (a writer held it too long)
     last_checkpoint: CheckpointResult | None = None
+    checkpointing_disabled: str | None = None  # why no checkpoint can be written, if so

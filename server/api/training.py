@@ -65,8 +65,8 @@ def example_state(example_id: str, trainer: TrainerDep) -> ExampleState:
 def checkpoint(engine: EngineDep) -> CheckpointResult:
     """Write the changed weights into the model's safetensors files, all or nothing."""
     if engine.checkpoints is None:
-        raise HTTPException(409, "checkpointing is disabled for this model directory (the "
-                                 "training server's log says why)")
+        raise HTTPException(409, "checkpointing is disabled for this model directory: "
+                                 f"{engine.checkpointing_disabled or 'no model directory'}")
     try:
         return CheckpointResult(**engine.checkpoints.sync())
     except CheckpointRefused as exc:

@@ -53,6 +53,7 @@ class Engine:
     export: Export | None = None
     checkpoints: CheckpointService | None = None
     example_log: ExampleLog | None = None
+    checkpointing_disabled: str | None = None  # why, when the model directory cannot take it
 
     def start(self) -> None:
         self.trainer.start()
@@ -174,17 +175,20 @@ def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
     tokenizer = AutoTokenizer.from_pretrained(export.model_path)
     log.info("rank %d/%d attached to %s: %d parameters mapped onto vLLM's tensors", rank,
              export.world_size, export.model_path, sum(1 for _ in model.parameters()))
-    checkpointer = _checkpointer(model, export.model_path, group) if rank == 0 else None
+    checkpointer, disabled = _checkpointer(model, export.model_path, group) if rank == 0 \
+        else (None, None)
     coordinator = VllmCoordinator(export, settings.consistency, settings.prefix_cache_reset,
                                   group)
-    return assemble(settings, model, tokenizer, model_path=export.model_path, export=export,
-                    checkpointer=checkpointer, coordinator=coordinator, group=group)
+    engine = assemble(settings, model, tokenizer, model_path=export.model_path, export=export,
+                      checkpointer=checkpointer, coordinator=coordinator, group=group)
+    engine.checkpointing_disabled = disabled
+    return engine
 
 
 def _checkpointer(model: nn.Module, model_path: str, group: Group | None
-                  ) -> Checkpointer | None:
-    """Rank 0's checkpointer (the other ranks send it their shards), or None with the reason
-    logged when the model directory cannot take checkpoints (read-only, symlinked weights as
+                  ) -> tuple[Checkpointer | None, str | None]:
+    """Rank 0's checkpointer (the other ranks send it their shards), or None and the reason,
+    logged, when the model directory cannot take checkpoints (read-only, symlinked weights as
     in a Hugging Face cache snapshot, ...): the server then serves and trains without them."""
     blockers = checkpoint_blockers(model_path)
     if not blockers:
@@ -193,11 +197,12 @@ def _checkpointer(model: nn.Module, model_path: str, group: Group | None
             return Checkpointer(
                 model_path, params,
                 file_names=checkpoint_file_names(list(params), set(read_layout(model_path))),
-                gather=(lambda t: gather_to_leader(t, group)) if group else None)
+                gather=(lambda t: gather_to_leader(t, group)) if group else None), None
         except CheckpointRefused as exc:
             blockers = [str(exc)]
-    log.warning("checkpointing disabled for %s: %s", model_path, "; ".join(blockers))
-    return None
+    reason = "; ".join(blockers)
+    log.warning("checkpointing disabled for %s: %s", model_path, reason)
+    return None, reason
 
 
 def _exit_with_parent(parent: int) -> None:
