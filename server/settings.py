@@ -53,6 +53,9 @@ class Settings:
     max_queue: int = _opt(4096, "most examples accepted and not yet trained (then 429)")
     max_queue_tokens: int = _opt(1 << 20, "most tokens in examples accepted and not yet "
                                           "trained (then 429)")
+    keep_finished_records: int = _opt(100_000, "finished examples whose state GET /examples/ID "
+                                               "still answers (older ones: 404; the example "
+                                               "log keeps every outcome)")
     train_embeddings: bool = _opt(False, "also train embeddings / LM head (AdamW: 2 extra "
                                          "copies of them)")
     threads: int = _opt(0, "torch CPU threads (0: torch's default)")

@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from server.engine.records import State
+
+
+def _unicode_text(text: str) -> str:
+    """JSON may escape a lone surrogate (\\ud800), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text: a lone surrogate at character {exc.start}"
+                         ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class Message(BaseModel):
@@ -15,7 +28,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
     weight: Literal[0, 1] | None = None
 
     @model_validator(mode="after")
@@ -49,8 +62,8 @@ class PromptExample(BaseModel):
     """Rendered as a one-turn chat (user: prompt, assistant: completion) by the chat template."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: str
-    completion: str = Field(min_length=1)
+    prompt: Text
+    completion: Text = Field(min_length=1)
 
     def to_chat(self) -> ChatExample:
         return ChatExample(messages=[Message(role="user", content=self.prompt),

@@ -14,6 +14,7 @@ from server.api.schemas import (
     TrainRequest,
     TrainResponse,
 )
+from server.engine.checkpointing import CheckpointBusy
 from server.engine.example_log import ExampleLogError, NotLogged
 from server.engine.records import QueueFull, Unavailable
 from server.engine.tokenization import ExampleError, encode
@@ -57,7 +58,8 @@ def train(body: TrainRequest, engine: EngineDep, settings: SettingsDep) -> Train
 def example_state(example_id: str, trainer: TrainerDep) -> ExampleState:
     rec = trainer.records.get(example_id)
     if rec is None:
-        raise HTTPException(404, f"no example with id {example_id!r}")
+        raise HTTPException(404, f"no example with id {example_id!r} (of finished examples, "
+                                 "the last --keep-finished-records are kept in memory)")
     return ExampleState(id=rec.id, state=rec.state, step=rec.step, reason=rec.reason)
 
 
@@ -69,5 +71,9 @@ def checkpoint(engine: EngineDep) -> CheckpointResult:
                                  f"{engine.checkpointing_disabled or 'no model directory'}")
     try:
         return CheckpointResult(**engine.checkpoints.sync())
+    except CheckpointBusy as exc:
+        raise HTTPException(409, str(exc)) from None
     except CheckpointRefused as exc:
         raise HTTPException(409, f"checkpoint refused, nothing written: {exc}") from None
+    except Unavailable as exc:
+        raise HTTPException(503, str(exc)) from None

@@ -67,7 +67,8 @@ class Stepper:
 
     @contextlib.contextmanager
     def _param_write(self) -> Iterator[None]:
-        with self.weights_lock, self.coordinator.write():
+        # weights_lock is held around the whole backward (_backward_layerwise)
+        with self.coordinator.write():
             t0 = time.perf_counter()
             yield
             if self.device.type == "cuda":
@@ -132,8 +133,8 @@ class Stepper:
         parameter's write atomic for vLLM, the step as a whole not."""
         skipped = self.optimizer.skipped_params
         self._write_seconds = 0.0
-        loss.backward()
-        with self.weights_lock:
+        with self.weights_lock:  # a checkpoint sees all of the step's writes or none
+            loss.backward()
             self.coordinator.step_applied()
             self.stepped.update(id(p) for p in self.model.parameters() if p.requires_grad)
         self.stats.last_write_seconds = self._write_seconds

@@ -53,6 +53,10 @@ class Trainer:
         # collective work, see run_in_worker) to the other ranks first (engine/distributed.py)
         self.group = group
         self.records: dict[str, Record] = {}
+        # finished examples kept in `records`, oldest first: the last N (the example log
+        # keeps every outcome); the memory of a long-running server stays bounded
+        self._finished: deque[str] = deque()
+        self.keep_finished = settings.keep_finished_records
         self._queue: deque[Record] = deque()
         self._resume: tuple[list[Record], int] | None = None  # batch cut short by a crash
         self._cond = threading.Condition()
@@ -85,8 +89,11 @@ class Trainer:
             rec = self.records[i] = Record(i, enc)
             if i in state.trained:
                 rec.state, rec.step = "trained", state.trained[i]
+                self._finished.append(i)
             elif i in state.failed:
                 rec.state, rec.reason = "failed", state.failed[i]
+                self._finished.append(i)
+        self._forget_finished()
         self.stats.accepted = len(state.accepted)
         self.stats.trained, self.stats.failed = len(state.trained), len(state.failed)
         if state.unfinished is not None:
@@ -272,3 +279,9 @@ class Trainer:
                 else:
                     r.state, r.step = "trained", step
                     self.stats.trained += 1
+                self._finished.append(r.id)
+            self._forget_finished()
+
+    def _forget_finished(self) -> None:
+        while len(self._finished) > self.keep_finished:
+            self.records.pop(self._finished.popleft(), None)
