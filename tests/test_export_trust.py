@@ -130,3 +130,30 @@ def test_train_is_refused_once_the_owner_has_died(tmp_path, default_model_dir, o
         assert r.status_code == 503 and "owns the weights has exited" in r.json()["detail"]
     finally:
         kill(proc)
+
+
+def test_the_allowlist_covers_what_a_cuda_export_pickles():
+    """No GPU here: the same reduce tuple torch.multiprocessing.reductions.reduce_tensor
+    returns for a CUDA tensor, pickled; every global it names must be allowed (the rebuild
+    itself, which needs a GPU, is replaced once allowed)."""
+    import io
+
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    from weight_mapping.trust import HandlesUnpickler
+
+    args = (torch.Tensor, torch.Size([2, 3]), (3, 1), 0, torch.storage.TypedStorage,
+            torch.bfloat16, 0, b"cuda-ipc-handle", 12, 0, False, b"ref-counter", 0,
+            b"event", True)
+    data = pickle.dumps({"w": _Run(rebuild_cuda_tensor, *args)}, protocol=4)
+    names = []
+
+    class Recording(HandlesUnpickler):
+        def find_class(self, module, name):
+            found = super().find_class(module, name)  # raises UntrustedExport if not allowed
+            names.append((module, name))
+            return (lambda *a: torch.empty(0)) if name == "rebuild_cuda_tensor" else found
+
+    assert isinstance(Recording(io.BytesIO(data)).load()["w"], torch.Tensor)
+    assert {("torch.multiprocessing.reductions", "rebuild_cuda_tensor"), ("torch", "Size"),
+            ("torch.storage", "TypedStorage"), ("torch", "bfloat16")} <= set(names)
