@@ -78,7 +78,8 @@ class Settings:
                                            "Ctrl-C), finish the batch in progress and sync what "
                                            "vLLM's weights learned since the last checkpoint")
     journal: str = _opt("auto", "durable example log: a path, 'auto' (MODEL_DIR/.apollo/"
-                                "examples.jsonl) or 'off'")
+                                "examples.jsonl; EXPORT_DIR/examples.jsonl when the model "
+                                "directory is read-only) or 'off'")
     consistency: str = _opt("step", "step: no vLLM engine step sees a partly applied optimizer "
                                     "step (the write excludes engine steps); none: no "
                                     "exclusion (unsafe; for tests)", choices=("step", "none"))

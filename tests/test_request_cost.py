@@ -63,7 +63,7 @@ def test_the_chat_template_runs_twice_per_example_whatever_the_turns(tokenizer, 
                         lambda *a, **k: calls.append(1) or render(*a, **k))
     for n in (2, 200):
         calls.clear()
-        encode(_turns(n)["messages"], tokenizer, 2048)
+        encode(_turns(n)["messages"], tokenizer, 2048, max_messages=256)
         assert len(calls) == 2, (n, len(calls))
 
 

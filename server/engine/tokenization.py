@@ -86,20 +86,22 @@ def _spans(tokenizer, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     return full, spans
 
 
-def check_limits(messages: Sequence[Mapping], max_messages: int, max_chars: int) -> None:
-    """The cheap limits, before any template or tokenizer runs."""
-    if len(messages) > max_messages:
+def check_limits(messages: Sequence[Mapping], max_messages: int | None,
+                 max_chars: int | None) -> None:
+    """The cheap limits, before any template or tokenizer runs (None: not checked)."""
+    if max_messages is not None and len(messages) > max_messages:
         raise ExampleError(f"example has {len(messages)} messages, more than the limit of "
                            f"{max_messages} (--max-messages-per-example)")
     chars = sum(len(m["content"]) for m in messages)
-    if chars > max_chars:
+    if max_chars is not None and chars > max_chars:
         raise ExampleError(f"example has {chars} characters of content, more than the limit "
                            f"of {max_chars} (--max-chars-per-example)")
 
 
 def encode(messages: Sequence[Mapping], tokenizer, max_tokens: int, *,
-           max_messages: int = 256, max_chars: int = 65536) -> Encoded:
-    """`messages`: dicts with role, content and optionally weight (0 or 1)."""
+           max_messages: int | None = None, max_chars: int | None = None) -> Encoded:
+    """`messages`: dicts with role, content and optionally weight (0 or 1). The HTTP layer
+    passes the cheap limits from its settings (--max-messages-per-example, ...)."""
     check_limits(messages, max_messages, max_chars)
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     if tokenizer.chat_template is None:  # plain concatenation for base models
