@@ -96,10 +96,17 @@ def _server_exit(*args: str, env: dict | None = None) -> subprocess.CompletedPro
                                "PYTHONPATH": str(ROOT), **(env or {})})
 
 
-def test_the_training_server_refuses_a_network_bind_without_a_key(tmp_path):
-    for host in ("0.0.0.0", "192.168.1.5", "::", "myhost.example"):
-        r = _server_exit("--export-dir", str(tmp_path), "--host", host, "--attach-timeout", "1")
-        assert r.returncode == 2 and "without an API key" in r.stderr, (host, r.stderr[-500:])
+def test_the_training_server_refuses_a_network_bind_without_a_key(tmp_path, monkeypatch,
+                                                                  capsys):
+    r = _server_exit("--export-dir", str(tmp_path), "--host", "0.0.0.0", "--attach-timeout", "1")
+    assert r.returncode == 2 and "without an API key" in r.stderr, r.stderr[-500:]
+    monkeypatch.delenv("VLLM_APOLLO_API_KEY", raising=False)
+    for host in ("192.168.1.5", "::", "myhost.example"):
+        with pytest.raises(SystemExit):
+            parse_args(["--export-dir", "x", "--host", host])
+        assert "without an API key" in capsys.readouterr().err
+    for host in ("127.0.0.1", "::1", "localhost", "127.0.0.2"):
+        assert parse_args(["--export-dir", "x", "--host", host]).host == host
 
 
 def test_keys_never_come_from_argv(tmp_path, monkeypatch):
