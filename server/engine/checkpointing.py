@@ -1,8 +1,8 @@
 """When and how the server syncs the live weights to disk (on request and periodically).
 
-One sync at a time: a request that finds one in progress is refused at once
-(CheckpointBusy, HTTP 409) rather than queued behind it, so requests cannot pile up on the
-HTTP thread pool; a periodic sync that finds one in progress is skipped (that one covers it).
+One sync at a time: a caller that finds one in progress is refused at once (CheckpointBusy)
+rather than queued behind it, so callers cannot pile up (each would hold a thread); a
+periodic sync that finds one in progress is skipped (that one covers it).
 """
 
 from __future__ import annotations

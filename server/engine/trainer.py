@@ -67,7 +67,7 @@ class Trainer:
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
         self.after_batch: list[Callable[[], None]] = []  # run by the worker after each batch
         # Why the worker can no longer train (an outcome it could not log, an error that
-        # ended the thread): the service reports it (/health and /train 503) instead.
+        # ended the thread): the service reports it, and refuses examples, instead.
         self.fatal: str | None = None
         if example_log is not None:
             self._restore(example_log)
