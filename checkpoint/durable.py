@@ -57,12 +57,13 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 
 def atomic_replace(path: str | os.PathLike, parts: Iterable[Buffer], durable: bool = True,
-                   tmp: str | os.PathLike | None = None) -> int:
+                   tmp: str | os.PathLike | None = None, mode: int = 0o644) -> int:
     """Replace `path` by the concatenation of `parts`, all or nothing; returns its size.
 
     The parts go to `tmp` (default: `path` + ".tmp", same directory), which is created afresh:
     a stale one, or a symbolic link planted there, is unlinked first and never written
-    through. `durable=False` skips the fsyncs (atomic against a process crash only).
+    through, with permissions `mode`. `durable=False` skips the fsyncs (atomic against a
+    process crash only).
     """
     path = Path(path)
     tmp = Path(tmp) if tmp is not None else path.with_name(path.name + ".tmp")
@@ -70,7 +71,7 @@ def atomic_replace(path: str | os.PathLike, parts: Iterable[Buffer], durable: bo
         raise ValueError(f"{tmp} must be in the directory of {path} for an atomic rename")
     unlink_if_present(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o644)
+                 mode)
     size = 0
     try:
         for part in parts:

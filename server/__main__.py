@@ -1,23 +1,32 @@
 """python -m server --export-dir DIR [--port 8001] ...: run the training server."""
 
 import logging
+import sys
 
 import uvicorn
 
 from server.app import create_app
+from server.engine.example_log import ExampleLogError
+from server.engine.exclusive import AlreadyRunning
+from server.engine.wiring import attach_engine
 from server.settings import parse_args
+from weight_mapping.trust import UntrustedExport
+
+log = logging.getLogger("vllm_apollo")
 
 
 def main() -> None:
     settings = parse_args()
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.api_key and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger("vllm_apollo").warning(
-            "listening on %s without --api-key: anyone who reaches it can retrain the model",
-            settings.host)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level="info")
+    # The engine first (attach, example log, locks): a refusal is one clear line, exit 2.
+    try:
+        engine = attach_engine(settings)
+    except (AlreadyRunning, ExampleLogError, UntrustedExport) as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(2)
+    uvicorn.run(create_app(settings, build=lambda _: engine), host=settings.host,
+                port=settings.port, log_level="info")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
 def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
-         env: str | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "env": env})
+         env: str | None = None, cli: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices, "env": env,
+                                            "cli": cli})
+
+
+KEY_ENV = "VLLM_APOLLO_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """A bind address only this machine reaches (a name other than localhost is not)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 @dataclass
@@ -54,13 +68,31 @@ class Settings:
     guard_weight: float = _opt(1.0, "weight of the --guard distill term")
     max_tokens_per_example: int = _opt(2048, "longest example accepted, in tokens")
     max_examples_per_request: int = _opt(256, "most examples in one POST /train")
+    max_messages_per_example: int = _opt(256, "most messages in one example (checked before "
+                                              "the chat template runs)")
+    max_chars_per_example: int = _opt(65536, "most characters of message content in one "
+                                             "example (checked before the chat template and "
+                                             "the tokenizer run)")
     max_queue: int = _opt(4096, "most examples accepted and not yet trained (then 429)")
+    max_queue_tokens: int = _opt(1 << 20, "most tokens in examples accepted and not yet "
+                                          "trained (then 429)")
+    keep_finished_records: int = _opt(100_000, "finished examples whose state GET /examples/ID "
+                                               "still answers (older ones: 404; the example "
+                                               "log keeps every outcome)")
     train_embeddings: bool = _opt(False, "also train embeddings / LM head (AdamW: 2 extra "
                                          "copies of them)")
     threads: int = _opt(0, "torch CPU threads (0: torch's default)")
     attach_timeout: float = _opt(600.0, "seconds to wait for vLLM's export")
+    # Never on the command line (argv is visible to every local user in ps): from
+    # --api-key-file or the environment.
     api_key: str | None = _opt(None, "require 'Authorization: Bearer KEY' on endpoints that "
-                                     "change the model", env="VLLM_APOLLO_API_KEY")
+                                     "change the model", env=KEY_ENV, cli=False)
+    api_key_file: str | None = _opt(None, "file holding the API key that endpoints changing "
+                                          f"the model require (or set {KEY_ENV}); required to "
+                                          "listen beyond loopback")
+    allowed_hosts: str = _opt("", "comma-separated host names requests may address besides "
+                                  "loopback ones and the bind address (the Host header; "
+                                  "guards against DNS rebinding); '*' allows any")
     checkpoint_every_steps: int = _opt(0, "sync the live weights into the model files every N "
                                           "optimizer steps")
     checkpoint_every_seconds: float = _opt(0.0, "... or when T seconds passed since the last "
@@ -69,7 +101,8 @@ class Settings:
                                            "Ctrl-C), finish the batch in progress and sync what "
                                            "vLLM's weights learned since the last checkpoint")
     journal: str = _opt("auto", "durable example log: a path, 'auto' (MODEL_DIR/.apollo/"
-                                "examples.jsonl) or 'off'")
+                                "examples.jsonl; EXPORT_DIR/examples.jsonl when the model "
+                                "directory is read-only) or 'off'")
     consistency: str = _opt("step", "step: no vLLM engine step sees a partly applied optimizer "
                                     "step (the write excludes engine steps); none: no "
                                     "exclusion (unsafe; for tests)", choices=("step", "none"))
@@ -89,6 +122,10 @@ class Settings:
             raise ValueError("--drift-budget needs --drift-probes > 0 (the gate measures them)")
         if self.max_steps_per_batch < 1:
             raise ValueError("--max-steps-per-batch must be at least 1")
+        if not self.api_key and not is_loopback(self.host):
+            raise ValueError(f"refusing to listen on {self.host} without an API key: anyone who "
+                             "reaches it could retrain the model; give --api-key-file FILE or "
+                             f"set {KEY_ENV}")
         if self.prefix_cache_reset not in ("always", "never"):
             try:
                 float(self.prefix_cache_reset)
@@ -100,8 +137,11 @@ class Settings:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m server",
                                 description="Training server attached to a live vLLM export.")
+    p.add_argument("--api-key", action=_NoKeyInArgv, help=argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if not meta.get("cli", True):
+            continue
         if f.default is dataclasses.MISSING:
             p.add_argument(flag, required=True, help=meta["help"])
         elif f.type == "bool":
@@ -116,9 +156,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _NoKeyInArgv(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"--api-key is not accepted on the command line (every local user sees "
+                     f"argv in ps): put the key in a file and give --api-key-file FILE, or set "
+                     f"{KEY_ENV}")
+
+
+def read_key(path: str) -> str:
+    """The key in `path` (surrounding whitespace removed); refused if empty or if other users
+    may write it."""
+    st = os.stat(path)
+    if st.st_mode & 0o022:
+        raise ValueError(f"--api-key-file {path} is writable by other users: chmod 600 it")
+    key = Path(path).read_text().strip()
+    if not key:
+        raise ValueError(f"--api-key-file {path} is empty")
+    return key
+
+
 def parse_args(argv: list[str] | None = None) -> Settings:
     parser = _parser()
     try:
-        return Settings(**vars(parser.parse_args(argv)))
-    except ValueError as exc:
+        args = vars(parser.parse_args(argv))
+        args["api_key"] = read_key(args["api_key_file"]) if args["api_key_file"] else \
+            os.environ.get(KEY_ENV) or None
+        return Settings(**args)
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))

@@ -15,6 +15,7 @@ import torch
 
 from server.engine.distributed import free_port
 from server.engine.example_log import ExampleLog
+from server.engine.example_replay import replay
 from server.engine.tokenization import Encoded
 from tests.support import ROOT
 from tests.support.health import wait_healthy
@@ -61,7 +62,7 @@ def test_compaction_keeps_every_state_and_drops_finished_tokens(tmp_path):
     (tmp_path / "j.jsonl.compact").write_bytes(b"half-written by a crashed compaction")
 
     j.compact(before, applied_steps=4)
-    after = ExampleLog(path).replay(applied_steps=4)
+    after = replay(path, applied_steps=4)
     assert (after.trained, after.failed, after.pending) == \
         (before.trained, before.failed, before.pending)
     assert after.unfinished == before.unfinished == (["e32", "e33"], 3)
@@ -69,9 +70,9 @@ def test_compaction_keeps_every_state_and_drops_finished_tokens(tmp_path):
     assert after.accepted["e0"] is None and after.accepted["e39"] == long
 
     j.accept([("late", E)])  # appends reach the new file, not the replaced one
-    assert ExampleLog(path).replay(applied_steps=4).pending == before.pending + ["late"]
+    assert replay(path, applied_steps=4).pending == before.pending + ["late"]
     # the counter moves on after the rebase: one more applied step of the batch is seen
-    assert ExampleLog(path).replay(applied_steps=5).unfinished == (["e32", "e33"], 2)
+    assert replay(path, applied_steps=5).unfinished == (["e32", "e33"], 2)
 
 def test_kill_9_mid_batch_trains_every_acknowledged_example_exactly_once(
         tmp_path, default_model_dir, owner_factory):

@@ -142,8 +142,8 @@ def test_body_size_and_queue_limits(tokenizer):
 
 
 def test_training_error_fails_the_batch_and_the_server_keeps_working(tokenizer):
-    # no drift monitor: the first forward pass is the batch's
-    client, model = _client(tokenizer, max_steps_per_batch=1, drift_probes=0)
+    # no drift monitor, no guard: the first forward pass is the batch's
+    client, model = _client(tokenizer, max_steps_per_batch=1, drift_probes=0, guard="none")
     forward = model.forward
     calls = {"n": 0}
 

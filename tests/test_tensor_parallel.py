@@ -96,3 +96,11 @@ def test_mapped_tp2_model_equals_vllm_tp2(tp_hosts, family):
     print(f"\n{family}: max |log p(ours) - log p(vLLM)| = {(ours - vllm).abs().max():.2e}")
     assert (ours - vllm).abs().max() <= 1e-4
 
+
+
+def test_the_trainer_ranks_listen_on_loopback_only():
+    """torch's TCPStore listens on every interface whatever host it is given; its commands
+    are pickles: the rendezvous must not face a network."""
+    out = run_ranks(str(ROOT / "tests/support/tp_listen_child.py"), timeout=120)
+    assert out["listening"], "rank 0 listens for the other ranks"
+    assert set(out["listening"]) <= {"127.0.0.1", "::1"}, out["listening"]

@@ -1,10 +1,12 @@
-"""Attach to the live tensors that hooks/ exported (the reader side of hooks/export.py)."""
+"""Attach to the live tensors that hooks/ exported (the reader side of hooks/export.py).
+
+The export directory is trusted only as far as it is this user's own (weight_mapping/trust.py):
+its files are read without following links and the handles without running any code."""
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +15,15 @@ import torch
 import torch.multiprocessing  # noqa: F401  (registers the rebuild functions handles refer to)
 
 from hooks.consistency import StepLock, UpdateCounter
-from hooks.contract import FORMAT_VERSION, handles_path, manifest_path
+from hooks.contract import (
+    FORMAT_VERSION,
+    handles_path,
+    manifest_path,
+    process_start,
+    trainer_lock_path,
+)
 from weight_mapping.sharded import ShardSpec
+from weight_mapping.trust import check_dir, load_handles, read_private
 
 
 @dataclass
@@ -54,6 +63,11 @@ class Export:
     def export_dir(self) -> Path:
         return Path(self.manifest["_dir"])
 
+    @property
+    def trainer_lock_path(self) -> Path:
+        """The file the one training server attached to this export holds locked."""
+        return trainer_lock_path(self.export_dir)
+
     def step_lock(self) -> StepLock:
         """The lock vLLM's worker holds per engine step; write weights under .write()."""
         return StepLock(self.export_dir, int(self.manifest["rank"]))
@@ -64,6 +78,11 @@ class Export:
         return UpdateCounter(self.export_dir, name)
 
     def owner_alive(self) -> bool:
+        """The process that exported is alive: same PID and same start time (a reused PID
+        is another process); exports without a start time fall back to the PID alone."""
+        start = self.manifest.get("pid_start")
+        if start is not None:
+            return process_start(self.owner_pid) == start
         try:
             os.kill(self.owner_pid, 0)
         except ProcessLookupError:
@@ -90,13 +109,14 @@ def attach(export_dir: str | os.PathLike, rank: int = 0, timeout: float = 0.0) -
         manifest_path(export_dir, rank)
     if not mpath.exists():
         raise FileNotFoundError(f"no export manifest at {mpath}: is vLLM running with the hook?")
-    manifest = json.loads(mpath.read_text())
+    check_dir(mpath.parent)
+    manifest = json.loads(read_private(mpath))
     manifest["_dir"] = str(mpath.parent)
     if manifest.get("format") != FORMAT_VERSION:
         raise ValueError(f"export format {manifest.get('format')} is not {FORMAT_VERSION}")
     torch.multiprocessing.set_sharing_strategy("file_system")
-    with open(handles_path(mpath.parent, rank), "rb") as f:  # not a name the manifest gives
-        tensors = pickle.load(f)  # noqa: S301  (our own export, written by the serving process)
+    # by the contract's name, never a path the manifest gives; no code runs while loading
+    tensors = load_handles(read_private(handles_path(mpath.parent, rank)))
     missing = {p["name"] for p in manifest["params"]} - tensors.keys()
     if missing:
         raise ValueError(f"export handles lack parameters: {sorted(missing)[:5]}")

@@ -15,8 +15,9 @@ router = APIRouter()
 
 @router.get("/health", response_model=Health)
 def health(engine: EngineDep) -> Health:
-    if engine.export is not None and not engine.export.owner_alive():
-        raise HTTPException(503, "the vLLM process that owns the weights has exited")
+    """200, or 503 with the reason the service cannot train (it then refuses /train too)."""
+    if (reason := engine.problem()) is not None:
+        raise HTTPException(503, reason)
     return Health(status="ok")
 
 
@@ -32,7 +33,9 @@ def status(engine: EngineDep) -> Status:
                   last_write_seconds=s.last_write_seconds,
                   serving_stall_seconds=s.stall_seconds,
                   vllm_waited_seconds=trainer.coordinator.vllm_stall_seconds(),
+                  vllm_unlocked_steps=trainer.coordinator.vllm_unlocked_steps(),
                   last_checkpoint=engine.checkpoints.last if engine.checkpoints else None,
+                  checkpointing_disabled=engine.checkpointing_disabled,
                   drift=_drift(engine), drift_budget=engine.settings.drift_budget or None,
                   undone_batches=s.undone_batches,
                   learned_without_steps=s.learned_without_steps)
@@ -63,6 +66,7 @@ def metrics(engine: EngineDep) -> str:
         ("write_seconds", "gauge", s.last_write_seconds or 0.0),
         ("serving_stall_seconds_total", "counter", s.stall_seconds),
         ("vllm_waited_seconds_total", "counter", trainer.coordinator.vllm_stall_seconds()),
+        ("vllm_unlocked_steps_total", "counter", trainer.coordinator.vllm_unlocked_steps()),
         ("last_checkpoint_timestamp_seconds", "gauge", ckpt.get("at", 0.0)),
         ("last_checkpoint_bytes", "gauge", ckpt.get("bytes_written", 0)),
         ("undone_batches_total", "counter", s.undone_batches),

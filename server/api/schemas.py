@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from server.engine.records import State
+
+
+def _unicode_text(text: str) -> str:
+    """JSON may escape a lone surrogate (\\ud800), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode text: a lone surrogate at character {exc.start}"
+                         ) from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
 
 
 class Message(BaseModel):
@@ -15,7 +28,7 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
     weight: Literal[0, 1] | None = None
 
     @model_validator(mode="after")
@@ -49,8 +62,8 @@ class PromptExample(BaseModel):
     """Rendered as a one-turn chat (user: prompt, assistant: completion) by the chat template."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: str
-    completion: str = Field(min_length=1)
+    prompt: Text
+    completion: Text = Field(min_length=1)
 
     def to_chat(self) -> ChatExample:
         return ChatExample(messages=[Message(role="user", content=self.prompt),
@@ -124,7 +137,9 @@ class Status(BaseModel):
     last_write_seconds: float | None = None
     serving_stall_seconds: float = 0.0  # time the trainer held the write lock
     vllm_waited_seconds: float = 0.0  # time vLLM's engine steps waited for it (vLLM's clock)
+    vllm_unlocked_steps: int = 0  # engine steps run without the lock (a writer held it too long)
     last_checkpoint: CheckpointResult | None = None
+    checkpointing_disabled: str | None = None  # why no checkpoint can be written, if so
     drift: DriftState | None = None  # after the last batch that changed weights
     drift_budget: float | None = None
     undone_batches: int = 0

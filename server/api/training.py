@@ -15,7 +15,9 @@ from server.api.schemas import (
     TrainRequest,
     TrainResponse,
 )
-from server.engine.records import QueueFull
+from server.engine.checkpointing import CheckpointBusy
+from server.engine.example_log import ExampleLogError, NotLogged
+from server.engine.records import QueueFull, Unavailable
 from server.engine.tokenization import ExampleError, encode
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -24,6 +26,8 @@ router = APIRouter(dependencies=[Depends(require_key)])
 @router.post("/train", response_model=TrainResponse, status_code=202)
 def train(body: TrainRequest, engine: EngineDep, settings: SettingsDep) -> TrainResponse:
     """Validate and tokenize every example first: a request is queued whole or not at all."""
+    if (reason := engine.problem()) is not None:
+        raise HTTPException(503, f"not accepting examples: {reason}")
     examples = body if isinstance(body, list) else [body]
     if not examples:
         raise HTTPException(422, "no examples in request")
@@ -35,13 +39,19 @@ def train(body: TrainRequest, engine: EngineDep, settings: SettingsDep) -> Train
         chat = ex.to_chat() if isinstance(ex, PromptExample) else ex
         try:
             encoded.append(encode(chat.to_messages(), engine.tokenizer,
-                                  settings.max_tokens_per_example))
+                                  settings.max_tokens_per_example,
+                                  max_messages=settings.max_messages_per_example,
+                                  max_chars=settings.max_chars_per_example))
         except ExampleError as exc:
             raise HTTPException(422, f"example {i}: {exc}") from None
     try:
         ids = engine.trainer.submit(encoded)
     except QueueFull as exc:
         raise HTTPException(429, str(exc), headers={"Retry-After": "5"}) from None
+    except NotLogged as exc:  # e.g. a full disk: nothing was accepted
+        raise HTTPException(507, str(exc)) from None
+    except (Unavailable, ExampleLogError) as exc:
+        raise HTTPException(503, f"not accepting examples: {exc}") from None
     return TrainResponse(ids=ids, queued=engine.trainer.queued)
 
 
@@ -49,7 +59,8 @@ def train(body: TrainRequest, engine: EngineDep, settings: SettingsDep) -> Train
 def example_state(example_id: str, trainer: TrainerDep) -> ExampleState:
     rec = trainer.records.get(example_id)
     if rec is None:
-        raise HTTPException(404, f"no example with id {example_id!r}")
+        raise HTTPException(404, f"no example with id {example_id!r} (of finished examples, "
+                                 "the last --keep-finished-records are kept in memory)")
     return ExampleState(id=rec.id, state=rec.state, step=rec.step, reason=rec.reason,
                         drift=rec.drift)
 
@@ -69,9 +80,13 @@ def rebase_drift(engine: EngineDep) -> DriftRebased:
 def checkpoint(engine: EngineDep) -> CheckpointResult:
     """Write the changed weights into the model's safetensors files, all or nothing."""
     if engine.checkpoints is None:
-        raise HTTPException(409, "checkpointing is disabled for this model directory (the "
-                                 "training server's log says why)")
+        raise HTTPException(409, "checkpointing is disabled for this model directory: "
+                                 f"{engine.checkpointing_disabled or 'no model directory'}")
     try:
         return CheckpointResult(**engine.checkpoints.sync())
+    except CheckpointBusy as exc:
+        raise HTTPException(409, str(exc)) from None
     except CheckpointRefused as exc:
         raise HTTPException(409, f"checkpoint refused, nothing written: {exc}") from None
+    except Unavailable as exc:
+        raise HTTPException(503, str(exc)) from None

@@ -1,4 +1,9 @@
-"""When and how the server syncs the live weights to disk (on request and periodically)."""
+"""When and how the server syncs the live weights to disk (on request and periodically).
+
+One sync at a time: a caller that finds one in progress is refused at once (CheckpointBusy)
+rather than queued behind it, so callers cannot pile up (each would hold a thread); a
+periodic sync that finds one in progress is skipped (that one covers it).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,11 @@ from checkpoint import Checkpointer
 from server.engine.trainer import Trainer
 
 log = logging.getLogger("vllm_apollo.checkpoint")
+
+
+class CheckpointBusy(RuntimeError):
+    def __init__(self) -> None:
+        super().__init__("a checkpoint is in progress; its result is /status's last_checkpoint")
 
 
 class CheckpointService:
@@ -28,12 +38,19 @@ class CheckpointService:
         self._synced_step = trainer.stats.optimizer_steps
         self._synced_at = time.monotonic()
         self._lock = threading.Lock()  # one sync at a time (HTTP and the worker's schedule)
+        self._busy = threading.Lock()  # held from a request's arrival to its result
         # The first sync scans everything: weights may have changed before this process
         # started (a trainer restarted while vLLM kept serving what it had learned).
         self._full_scan = True
 
     def sync(self) -> dict:
-        return self.trainer.run_in_worker(self._sync)
+        """Sync now; raises CheckpointBusy if a sync is already under way."""
+        if not self._busy.acquire(blocking=False):
+            raise CheckpointBusy()
+        try:
+            return self.trainer.run_in_worker(self._sync)
+        finally:
+            self._busy.release()
 
     def _sync(self) -> dict:
         with self._lock, self.trainer.weights_lock:
@@ -70,4 +87,7 @@ class CheckpointService:
         due_steps = self.every_steps and steps >= self.every_steps
         due_time = self.every_seconds and time.monotonic() - self._synced_at >= self.every_seconds
         if due_steps or due_time:
-            self.sync()
+            try:
+                self.sync()
+            except CheckpointBusy:
+                pass  # the sync under way covers these steps

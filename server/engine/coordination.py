@@ -36,6 +36,9 @@ class Standalone:
     def vllm_stall_seconds(self) -> float:
         return 0.0
 
+    def vllm_unlocked_steps(self) -> int:
+        return 0
+
     def flush_prefix_cache_reset(self) -> None:
         pass
 
@@ -58,6 +61,7 @@ class VllmCoordinator(Standalone):
         self._updates = export.update_counter("updates")
         self._steps_counter = export.update_counter("steps")
         self._vllm_waited = export.update_counter(f"rank{export.manifest['rank']}.stall_ns")
+        self._vllm_unlocked = export.update_counter("rank0.unlocked_steps")
         self._policy = prefix_cache_reset
         self._interval = None if prefix_cache_reset in ("always", "never") \
             else float(prefix_cache_reset)
@@ -66,6 +70,10 @@ class VllmCoordinator(Standalone):
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
+        if self._group is not None:
+            # every rank ready before rank 0 takes the lock: it is held for the write and
+            # its two barriers, never while a slower rank still computes
+            self._group.barrier()
         with self._lock.write() if self._lock is not None else contextlib.nullcontext():
             if self._group is None:
                 yield
@@ -82,6 +90,11 @@ class VllmCoordinator(Standalone):
     def vllm_stall_seconds(self) -> float:
         """Time vLLM's worker actually waited for writes, as it measured it."""
         return self._vllm_waited.read() / 1e9
+
+    def vllm_unlocked_steps(self) -> int:
+        """Engine steps vLLM ran without the step lock because a writer held it past the
+        hook's timeout (hooks/consistency.py)."""
+        return self._vllm_unlocked.read()
 
     def step_applied(self) -> None:
         """Call inside write(): the step counts as applied once this returns."""

@@ -15,12 +15,19 @@ collectives in the same order:
 Ranks 1..N-1 run `follow`. The write of each step happens inside one consistency window for
 all ranks: rank 0 takes vLLM's step lock (the one lock every vLLM rank's step depends on,
 hooks/vllm_worker.py), then all ranks write between two barriers (engine/coordination.py).
+
+Everything listens on loopback only: torch's TCPStore binds all interfaces whatever host it
+is given, so rank 0 hands it a socket bound to 127.0.0.1; gloo and NCCL pick their
+interfaces by name (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME, "lo" unless set). Commands are
+pickles between these ranks (dist.broadcast_object_list): whoever could join the group could
+run code in the trainer, and only local processes can reach it (docs/service.md).
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -71,8 +78,16 @@ def join(rank: int, world: int, port: int, device: torch.device,
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=timeout))
+    for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # the loopback interface
+        os.environ.setdefault(name, "lo")
+    wait = timedelta(seconds=timeout)
+    if rank == 0:
+        listener = socket.create_server(("127.0.0.1", port)).detach()  # the store's now
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=True, timeout=wait,
+                              wait_for_workers=False, master_listen_fd=listener)
+    else:
+        store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=wait)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=wait)
     mesh = init_device_mesh(device.type, (world,))
     commands = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     return Group(rank, world, mesh, commands)

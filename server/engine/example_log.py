@@ -2,63 +2,122 @@
 
 (Not to be confused with checkpoint/journal.py, the redo journal of a weight sync.)
 
-An append-only JSON-lines file, fsynced before the HTTP 2xx (one write + fsync per request):
+An append-only JSON-lines file, one line per append, written whole and fsynced before the
+HTTP 2xx:
 
-* ``accept``: id and the tokenized example;
+* ``accept``: the request's examples (ids and tokens), all in one line, so a crash keeps a
+  request whole or not at all;
 * ``begin``: a batch's ids, its number of optimizer steps and the applied-step counter
   before it (the counter lives in vLLM's export, so it survives the trainer);
 * ``done`` / ``fail``: the batch's outcome.
 
-On start-up, `replay` rebuilds every example's state. A batch that began but has no outcome
-is resolved with the applied-step counter: steps it already applied are not repeated; the
-rest of its steps run again. If the process dies *during* an in-place write (milliseconds),
-that step counts as not applied and runs again.
+An append that fails (a full disk, a short write) is cut off again (ftruncate + fsync) and
+raises `NotLogged`: the caller must not acknowledge it, and the file stays a valid log. If
+even that fails, or an fsync fails (the kernel may then have dropped the dirty pages: a later
+fsync would lie), the log is `broken` and refuses every later append (`LogBroken`).
 
-`compact` then rewrites the file with what is still needed: finished examples shrink to
-``trained`` / ``failed`` records (id and outcome, no tokens), examples still to train keep
-their tokens, an interrupted batch keeps a ``begin`` rebased on the counter. The new file is
-written beside the old one, fsynced and renamed over it: a crash leaves one or the other.
+On start-up `restore` replays the file (example_replay.py: only a torn last line is
+tolerated) and compacts it: finished examples shrink to ``trained`` / ``failed`` records,
+examples still to train keep their tokens, an interrupted batch keeps a ``begin`` rebased on
+the counter; written beside the old file and renamed over it. A compaction that cannot be
+written (a full disk) leaves the old file, minus its torn tail.
+
+One process per log: an exclusive `flock` on ``<log>.lock``, held for the process's life
+(engine/exclusive.py).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import stat
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from checkpoint.durable import atomic_replace, write_all
+from server.engine.example_replay import ExampleLogError, Replayed, replay
+from server.engine.exclusive import hold_exclusive
 from server.engine.tokenization import Encoded
 
+log = logging.getLogger("vllm_apollo.example_log")
+__all__ = ["ExampleLog", "ExampleLogError", "LogBroken", "NotLogged", "Replayed"]
 
-@dataclass
-class Replayed:
-    # in order of acceptance; None for a finished example whose tokens were compacted away
-    accepted: dict[str, Encoded | None] = field(default_factory=dict)
-    trained: dict[str, int] = field(default_factory=dict)  # id -> step
-    notes: dict[str, str] = field(default_factory=dict)  # id -> how it was trained
-    failed: dict[str, str] = field(default_factory=dict)  # id -> reason
-    # a batch that began and has no outcome: (ids, steps still to run; 0 = all applied)
-    unfinished: tuple[list[str], int] | None = None
-    pending: list[str] = field(default_factory=list)  # accepted, never begun, in order
+
+class NotLogged(ExampleLogError):
+    """The append did not reach the disk and was undone: nothing of it counts."""
+
+
+class LogBroken(ExampleLogError):
+    """The log can no longer be trusted; nothing more is appended to it."""
+
+
+def _line(record: dict) -> bytes:
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+
+def _open_nofollow(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ExampleLogError(f"{path} is a symbolic link; the example log and its lock "
+                                  "must be regular files: remove it") from None
+        raise
 
 
 class ExampleLog:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if stat.S_ISLNK(os.lstat(self.path.parent).st_mode):
+            raise ExampleLogError(f"{self.path.parent} is a symbolic link; give --journal a "
+                                  "path in a real directory")
+        self.broken: str | None = None
         self._lock = threading.Lock()
-        self._fd = os.open(self.path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+        self._lock_fd = hold_exclusive(self.path.with_name(self.path.name + ".lock"),
+                                       f"the example log {self.path}")
+        self._fd = _open_nofollow(self.path, os.O_CREAT | os.O_WRONLY | os.O_APPEND)
+        self._size = os.fstat(self._fd).st_size  # what is known to be whole and durable
 
+    # --- appends ---
     def _append(self, records: list[dict]) -> None:
-        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
+        data = b"".join(_line(r) for r in records)
         with self._lock:
-            os.write(self._fd, data)
+            if self.broken:
+                raise LogBroken(self.broken)
+            try:
+                write_all(self._fd, data)
+            except OSError as exc:
+                self._undo(exc)
+                raise NotLogged(f"the example log {self.path} could not be written "
+                                f"({exc.strerror or exc}); nothing was logged") from exc
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._break(f"fsync of the example log {self.path} failed "
+                            f"({exc.strerror or exc})")
+                raise LogBroken(self.broken) from exc
+            self._size += len(data)
+
+    def _undo(self, cause: OSError) -> None:
+        """Cut a failed append off again, durably; else the log is broken."""
+        try:
+            os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
+        except OSError as exc:
+            self._break(f"a failed append to the example log {self.path} "
+                        f"({cause.strerror or cause}) could not be undone "
+                        f"({exc.strerror or exc})")
+
+    def _break(self, reason: str) -> None:
+        self.broken = reason + "; restart the training server once the cause is fixed"
+        log.critical("%s", self.broken)
 
     def accept(self, items: list[tuple[str, Encoded]]) -> None:
-        self._append([{"op": "accept", "id": i, "ids": e.input_ids, "labels": e.labels}
-                      for i, e in items])
+        self._append([{"op": "accept", "items": [
+            {"id": i, "ids": e.input_ids, "labels": e.labels} for i, e in items]}])
 
     def begin(self, ids: list[str], steps: int, base: int) -> None:
         self._append([{"op": "begin", "batch": ids, "steps": steps, "base": base}])
@@ -72,10 +131,32 @@ class ExampleLog:
 
     def close(self) -> None:
         os.close(self._fd)
+        os.close(self._lock_fd)
+
+    # --- start-up ---
+    def replay(self, applied_steps: int) -> Replayed:
+        """States from the file; `applied_steps` is the export's counter now. Raises
+        ExampleLogCorrupt on any damage but a torn last line."""
+        return replay(self.path, applied_steps)
+
+    def restore(self, applied_steps: int) -> Replayed:
+        """Replay, then compact (or at least cut the torn tail off): before any append."""
+        state = self.replay(applied_steps)
+        try:
+            self.compact(state, applied_steps)
+        except OSError as exc:
+            log.warning("example log %s not compacted (%s): kept as it is", self.path,
+                        exc.strerror or exc)
+            with self._lock:
+                if self._size != state.valid_bytes:
+                    os.ftruncate(self._fd, state.valid_bytes)
+                    os.fsync(self._fd)
+                    self._size = state.valid_bytes
+        return state
 
     def compact(self, state: Replayed, applied_steps: int) -> None:
-        """Rewrite the journal as `state` (from `replay(applied_steps)`), without the tokens
-        of finished examples."""
+        """Rewrite the log as `state` (from `replay(applied_steps)`), without the tokens of
+        finished examples."""
         records: list[dict] = []
         for i, enc in state.accepted.items():
             if i in state.trained:
@@ -90,59 +171,9 @@ class ExampleLog:
             ids, remaining = state.unfinished
             records.append({"op": "begin", "batch": ids, "steps": remaining,
                             "base": applied_steps})
-        tmp = self.path.with_name(self.path.name + ".compact")
-        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in records).encode()
         with self._lock:
-            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            size = atomic_replace(self.path, [_line(r) for r in records], mode=0o600,
+                                  tmp=self.path.with_name(self.path.name + ".compact"))
             os.close(self._fd)  # the old descriptor appends to the replaced file
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-
-    def replay(self, applied_steps: int) -> Replayed:
-        """States from the file; `applied_steps` is the export's counter now."""
-        out = Replayed()
-        open_batch: dict | None = None
-        if not self.path.exists():
-            return out
-        with open(self.path, "rb") as f:
-            for raw in f:
-                try:
-                    rec = json.loads(raw)
-                except ValueError:
-                    break  # a torn last line: its request never got a 2xx
-                op = rec["op"]
-                if op == "accept":
-                    out.accepted[rec["id"]] = Encoded(rec["ids"], rec["labels"])
-                elif op == "begin":
-                    open_batch = rec
-                elif op == "done":
-                    out.trained.update({i: rec["step"] for i in rec["batch"]})
-                    if "note" in rec:
-                        out.notes.update({i: rec["note"] for i in rec["batch"]})
-                    open_batch = None
-                elif op == "fail":
-                    out.failed.update({i: rec["reason"] for i in rec["batch"]})
-                    open_batch = None
-                elif op == "trained":  # compacted
-                    out.accepted[rec["id"]], out.trained[rec["id"]] = None, rec["step"]
-                    if "note" in rec:
-                        out.notes[rec["id"]] = rec["note"]
-                elif op == "failed":
-                    out.accepted[rec["id"]], out.failed[rec["id"]] = None, rec["reason"]
-        if open_batch is not None:
-            done_steps = max(0, min(open_batch["steps"], applied_steps - open_batch["base"]))
-            out.unfinished = (open_batch["batch"], open_batch["steps"] - done_steps)
-        begun = set(out.trained) | set(out.failed) | set(out.unfinished[0] if out.unfinished
-                                                         else [])
-        out.pending = [i for i in out.accepted if i not in begun]
-        return out
+            self._fd = _open_nofollow(self.path, os.O_WRONLY | os.O_APPEND)
+            self._size = size

@@ -12,6 +12,7 @@ computes what it computed before. The projection acts on the activations inside 
 from __future__ import annotations
 
 import logging
+import time
 import types
 from collections.abc import Sequence
 
@@ -65,6 +66,7 @@ class NullSpaceGuard:
     @torch.no_grad()
     def fit(self, model: nn.Module, sequences: Sequence[list[int]], pad_id: int,
             batch: int = 32) -> None:
+        t0 = time.perf_counter()
         """Input covariances over `sequences` (probe prompts with their answers), one per
         distinct input (q/k/v, gate/up share theirs), then their protected bases."""
         device = next(model.parameters()).device
@@ -81,9 +83,9 @@ class NullSpaceGuard:
                     return
                 state["last"], state["last_name"] = x, name
                 key_of[name] = name
-                flat = x.reshape(-1, x.shape[-1])[state["mask"]].double()
+                flat = x.reshape(-1, x.shape[-1])[state["mask"]].float()
                 acc = cov.setdefault(name, torch.zeros(x.shape[-1], x.shape[-1],
-                                                       dtype=torch.float64, device=device))
+                                                       dtype=torch.float32, device=device))
                 acc.addmm_(flat.T, flat)
             return pre
 
@@ -109,13 +111,14 @@ class NullSpaceGuard:
         self.fitted = True
         dims = [b.shape for b in bases.values()]
         log.info("null-space guard: %d layers, %d distinct inputs, %.0f of %.0f input "
-                 "directions protected on average (eps %g)", len(self.layers), len(bases),
-                 sum(d[1] for d in dims) / len(dims), sum(d[0] for d in dims) / len(dims),
-                 self.eps)
+                 "directions protected on average (eps %g), fitted on %d probes in %.1f s",
+                 len(self.layers), len(bases), sum(d[1] for d in dims) / len(dims),
+                 sum(d[0] for d in dims) / len(dims), self.eps, len(sequences),
+                 time.perf_counter() - t0)
 
     def _basis(self, cov: torch.Tensor) -> torch.Tensor:
         """Top eigenvectors holding all but eps of the covariance's energy (d x r, fp32)."""
-        values, vectors = torch.linalg.eigh(cov)
+        values, vectors = torch.linalg.eigh(cov.double())
         values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
         energy = values.cumsum(0) / values.sum().clamp_min(1e-30)
         r = int((energy < 1 - self.eps).sum()) + 1

@@ -37,5 +37,10 @@ class TrainerStats:
 
 
 class QueueFull(RuntimeError):
-    def __init__(self, queued: int, limit: int):
-        super().__init__(f"training queue is full ({queued} of {limit} queued); retry later")
+    def __init__(self, queued: int, limit: int, unit: str = "examples"):
+        super().__init__(f"training queue is full ({queued} of {limit} {unit} queued); retry "
+                         "later")
+
+
+class Unavailable(RuntimeError):
+    """The trainer cannot take examples any more; the message says why."""

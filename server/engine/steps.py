@@ -89,7 +89,7 @@ class Stepper:
         self._write_seconds = 0.0
         self._held = 0  # depth of the write window (strict mode holds it for a whole batch)
         if self.layerwise:  # the optimizer steps each parameter during backward
-            optimizer.layerwise(write_guard=self._window)
+            optimizer.layerwise(write_guard=self._param_window)
 
     @property
     def measure(self) -> bool:
@@ -115,6 +115,20 @@ class Stepper:
             finally:
                 self._held = 0
                 self._write_seconds += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def _param_window(self) -> Iterator[None]:
+        """Layer-wise mode: one parameter's write. The weights lock is already held around
+        the whole backward (a checkpoint sees all of a step or none of it)."""
+        if self._held:
+            yield
+            return
+        t0 = time.perf_counter()
+        with self.coordinator.write():
+            yield
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        self._write_seconds += time.perf_counter() - t0
 
     def run(self, batch: list[Encoded], max_steps: int) -> Outcome:
         """Up to `max_steps` optimizer steps on `batch`, fewer once it is learned; then the
@@ -192,8 +206,8 @@ class Stepper:
         self._write_seconds = 0.0
         if self.layerwise:  # the optimizer's hooks step each parameter during backward
             skipped = self.optimizer.skipped_params
-            loss.backward()
             with self.weights_lock if not self._held else contextlib.nullcontext():
+                loss.backward()  # a checkpoint sees all of the step's writes or none
                 self.coordinator.step_applied()
                 self.stepped.update(id(p) for p in self.model.parameters() if p.requires_grad)
             applied = self.optimizer.skipped_params == skipped

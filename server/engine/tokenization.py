@@ -1,13 +1,19 @@
 """Turn chat examples into token ids and loss labels with the served model's chat template.
 
-The conversation is rendered once as text; each assistant target's span is found by rendering
-the prefixes before and after it, and tokens whose characters fall in a target span get
-labels. So the model learns exactly the text vLLM's chat endpoint would have generated there
-(the assistant header is prompt, the turn's end-of-turn token is target).
+Cost is linear in the example's size: the cheap limits (messages, characters) are checked
+before any template runs, and the template runs twice per example, whatever the number of
+turns: once with a unique marker around every message's content (where each message lies in
+the text) and once as vLLM's chat endpoint renders it, which must equal the first without
+its markers. A target is an assistant message's content plus the end-of-turn special token
+right after it: exactly what vLLM's chat endpoint would generate there (the assistant header
+is prompt; generation stops at the end-of-turn token).
 """
 
 from __future__ import annotations
 
+import functools
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,12 +34,8 @@ class Encoded:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def _render(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    if tokenizer.chat_template is None:  # plain concatenation for base models
-        text = "".join(m["content"] for m in messages)
-        return text
-    return tokenizer.apply_chat_template(messages, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+def _render(tokenizer, messages: list[dict]) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
 
 
 def is_target(message: Mapping) -> bool:
@@ -41,29 +43,94 @@ def is_target(message: Mapping) -> bool:
     return message["role"] == "assistant" and message.get("weight") != 0
 
 
-def encode(messages: Sequence[Mapping], tokenizer, max_tokens: int) -> Encoded:
-    """`messages`: dicts with role, content and optionally weight (0 or 1)."""
+@functools.lru_cache(maxsize=8)
+def _end_of_turn(tokenizer) -> re.Pattern | None:
+    """Whitespace, then one of the tokenizer's special tokens (<|im_end|>, <|eot_id|>, ...)."""
+    specials = sorted({str(t) for t in tokenizer.all_special_tokens if str(t)}, key=len,
+                      reverse=True)
+    return re.compile(r"\s*(?:" + "|".join(map(re.escape, specials)) + ")") if specials \
+        else None
+
+
+def _spans(tokenizer, msgs: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and each message's content span in it."""
+    nonce = "apollo" + secrets.token_hex(8)  # 64 random bits: no content holds it by chance
+    if any(nonce in m["content"] for m in msgs):
+        raise ExampleError("a message holds the tokenizer's marker")
+    marked = _render(tokenizer, [{**m, "content": f"{nonce}b{j}n{m['content']}{nonce}e{j}n"}
+                                 for j, m in enumerate(msgs)])
+    text, spans, at = [], [], 0
+    found = [(x.start(), x.end(), x[1], int(x[2]))
+             for x in re.finditer(re.escape(nonce) + r"([be])(\d+)n", marked)]
+    expected = [(kind, j) for j in range(len(msgs)) for kind in "be"]
+    if [(kind, j) for _, _, kind, j in found] != expected:
+        raise ExampleError("the chat template does not render every message's content once, "
+                           "in order; cannot locate the targets")
+    length = 0
+    for (start, end, kind, j), nxt in zip(found, found[1:] + [(len(marked),) * 2 + ("", 0)],
+                                          strict=True):
+        text.append(marked[at:start])
+        length += start - at
+        if kind == "b":
+            spans.append((length, length + nxt[0] - end))
+        elif marked[found[2 * j][1]:start] != msgs[j]["content"]:
+            raise ExampleError(f"messages[{j}]: the chat template does not render this "
+                               "content verbatim (it trims or rewrites it); cannot locate the "
+                               "targets")
+        at = end
+    text.append(marked[at:])
+    full = "".join(text)
+    if full != _render(tokenizer, msgs):
+        raise ExampleError("the chat template renders this conversation differently once its "
+                           "content is marked; cannot locate the targets")
+    return full, spans
+
+
+def check_limits(messages: Sequence[Mapping], max_messages: int | None,
+                 max_chars: int | None) -> None:
+    """The cheap limits, before any template or tokenizer runs (None: not checked)."""
+    if max_messages is not None and len(messages) > max_messages:
+        raise ExampleError(f"example has {len(messages)} messages, more than the limit of "
+                           f"{max_messages} (--max-messages-per-example)")
+    chars = sum(len(m["content"]) for m in messages)
+    if max_chars is not None and chars > max_chars:
+        raise ExampleError(f"example has {chars} characters of content, more than the limit "
+                           f"of {max_chars} (--max-chars-per-example)")
+
+
+def encode(messages: Sequence[Mapping], tokenizer, max_tokens: int, *,
+           max_messages: int | None = None, max_chars: int | None = None) -> Encoded:
+    """`messages`: dicts with role, content and optionally weight (0 or 1). The HTTP layer
+    passes the cheap limits from its settings (--max-messages-per-example, ...)."""
+    check_limits(messages, max_messages, max_chars)
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
-    full = _render(tokenizer, msgs, add_generation_prompt=False)
-    spans: list[tuple[int, int]] = []
-    for i, message in enumerate(messages):
-        if not is_target(message):
-            continue
-        start_text = _render(tokenizer, msgs[:i], add_generation_prompt=True) if i else ""
-        end_text = _render(tokenizer, msgs[: i + 1], add_generation_prompt=False)
-        if not (full.startswith(start_text) and full.startswith(end_text)):
-            raise ExampleError(f"messages[{i}]: the chat template does not render this "
-                               "conversation incrementally; cannot locate the target")
-        spans.append((len(start_text), len(end_text)))
+    if tokenizer.chat_template is None:  # plain concatenation for base models
+        full, spans, at = "".join(m["content"] for m in msgs), [], 0
+        for m in msgs:
+            spans.append((at, at + len(m["content"])))
+            at += len(m["content"])
+    else:
+        full, spans = _spans(tokenizer, msgs)
+    eot = _end_of_turn(tokenizer) if tokenizer.chat_template is not None else None
+    targets = []
+    for message, (lo, hi) in zip(messages, spans, strict=True):
+        if is_target(message):
+            m = eot.match(full, hi) if eot is not None else None
+            targets.append((lo, m.end() if m else hi))
 
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    if not ids:
+        raise ExampleError("example renders to no token")
     if len(ids) > max_tokens:
         raise ExampleError(f"example has {len(ids)} tokens, more than the limit of "
                            f"{max_tokens} (--max-tokens-per-example)")
     labels = [IGNORE_INDEX] * len(ids)
+    k = 0  # targets and tokens are both in text order: one pass
     for t, (lo, hi) in enumerate(offsets):
-        if hi > lo and any(s <= lo < e for s, e in spans):
+        while k < len(targets) and targets[k][1] <= lo:
+            k += 1
+        if k < len(targets) and hi > lo and targets[k][0] <= lo:
             labels[t] = ids[t]
     # Causal LM: the label at t is predicted from tokens < t; the first token has no context.
     labels[0] = IGNORE_INDEX

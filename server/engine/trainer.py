@@ -18,16 +18,16 @@ from torch import nn
 
 from server.engine.coordination import Standalone
 from server.engine.distributed import Group
-from server.engine.example_log import ExampleLog
+from server.engine.example_log import ExampleLog, ExampleLogError
 from server.engine.locality import Monitor
-from server.engine.records import QueueFull, Record, TrainerStats
+from server.engine.records import QueueFull, Record, TrainerStats, Unavailable
 from server.engine.steps import LiveOptimizer, Outcome, Stepper
 from server.engine.tokenization import Encoded
 from server.settings import Settings
 
 log = logging.getLogger("vllm_apollo.trainer")
 
-__all__ = ["QueueFull", "Trainer"]
+__all__ = ["QueueFull", "Trainer", "Unavailable"]
 
 
 class Trainer:
@@ -43,6 +43,8 @@ class Trainer:
         self.batch_size = settings.batch_size
         self.max_steps = settings.max_steps_per_batch
         self.max_queue = settings.max_queue
+        self.max_queue_tokens = settings.max_queue_tokens
+        self._tokens = 0  # tokens of the examples queued or in flight
         self.example_log = example_log
         self.coordinator = coordinator or Standalone()
         self.stats = TrainerStats()
@@ -53,6 +55,10 @@ class Trainer:
         # collective work, see run_in_worker) to the other ranks first (engine/distributed.py)
         self.group = group
         self.records: dict[str, Record] = {}
+        # finished examples kept in `records`, oldest first: the last N (the example log
+        # keeps every outcome); the memory of a long-running server stays bounded
+        self._finished: deque[str] = deque()
+        self.keep_finished = settings.keep_finished_records
         self._queue: deque[Record] = deque()
         self._resume: tuple[list[Record], int] | None = None  # batch cut short by a crash
         self._cond = threading.Condition()
@@ -62,6 +68,9 @@ class Trainer:
         self._tasks: deque[tuple[Callable, Future]] = deque()
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
         self.after_batch: list[Callable[[], None]] = []  # run by the worker after each batch
+        # Why the worker can no longer train (an outcome it could not log, an error that
+        # ended the thread): the service reports it, and refuses examples, instead.
+        self.fatal: str | None = None
         if example_log is not None:
             self._restore(example_log)
 
@@ -77,15 +86,17 @@ class Trainer:
 
     def _restore(self, example_log: ExampleLog) -> None:
         applied = self.coordinator.applied_steps()
-        state = example_log.replay(applied)
-        example_log.compact(state, applied)  # finished examples keep their outcome, not tokens
+        state = example_log.restore(applied)  # compacted: finished examples lose their tokens
         for i, enc in state.accepted.items():
             rec = self.records[i] = Record(i, enc)
             if i in state.trained:
                 rec.state, rec.step = "trained", state.trained[i]
                 rec.reason = state.notes.get(i)
+                self._finished.append(i)
             elif i in state.failed:
                 rec.state, rec.reason = "failed", state.failed[i]
+                self._finished.append(i)
+        self._forget_finished()
         self.stats.accepted = len(state.accepted)
         self.stats.trained, self.stats.failed = len(state.trained), len(state.failed)
         if state.unfinished is not None:
@@ -96,6 +107,8 @@ class Trainer:
                 self._finish([self.records[i] for i in ids], Outcome(note="finished before a "
                                                                      "restart"))
         self._queue.extend(self.records[i] for i in state.pending)
+        self._tokens = sum(len(r.encoded.input_ids) for r in self._queue) + (
+            sum(len(r.encoded.input_ids) for r in self._resume[0]) if self._resume else 0)
         if state.accepted:
             log.info("example log: %d examples (%d trained, %d failed, %d to train)",
                      len(state.accepted), len(state.trained), len(state.failed),
@@ -103,16 +116,23 @@ class Trainer:
 
     # --- producer side (HTTP handlers) ---
     def submit(self, examples: list[Encoded]) -> list[str]:
-        """Log (fsync) and queue all of `examples`, or none (raises QueueFull)."""
+        """Log (fsync) and queue all of `examples`, or none (raises QueueFull, Unavailable,
+        or the example log's NotLogged / LogBroken)."""
         with self._cond:
+            if self.fatal:
+                raise Unavailable(self.fatal)
             if len(self._queue) + self._in_flight + len(examples) > self.max_queue:
                 raise QueueFull(len(self._queue) + self._in_flight, self.max_queue)
+            tokens = sum(len(e.input_ids) for e in examples)
+            if self._tokens + tokens > self.max_queue_tokens:
+                raise QueueFull(self._tokens, self.max_queue_tokens, "tokens")
             recs = [Record(id=uuid.uuid4().hex[:16], encoded=e) for e in examples]
             if self.example_log is not None:
                 self.example_log.accept([(r.id, r.encoded) for r in recs])
             for r in recs:
                 self.records[r.id] = r
                 self._queue.append(r)
+            self._tokens += tokens
             self.stats.accepted += len(recs)
             self._cond.notify()
             return [r.id for r in recs]
@@ -149,6 +169,8 @@ class Trainer:
             return fn()
         future: Future = Future()
         with self._cond:
+            if self.fatal:
+                raise Unavailable(self.fatal)
             if self._stop or not self._thread.is_alive():
                 raise RuntimeError("the trainer is not running")
             self._tasks.append((fn, future))
@@ -182,6 +204,22 @@ class Trainer:
             self._in_flight = len(batch)
             return batch, steps
 
+    def problem(self) -> str | None:
+        """Why this trainer cannot train (None: it can)."""
+        if self.fatal:
+            return self.fatal
+        if self._thread.ident is not None and not self._thread.is_alive() and not self._stop:
+            return "the trainer thread has ended"
+        return None
+
+    def _die(self, reason: str) -> None:
+        log.critical("%s; the service is unhealthy until restarted", reason)
+        with self._cond:
+            self.fatal = reason
+            for _, future in self._tasks:
+                future.set_exception(Unavailable(reason))
+            self._tasks.clear()
+
     def _run(self) -> None:
         if self.monitor is not None:  # before the first batch changes anything
             try:
@@ -189,7 +227,13 @@ class Trainer:
                 self.monitor.ensure_guard(self.model)
             except Exception:  # the stepper tries again before each batch, which fails
                 log.exception("the drift reference or the guard could not be made")
-        self._serve()
+        try:
+            self._serve()
+        except BaseException as exc:  # nothing ends the worker silently (see self.fatal)
+            why = "the example log failed" if isinstance(exc, ExampleLogError) else \
+                "the trainer failed"
+            self._die(f"{why}: {type(exc).__name__}: {exc}")
+            return
         if self._last is not None:
             try:
                 self._last()
@@ -213,6 +257,8 @@ class Trainer:
                 if self.group is not None:
                     self.group.broadcast(("train", [r.encoded for r in batch], steps))
                 self._finish(batch, self.stepper.run([r.encoded for r in batch], steps))
+            except ExampleLogError:
+                raise  # an outcome that cannot be logged: the log and counter resolve it later
             except Exception as exc:  # isolate: mark the batch failed, keep serving
                 log.exception("training batch failed")
                 self._finish(batch, Outcome(failed=f"{type(exc).__name__}: {exc}"))
@@ -236,6 +282,7 @@ class Trainer:
                 self.example_log.done(ids, step, outcome.note)
         with self._cond:
             for r in batch:
+                self._tokens -= len(r.encoded.input_ids) if r.encoded is not None else 0
                 r.encoded = None  # memory stays bounded by what is still to train
                 r.drift = drift
                 if failed:
@@ -244,5 +291,11 @@ class Trainer:
                 else:
                     r.state, r.step, r.reason = "trained", step, outcome.note
                     self.stats.trained += 1
+                self._finished.append(r.id)
             if not failed and outcome.steps == 0:
                 self.stats.learned_without_steps += len(batch)
+            self._forget_finished()
+
+    def _forget_finished(self) -> None:
+        while len(self._finished) > self.keep_finished:
+            self.records.pop(self._finished.popleft(), None)

@@ -7,6 +7,7 @@ the trainer and the checkpoint service. Tests assemble an engine around a local 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -33,6 +34,7 @@ from server.engine.distributed import (
     start_followers,
 )
 from server.engine.example_log import ExampleLog
+from server.engine.exclusive import hold_exclusive
 from server.engine.locality import Monitor
 from server.engine.trainer import Trainer
 from server.settings import Settings
@@ -53,9 +55,21 @@ class Engine:
     export: Export | None = None
     checkpoints: CheckpointService | None = None
     example_log: ExampleLog | None = None
+    checkpointing_disabled: str | None = None  # why, when the model directory cannot take it
 
     def start(self) -> None:
         self.trainer.start()
+
+    def problem(self) -> str | None:
+        """Why this engine cannot take examples now (None: it can): the service is then
+        unhealthy rather than accepting what it would not train."""
+        if (reason := self.trainer.problem()) is not None:
+            return reason
+        if self.example_log is not None and self.example_log.broken:
+            return self.example_log.broken
+        if self.export is not None and not self.export.owner_alive():
+            return "the vLLM process that owns the weights has exited"
+        return None
 
     def stop(self) -> None:
         """Finish the batch in progress; with --checkpoint-on-exit sync what vLLM learned,
@@ -107,11 +121,7 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
              coordinator: Standalone | None = None, group: Group | None = None) -> Engine:
     """Optimizer, example log (rank 0), trainer and checkpoint service around `model`."""
     leader = group is None or group.leader
-    example_log = None
-    if leader and settings.journal != "off" and (settings.journal != "auto" or export):
-        path = settings.journal if settings.journal != "auto" else \
-            Path(model_path) / ".apollo" / "examples.jsonl"
-        example_log = ExampleLog(path)
+    example_log = open_example_log(settings, model_path, export) if leader else None
     trainer = Trainer(model, make_optimizer(model, settings), settings,
                       pad_id=tokenizer.pad_token_id or 0, example_log=example_log,
                       coordinator=coordinator, group=group,
@@ -125,6 +135,26 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
     return Engine(settings=settings, model=model, tokenizer=tokenizer, trainer=trainer,
                   model_path=model_path, export=export, checkpoints=checkpoints,
                   example_log=example_log)
+
+
+def open_example_log(settings: Settings, model_path: str, export: Export | None
+                     ) -> ExampleLog | None:
+    """--journal: a path, off, or auto: MODEL_DIR/.apollo/examples.jsonl, or beside vLLM's
+    export when the model directory is read-only (the log then lasts as long as the export,
+    and so as long as the weights it describes: nothing can be checkpointed there)."""
+    if settings.journal == "off" or (settings.journal == "auto" and export is None):
+        return None
+    if settings.journal != "auto":
+        return ExampleLog(settings.journal)
+    try:
+        return ExampleLog(Path(model_path) / ".apollo" / "examples.jsonl")
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+    path = export.export_dir / "examples.jsonl"
+    log.warning("the model directory %s is read-only: the example log is %s (it lasts as long "
+                "as vLLM's export)", model_path, path)
+    return ExampleLog(path)
 
 
 def _monitor(settings: Settings, tokenizer, example_log: ExampleLog | None,
@@ -163,6 +193,9 @@ def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     export = attach(settings.export_dir, rank=rank, timeout=settings.attach_timeout)
+    if rank == 0:  # one trainer per vLLM (two would both step its weights); the fd stays
+        # open, and the lock held, until this process exits
+        hold_exclusive(export.trainer_lock_path, f"vLLM's export {export.export_dir}")
     group = None
     if export.world_size > 1:
         if settings.train_embeddings:
@@ -182,17 +215,20 @@ def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
     tokenizer = AutoTokenizer.from_pretrained(export.model_path)
     log.info("rank %d/%d attached to %s: %d parameters mapped onto vLLM's tensors", rank,
              export.world_size, export.model_path, sum(1 for _ in model.parameters()))
-    checkpointer = _checkpointer(model, export.model_path, group) if rank == 0 else None
+    checkpointer, disabled = _checkpointer(model, export.model_path, group) if rank == 0 \
+        else (None, None)
     coordinator = VllmCoordinator(export, settings.consistency, settings.prefix_cache_reset,
                                   group)
-    return assemble(settings, model, tokenizer, model_path=export.model_path, export=export,
-                    checkpointer=checkpointer, coordinator=coordinator, group=group)
+    engine = assemble(settings, model, tokenizer, model_path=export.model_path, export=export,
+                      checkpointer=checkpointer, coordinator=coordinator, group=group)
+    engine.checkpointing_disabled = disabled
+    return engine
 
 
 def _checkpointer(model: nn.Module, model_path: str, group: Group | None
-                  ) -> Checkpointer | None:
-    """Rank 0's checkpointer (the other ranks send it their shards), or None with the reason
-    logged when the model directory cannot take checkpoints (read-only, symlinked weights as
+                  ) -> tuple[Checkpointer | None, str | None]:
+    """Rank 0's checkpointer (the other ranks send it their shards), or None and the reason,
+    logged, when the model directory cannot take checkpoints (read-only, symlinked weights as
     in a Hugging Face cache snapshot, ...): the server then serves and trains without them."""
     blockers = checkpoint_blockers(model_path)
     if not blockers:
@@ -201,11 +237,12 @@ def _checkpointer(model: nn.Module, model_path: str, group: Group | None
             return Checkpointer(
                 model_path, params,
                 file_names=checkpoint_file_names(list(params), set(read_layout(model_path))),
-                gather=(lambda t: gather_to_leader(t, group)) if group else None)
+                gather=(lambda t: gather_to_leader(t, group)) if group else None), None
         except CheckpointRefused as exc:
             blockers = [str(exc)]
-    log.warning("checkpointing disabled for %s: %s", model_path, "; ".join(blockers))
-    return None
+    reason = "; ".join(blockers)
+    log.warning("checkpointing disabled for %s: %s", model_path, reason)
+    return None, reason
 
 
 def _exit_with_parent(parent: int) -> None:

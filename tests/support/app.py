@@ -36,7 +36,8 @@ def app_client(tokenizer, model_dir=None, **settings) -> tuple[TestClient, torch
         return assemble(settings, model, tokenizer, model_path=str(model_dir),
                         checkpointer=checkpointer)
 
-    return TestClient(create_app(s, build=build)), model
+    # a loopback Host, as a local client sends (the default "testserver" is refused)
+    return TestClient(create_app(s, build=build), base_url="http://localhost"), model
 
 
 def wait_idle(client: TestClient, finished: int, timeout: float = 120) -> dict:

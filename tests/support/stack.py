@@ -22,7 +22,9 @@ class Stack:
     and the training server) on free loopback ports, its log and journal under `run_dir`."""
 
     def __init__(self, run_dir: Path, model_dir: Path | None = None,
-                 vllm_args: tuple[str, ...] = (), train_args: str = ""):
+                 vllm_args: tuple[str, ...] = (), train_args: str = "", *,
+                 journal: bool = True, env: dict | None = None):
+        """`journal=False`: the training server's default example log (--journal auto)."""
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.vllm = f"http://127.0.0.1:{free_port()}"
@@ -30,7 +32,8 @@ class Stack:
         env = {**os.environ, "VLLM_PORT": self.vllm.rsplit(":", 1)[1],
                "TRAIN_PORT": self.train.rsplit(":", 1)[1], "VLLM_APOLLO_RUN_DIR": str(run_dir),
                # the journal's default lives in the model directory: keep tests independent
-               "TRAIN_ARGS": f"--journal {run_dir / 'examples.jsonl'} {train_args}"}
+               "TRAIN_ARGS": (f"--journal {run_dir / 'examples.jsonl'} " if journal else "")
+               + train_args, **(env or {})}
         self.log = open(run_dir / "launcher.log", "w")  # noqa: SIM115
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
