@@ -97,6 +97,8 @@ def log_lines(model_dir: Path) -> list[str]:
     for e in versions.entries:
         drift = (e.get("drift") or {}).get("mean_kl")
         note = e.get("name") or e.get("note") or ""
+        restorable = "head" if e is versions.head else \
+            "yes" if versions.reachable(e["n"]) else "no"
         if e.get("reverted_to") is None and e.get("parent") not in (None, e["n"] - 1):
             note = f"trained from version {e['parent']} (after a rollback)"
         lines.append(
@@ -105,7 +107,7 @@ def log_lines(model_dir: Path) -> list[str]:
             f"  {'' if drift is None else f'{drift:.4f}':>5}"
             f"  {_mib(e['bytes_changed']) if 'bytes_changed' in e else '':>11}"
             f"  {_mib(store.segment_bytes(e['undo'])) if e.get('undo') else '-':>11}"
-            f"  {'head' if e is versions.head else 'yes' if versions.reachable(e['n']) else 'no':>10}"
+            f"  {restorable:>10}"
             f"  {note}")
     policy = versions.policy
     keep = "history off" if not policy else \

@@ -81,7 +81,7 @@ def _merge(store: Store, upper: dict, lower: dict, regions: Regions, durable: bo
         size = os.fstat(fd).st_size
         os.close(fd)
         if 2 * used[(src, blob)] >= size:
-            moved[(src, blob)] = f"{src}.{blob}"
+            moved[(src, blob)] = f"b{len(moved):05d}"
             os.link(path, target / moved[(src, blob)])
     out: list[Chunk] = []
     pack = None

@@ -10,6 +10,7 @@ before anything is written (a damaged store changes nothing).
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import time
@@ -27,6 +28,8 @@ from checkpoint.layout import read_layout
 from checkpoint.recovery import recover_locked
 from checkpoint.retention import Retention
 from checkpoint.sync import WHOLE_MIN_CHUNKS, WHOLE_SHARE
+
+log = logging.getLogger("vllm_apollo.checkpoint")
 
 Plan = dict[tuple[str, int], tuple[str, Chunk]]  # (file, offset) -> (undo record, chunk)
 
@@ -158,7 +161,10 @@ def _commit(model_dir: Path, store: Store, versions: Versions, slots, writes, ta
             tx.abort()
             raise
     if policy is not None:
-        retention.apply(store, tx.versions, policy, Regions(slots.values()), durable)
+        try:
+            retention.apply(store, tx.versions, policy, Regions(slots.values()), durable)
+        except (HistoryError, OSError) as exc:  # the revert is committed either way
+            log.warning("history retention failed (the store keeps more than asked): %s", exc)
     return entry
 
 

@@ -15,7 +15,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from server.api import observe, training
+from server.api import observe, training, versions
 from server.api.guards import RequestGuard
 from server.engine.wiring import Engine, attach_engine
 from server.settings import Settings
@@ -52,6 +52,8 @@ def create_app(settings: Settings,
     app.state.settings = settings
     app.include_router(observe.router)
     app.include_router(training.router)
+    app.include_router(versions.router)
+    app.include_router(versions.changes)
     app.add_middleware(RequestGuard, bind_host=settings.host,
                        allowed_hosts=settings.allowed_hosts,
                        max_body_bytes=settings.max_body_bytes)

@@ -40,8 +40,9 @@ def _files(d):
     return {f.name: f.read_bytes() for f in sorted(d.glob("*.safetensors"))}
 
 
-def _history(d, live, policy=Retention(), durable=False):
-    return Checkpointer(d, live, chunk_bytes=CHUNK, durable=durable, history=policy)
+def _history(d, live, policy=None, durable=False):
+    return Checkpointer(d, live, chunk_bytes=CHUNK, durable=durable,
+                        history=policy or Retention())
 
 
 @pytest.mark.parametrize("shards", [1, 2])

@@ -9,7 +9,9 @@ HTTP 2xx:
   request whole or not at all;
 * ``begin``: a batch's ids, its number of optimizer steps and the applied-step counter
   before it (the counter lives in vLLM's export, so it survives the trainer);
-* ``done`` / ``fail``: the batch's outcome.
+* ``done`` / ``fail``: the batch's outcome;
+* ``rollback``: trained examples a rollback took out of the live weights (``rolled_back``)
+  or put back (``restored``: a rollback to a version that holds them).
 
 An append that fails (a full disk, a short write) is cut off again (ftruncate + fsync) and
 raises `NotLogged`: the caller must not acknowledge it, and the file stays a valid log. If
@@ -129,6 +131,10 @@ class ExampleLog:
     def fail(self, ids: list[str], reason: str) -> None:
         self._append([{"op": "fail", "batch": ids, "reason": reason}])
 
+    def rollback(self, rolled_back: list[str], restored: list[str], reason: str) -> None:
+        self._append([{"op": "rollback", "rolled_back": rolled_back, "restored": restored,
+                       "reason": reason}])
+
     def close(self) -> None:
         os.close(self._fd)
         os.close(self._lock_fd)
@@ -161,7 +167,9 @@ class ExampleLog:
         for i, enc in state.accepted.items():
             if i in state.trained:
                 records.append({"op": "trained", "id": i, "step": state.trained[i],
-                                **({"note": state.notes[i]} if i in state.notes else {})})
+                                **({"note": state.notes[i]} if i in state.notes else {}),
+                                **({"rolled_back": state.rolled_back[i]}
+                                   if i in state.rolled_back else {})})
             elif i in state.failed:
                 records.append({"op": "failed", "id": i, "reason": state.failed[i]})
             else:

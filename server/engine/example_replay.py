@@ -39,6 +39,7 @@ class Replayed:
     trained: dict[str, int] = field(default_factory=dict)  # id -> step
     notes: dict[str, str] = field(default_factory=dict)  # id -> how it was trained
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason
+    rolled_back: dict[str, str] = field(default_factory=dict)  # trained, then rolled back: why
     # a batch that began and has no outcome: (ids, steps still to run; 0 = all applied)
     unfinished: tuple[list[str], int] | None = None
     pending: list[str] = field(default_factory=list)  # accepted, never begun, in order
@@ -91,6 +92,18 @@ class _State:
             (self.out.trained if op == "trained" else self.out.failed)[rec["id"]] = value
             if isinstance(rec.get("note"), str):
                 self.out.notes[rec["id"]] = rec["note"]
+            if op == "trained" and isinstance(rec.get("rolled_back"), str):
+                self.out.rolled_back[rec["id"]] = rec["rolled_back"]
+        elif op == "rollback":
+            out, back = rec.get("rolled_back"), rec.get("restored")
+            if not (isinstance(out, list) and isinstance(back, list)
+                    and isinstance(rec.get("reason"), str)
+                    and all(isinstance(i, str) and i in self.out.trained for i in out + back)):
+                raise ValueError("not a valid rollback record (or it names examples never "
+                                 "trained)")
+            self.out.rolled_back.update(dict.fromkeys(out, rec["reason"]))
+            for i in back:
+                self.out.rolled_back.pop(i, None)
         elif op == "begin":
             if not (_ids(rec.get("batch")) and _int(rec.get("steps")) and _int(rec.get("base"))):
                 raise ValueError("not a valid begin record")

@@ -7,7 +7,8 @@ from typing import Literal
 
 from server.engine.tokenization import Encoded
 
-State = Literal["queued", "trained", "failed"]
+State = Literal["queued", "trained", "failed", "rolled back"]  # rolled back: trained, then
+# taken out of the live weights by a rollback to a version without it
 
 
 @dataclass

@@ -68,6 +68,7 @@ class Trainer:
         self._tasks: deque[tuple[Callable, Future]] = deque()
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
         self.after_batch: list[Callable[[], None]] = []  # run by the worker after each batch
+        self.on_trained: list[Callable[[list[str]], None]] = []  # ids of each trained batch
         # Why the worker can no longer train (an outcome it could not log, an error that
         # ended the thread): the service reports it, and refuses examples, instead.
         self.fatal: str | None = None
@@ -92,6 +93,8 @@ class Trainer:
             if i in state.trained:
                 rec.state, rec.step = "trained", state.trained[i]
                 rec.reason = state.notes.get(i)
+                if i in state.rolled_back:
+                    rec.state, rec.reason = "rolled back", state.rolled_back[i]
                 self._finished.append(i)
             elif i in state.failed:
                 rec.state, rec.reason = "failed", state.failed[i]
@@ -295,6 +298,9 @@ class Trainer:
             if not failed and outcome.steps == 0:
                 self.stats.learned_without_steps += len(batch)
             self._forget_finished()
+        if not failed:
+            for hook in self.on_trained:
+                hook(ids)
 
     def _forget_finished(self) -> None:
         while len(self._finished) > self.keep_finished:

@@ -21,7 +21,14 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from checkpoint import Checkpointer, CheckpointRefused, checkpoint_blockers, read_layout
+from checkpoint import (
+    Checkpointer,
+    CheckpointRefused,
+    Retention,
+    checkpoint_blockers,
+    read_layout,
+)
+from checkpoint.retention import parse_size
 from optimizer import ApolloMini
 from server.engine.checkpointing import CheckpointService
 from server.engine.coordination import Standalone, VllmCoordinator
@@ -37,6 +44,7 @@ from server.engine.example_log import ExampleLog
 from server.engine.exclusive import hold_exclusive
 from server.engine.locality import Monitor
 from server.engine.trainer import Trainer
+from server.engine.versions import VersionService
 from server.settings import Settings
 from weight_mapping import Export, attach, build_model, checkpoint_file_names, load_config
 
@@ -54,6 +62,7 @@ class Engine:
     model_path: str
     export: Export | None = None
     checkpoints: CheckpointService | None = None
+    versions: VersionService | None = None  # rollbacks; with checkpoints
     example_log: ExampleLog | None = None
     checkpointing_disabled: str | None = None  # why, when the model directory cannot take it
 
@@ -127,14 +136,26 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
                       coordinator=coordinator, group=group,
                       monitor=_monitor(settings, tokenizer, example_log, group,
                                        _shared_reference(model_path, coordinator)))
-    checkpoints = None
+    checkpoints = versions = None
     if checkpointer is not None:
         checkpoints = CheckpointService(checkpointer, trainer, settings.checkpoint_every_steps,
                                         settings.checkpoint_every_seconds)
         trainer.after_batch.append(checkpoints.maybe_sync)
+        if leader:
+            versions = VersionService(checkpoints, trainer,
+                                      export.export_dir if export is not None else None)
     return Engine(settings=settings, model=model, tokenizer=tokenizer, trainer=trainer,
                   model_path=model_path, export=export, checkpoints=checkpoints,
-                  example_log=example_log)
+                  versions=versions, example_log=example_log)
+
+
+def retention(settings: Settings) -> Retention | None:
+    """--history-keep / --history-budget / --history-drop-original (None: keep no history)."""
+    if settings.history_keep == "off":
+        return None
+    return Retention(keep=None if settings.history_keep == "all" else int(settings.history_keep),
+                     budget=parse_size(settings.history_budget),
+                     keep_original=not settings.history_drop_original)
 
 
 def open_example_log(settings: Settings, model_path: str, export: Export | None
@@ -215,8 +236,8 @@ def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
     tokenizer = AutoTokenizer.from_pretrained(export.model_path)
     log.info("rank %d/%d attached to %s: %d parameters mapped onto vLLM's tensors", rank,
              export.world_size, export.model_path, sum(1 for _ in model.parameters()))
-    checkpointer, disabled = _checkpointer(model, export.model_path, group) if rank == 0 \
-        else (None, None)
+    checkpointer, disabled = _checkpointer(model, export.model_path, group,
+                                           retention(settings)) if rank == 0 else (None, None)
     coordinator = VllmCoordinator(export, settings.consistency, settings.prefix_cache_reset,
                                   group)
     engine = assemble(settings, model, tokenizer, model_path=export.model_path, export=export,
@@ -225,8 +246,8 @@ def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
     return engine
 
 
-def _checkpointer(model: nn.Module, model_path: str, group: Group | None
-                  ) -> tuple[Checkpointer | None, str | None]:
+def _checkpointer(model: nn.Module, model_path: str, group: Group | None,
+                  history: Retention | None = None) -> tuple[Checkpointer | None, str | None]:
     """Rank 0's checkpointer (the other ranks send it their shards), or None and the reason,
     logged, when the model directory cannot take checkpoints (read-only, symlinked weights as
     in a Hugging Face cache snapshot, ...): the server then serves and trains without them."""
@@ -237,7 +258,8 @@ def _checkpointer(model: nn.Module, model_path: str, group: Group | None
             return Checkpointer(
                 model_path, params,
                 file_names=checkpoint_file_names(list(params), set(read_layout(model_path))),
-                gather=(lambda t: gather_to_leader(t, group)) if group else None), None
+                gather=(lambda t: gather_to_leader(t, group)) if group else None,
+                history=history), None
         except CheckpointRefused as exc:
             blockers = [str(exc)]
     reason = "; ".join(blockers)
