@@ -156,8 +156,10 @@ wait_healthy() {  # url pid name timeout
 start=$SECONDS
 echo "launcher: starting vLLM on $BIND_HOST:$VLLM_PORT with $MODEL_DIR" >&2
 # `python -m hooks serve` is vLLM's `vllm serve` (checked against the vLLM versions tested).
+# Every response says which weights answered (x-apollo-weight-version: docs/checkpoint.md).
 VLLM_APOLLO_EXPORT_DIR="$EXPORT_DIR" setsid "$PY" -m hooks serve \
-  "$MODEL_DIR" --host "$BIND_HOST" --port "$VLLM_PORT" "${VLLM_EXTRA[@]}" &
+  "$MODEL_DIR" --host "$BIND_HOST" --port "$VLLM_PORT" \
+  --middleware hooks.version_header.WeightVersionHeader "${VLLM_EXTRA[@]}" &
 VLLM_PID=$!
 "$PY" -m hooks record "$STATE" vllm "$VLLM_PID"
 wait_healthy "http://127.0.0.1:$VLLM_PORT/health" "$VLLM_PID" vLLM "${VLLM_START_TIMEOUT:-900}"
@@ -173,7 +175,7 @@ MODEL_NAME="$MODEL_DIR"
 cat <<EOF
 
   vLLM (OpenAI API):  http://$BIND_HOST:$VLLM_PORT/v1    model: $MODEL_NAME
-  training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health)
+  training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health /versions /rollback)
   ready after $((SECONDS - start)) s. Teach it:
 
   curl -s http://$BIND_HOST:$TRAIN_PORT/train -H 'content-type: application/json' \
