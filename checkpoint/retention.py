@@ -14,6 +14,7 @@ versions.json switches to it atomically; records no version names are removed by
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from checkpoint.history import (
     read_chunk,
     segment_name,
 )
+
+log = logging.getLogger("vllm_apollo.checkpoint")
 
 
 @dataclass(frozen=True)
@@ -156,8 +159,11 @@ def apply(store: Store, versions: Versions, policy: Retention, regions: Regions,
         order = [n for n in below()[::-1] if not is_original(n)]
         if not order and not policy.keep_original:
             order = [n for n in below()[::-1] if n != head]
-        if not order:
-            break  # the original alone exceeds the budget: kept, as asked
+        if not order:  # what is left holds bytes only the original needs: kept, as asked
+            log.warning("the history store uses %d bytes, over its budget of %d: what is left "
+                        "is needed to restore the original (--history-drop-original allows "
+                        "dropping it)", store.disk_bytes(), policy.budget)
+            break
         drop(store, versions, order[0], regions, durable)
         dropped.append(order[0])
     return dropped

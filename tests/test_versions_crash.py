@@ -1,6 +1,6 @@
 """kill -9 at random moments, 30 times each, on a 112 MB model: during `revert`, and during
 syncs that keep history. After recovery the files hold one whole version and verify passes.
-(A live rollback's kill -9 test is in tests/test_rollback.py.)"""
+(A live rollback's kill -9 test is in tests/test_rollback_crash.py.)"""
 
 import os
 import random
