@@ -84,6 +84,20 @@ for ((i = 0; i < ${#VLLM_EXTRA[@]}; i++)); do
     --tensor-parallel-size=*) TP=${VLLM_EXTRA[i]#*=} ;;
   esac
 done
+# The names vLLM serves the model under: fine-tuning jobs accept them as their "model".
+NAMES=()
+for ((i = 0; i < ${#VLLM_EXTRA[@]}; i++)); do
+  case "${VLLM_EXTRA[i]}" in
+    --served-model-name=*) NAMES+=("${VLLM_EXTRA[i]#*=}") ;;
+    --served-model-name)
+      for ((j = i + 1; j < ${#VLLM_EXTRA[@]}; j++)); do
+        case "${VLLM_EXTRA[j]}" in -*) break ;; *) NAMES+=("${VLLM_EXTRA[j]}") ;; esac
+      done ;;
+  esac
+done
+if [ ${#NAMES[@]} -gt 0 ]; then
+  TRAIN_EXTRA+=(--served-model-name "$(IFS=,; echo "${NAMES[*]}")")
+fi
 if [ "$TP" -gt 1 ] && [ -z "${VLLM_CPU_OMP_THREADS_BIND:-}" ]; then
   per=$(( $(nproc) / TP )); [ "$per" -ge 1 ] || per=1
   binds=()
@@ -169,11 +183,12 @@ TRAIN_PID=$!
 "$PY" -m hooks record "$STATE" train "$TRAIN_PID"
 wait_healthy "http://127.0.0.1:$TRAIN_PORT/health" "$TRAIN_PID" "training server" 600
 
-MODEL_NAME="$MODEL_DIR"
+MODEL_NAME=${NAMES[0]:-$MODEL_DIR}
 cat <<EOF
 
   vLLM (OpenAI API):  http://$BIND_HOST:$VLLM_PORT/v1    model: $MODEL_NAME
-  training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health)
+  training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health; OpenAI
+                      files and fine-tuning jobs at /v1: docs/fine-tuning.md)
   ready after $((SECONDS - start)) s. Teach it:
 
   curl -s http://$BIND_HOST:$TRAIN_PORT/train -H 'content-type: application/json' \

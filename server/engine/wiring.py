@@ -35,6 +35,8 @@ from server.engine.distributed import (
 )
 from server.engine.example_log import ExampleLog
 from server.engine.exclusive import hold_exclusive
+from server.engine.files import FileStore
+from server.engine.jobs import JobRunner, fine_tuning
 from server.engine.locality import Monitor
 from server.engine.trainer import Trainer
 from server.settings import Settings
@@ -56,9 +58,13 @@ class Engine:
     checkpoints: CheckpointService | None = None
     example_log: ExampleLog | None = None
     checkpointing_disabled: str | None = None  # why, when the model directory cannot take it
+    files: FileStore | None = None  # uploaded training files (rank 0)
+    jobs: JobRunner | None = None  # fine-tuning jobs (rank 0)
 
     def start(self) -> None:
         self.trainer.start()
+        if self.jobs is not None:
+            self.jobs.start()
 
     def problem(self) -> str | None:
         """Why this engine cannot take examples now (None: it can): the service is then
@@ -74,6 +80,8 @@ class Engine:
     def stop(self) -> None:
         """Finish the batch in progress; with --checkpoint-on-exit sync what vLLM learned,
         else say how many steps the model files lack."""
+        if self.jobs is not None:  # a running job stays journaled and resumes at next start
+            self.jobs.stop()
         service = self.checkpoints
         if service is not None and self.settings.checkpoint_on_exit:
             self.trainer.stop(timeout=600.0, last=service.sync_on_exit)
@@ -86,6 +94,8 @@ class Engine:
                             "--checkpoint-on-exit)", unsaved)
         if self.example_log is not None:
             self.example_log.close()
+        if self.files is not None:
+            self.files.close()
 
 
 def param_groups(model: nn.Module, lr: float, train_embeddings: bool,
@@ -132,9 +142,13 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
         checkpoints = CheckpointService(checkpointer, trainer, settings.checkpoint_every_steps,
                                         settings.checkpoint_every_seconds)
         trainer.after_batch.append(checkpoints.maybe_sync)
+    files, jobs = None, None
+    if leader:
+        files, jobs = fine_tuning(settings, trainer, tokenizer,
+                                  example_log.path if example_log else None)
     return Engine(settings=settings, model=model, tokenizer=tokenizer, trainer=trainer,
                   model_path=model_path, export=export, checkpoints=checkpoints,
-                  example_log=example_log)
+                  example_log=example_log, files=files, jobs=jobs)
 
 
 def open_example_log(settings: Settings, model_path: str, export: Export | None
