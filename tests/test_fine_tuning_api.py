@@ -132,10 +132,16 @@ def test_a_job_names_what_it_cannot_do(served):
                        "non_preferred_output": [{"role": "assistant", "content": "Go."}]})
     with open(write_lines(tmp / "pairs.jsonl", [pair] * 3), "rb") as f:
         pairs = client.files.create(file=f, purpose="fine-tune")
-    with pytest.raises(openai.BadRequestError, match="dpo' is not available in this version"):
-        client.fine_tuning.jobs.create(
-            model=model, training_file=pairs.id,
-            method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}})
+    for file_id in (pairs.id, plain.id):  # refused whatever the file holds, OpenAI-style
+        with pytest.raises(openai.BadRequestError,
+                           match="dpo' is not available in this version") as err:
+            client.fine_tuning.jobs.create(
+                model=model, training_file=file_id,
+                method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}})
+        assert (err.value.code, err.value.param, err.value.type) == \
+            ("method_not_available", "method", "invalid_request_error")
+    assert not [j for j in client.fine_tuning.jobs.list(limit=100) if j.training_file in
+                (pairs.id, plain.id)]  # no job was created
     with pytest.raises(openai.BadRequestError, match="holds dpo examples"):
         client.fine_tuning.jobs.create(model=model, training_file=pairs.id)
     with pytest.raises(openai.NotFoundError):

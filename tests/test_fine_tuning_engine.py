@@ -7,7 +7,11 @@ import json
 import threading
 import time
 
-from server.engine.example_replay import replay
+import pytest
+
+from server.engine.example_log import ExampleLog
+from server.engine.example_replay import ExampleLogCorrupt, replay
+from server.engine.tokenization import Encoded
 from tests.support.app import app_client, wait_idle
 
 FAST = {"drift_probes": 0, "guard": "none", "learned_prob": 1.0}
@@ -151,3 +155,42 @@ def test_uploads_pass_the_guard_only_as_files_and_within_their_own_limit(tokeniz
         r = upload(client, lines, headers={**key, "origin": "http://evil.example"})
         assert r.status_code == 403
         assert len(files.list()) == 1
+
+
+def test_the_example_log_keeps_withdrawals_groups_and_learning_rate_scales(tmp_path):
+    e = Encoded([1, 2, 3], [-100, 2, 3])
+    path = tmp_path / "j.jsonl"
+    j = ExampleLog(path)
+    j.accept([("a", e), ("b", e)], group="ftjob-x", lr_scale=0.5)
+    j.accept([("c", e)])
+    j.cancel(["b"], "withdrawn")
+    j.begin(["a"], steps=3, base=0)
+    state = j.replay(applied_steps=1)
+    assert state.cancelled == {"b": "withdrawn"} and state.pending == ["c"]
+    assert state.options == {"a": ("ftjob-x", 0.5), "b": ("ftjob-x", 0.5)}
+    assert state.unfinished == (["a"], 2)
+    j.compact(state, applied_steps=1)
+    after = replay(path, applied_steps=1)
+    assert (after.cancelled, after.pending, after.unfinished) == \
+        (state.cancelled, state.pending, state.unfinished)
+    assert after.options["a"] == ("ftjob-x", 0.5) and after.accepted["b"] is None
+    j.cancel(["a"], "too late")  # never written by the trainer: a begun example
+    with pytest.raises(ExampleLogCorrupt, match="already begun"):
+        replay(path, applied_steps=1)
+    j.close()
+
+
+def test_the_learning_rate_multiplier_scales_the_jobs_steps(tokenizer):
+    moved = {}
+    for multiplier in (1.0, 0.01):  # the same tiny model each time
+        client, model = app_client(tokenizer, max_steps_per_batch=1, **FAST)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with client:
+            job_id = start_job(client, 2, learning_rate_multiplier=multiplier)
+            job = wait_for(lambda j=job_id, c=client: (x := job_of(c, j))["status"] ==
+                           "succeeded" and x)
+            assert job["hyperparameters"]["learning_rate_multiplier"] == multiplier
+        moved[multiplier] = sum(float((p.detach() - before[n]).norm())
+                                for n, p in model.named_parameters())
+    print(f"\nweights moved {moved[1.0]:.4g} at x1, {moved[0.01]:.4g} at x0.01")
+    assert 0.005 < moved[0.01] / moved[1.0] < 0.02  # one step moves them in proportion to lr

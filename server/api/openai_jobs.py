@@ -103,13 +103,13 @@ def create_job(payload: Annotated[Any, Body()], engine: EngineDep, settings: Set
                                f"{method}, not both", "hyperparameters")
     if method == "reinforcement":
         raise OpenAIError(400, "method 'reinforcement' is not supported", "method")
+    if method == "dpo":  # refused whatever the file holds: there is no preference loss
+        raise OpenAIError(400, "method 'dpo' is not available in this version: the preference "
+                               "loss is not built yet. Preference files are validated and "
+                               "kept; supervised jobs work", "method", "method_not_available")
     if f.kind != method:
         raise OpenAIError(400, f"the training file holds {f.kind} examples but the job's method "
                                f"is {method}", "training_file", "invalid_training_file")
-    if method == "dpo":
-        raise OpenAIError(400, "method 'dpo' is not available in this version: the preference "
-                               "loss is not built yet. The file is valid and kept; supervised "
-                               "jobs work", "method", "method_not_available")
     hp = (specific.hyperparameters if specific is not None else None) or req.hyperparameters
     n_epochs, batch_size, multiplier = (hp.n_epochs, hp.batch_size,
                                         hp.learning_rate_multiplier) if hp else (None,) * 3

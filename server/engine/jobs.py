@@ -294,7 +294,7 @@ class JobRunner:
         for n, offset, raw in examples_of(path):
             try:
                 self._encode(raw)
-            except (ExampleError, ValueError, KeyError, TypeError) as exc:
+            except (ExampleError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 with self._cond:
                     self._finalize(job, "failed", "invalid_training_file",
                                    f"Invalid file format. Line {n}: {exc}", "training_file")
@@ -386,13 +386,16 @@ class JobRunner:
     def _submit(self, job: Job, encoded: list[Encoded], ids: list[str]) -> bool:
         """Submit the slice, waiting out a full queue or an unwritable example log; False if
         the job was cancelled meanwhile."""
+        said = None
         while job.cancel_at_step is None:
             try:
                 self.trainer.submit(encoded, ids=ids, group=job.id,
                                     lr_scale=job.lr_multiplier)
                 return True
             except (QueueFull, Unavailable, ExampleLogError) as exc:
-                log.warning("job %s waits to submit its next batch: %s", job.id, exc)
+                if str(exc) != said:  # once per reason, not once a second
+                    log.warning("job %s waits to submit its next batch: %s", job.id, exc)
+                    said = str(exc)
                 self._sleep(1.0)
         return False
 
