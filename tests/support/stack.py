@@ -27,10 +27,16 @@ class Stack:
         """`journal=False`: the training server's default example log (--journal auto)."""
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        # a fresh machine may have no curl: the launcher must not need it
+        nocurl = run_dir / "bin"
+        nocurl.mkdir(exist_ok=True)
+        (nocurl / "curl").write_text("#!/bin/sh\necho 'curl: not installed' >&2\nexit 127\n")
+        (nocurl / "curl").chmod(0o755)
         self.vllm = f"http://127.0.0.1:{free_port()}"
         self.train = f"http://127.0.0.1:{free_port()}"
         env = {**os.environ, "VLLM_PORT": self.vllm.rsplit(":", 1)[1],
-               "TRAIN_PORT": self.train.rsplit(":", 1)[1], "VLLM_APOLLO_RUN_DIR": str(run_dir),
+               "TRAIN_PORT": self.train.rsplit(":", 1)[1],
+               "PATH": f"{nocurl}:{os.environ['PATH']}", "VLLM_APOLLO_RUN_DIR": str(run_dir),
                # the journal's default lives in the model directory: keep tests independent
                "TRAIN_ARGS": (f"--journal {run_dir / 'examples.jsonl'} " if journal else "")
                + train_args, **(env or {})}
