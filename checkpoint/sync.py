@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import journal
+import checkpoint.journal as journal
 from checkpoint.guard import (
     CheckpointRefused,
     FileIdentity,

@@ -160,7 +160,7 @@ trap 'exit 143' TERM
 
 wait_healthy() {  # url pid name timeout
   local deadline=$((SECONDS + $4))
-  until curl -sf -o /dev/null "$1"; do
+  until "$PY" -m hooks healthy "$1"; do
     kill -0 "$2" 2>/dev/null || { echo "error: $3 exited during start-up" >&2; return 1; }
     [ $SECONDS -lt $deadline ] || { echo "error: $3 not healthy after $4 s" >&2; return 1; }
     sleep 1
