@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -95,6 +96,7 @@ class Bench:
     def __init__(self, args):
         torch.set_num_threads(args.threads)
         self.model_dir = build()
+        self.cache = Path(tempfile.mkdtemp(prefix="locality-bench-"))
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         self.original = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -128,6 +130,7 @@ class Bench:
         monitor = engine.trainer.monitor
         if monitor is not None:
             monitor.reference = self.reference
+            monitor.store = self.cache / "probe-reference.pt"  # the guard's bases: fit once
             t0 = time.monotonic()
             monitor.ensure_guard(self.model)  # once per start, before the first lesson
             self.guard_seconds = time.monotonic() - t0

@@ -30,7 +30,7 @@ import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from checkpoint import journal
+import checkpoint.journal as journal
 from checkpoint.durable import Buffer, fsync_dir, pwrite_all, unlink_if_present, write_all
 from checkpoint.history import (
     INDEX,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from checkpoint import journal
+import checkpoint.journal as journal
 from checkpoint.commit import leftovers, recover_history
 from checkpoint.guard import dir_lock, dir_writable
 from checkpoint.history import INDEX, Store, segment_name

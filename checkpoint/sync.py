@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import journal, retention
+import checkpoint.journal as journal
+import checkpoint.retention as retention
 from checkpoint.commit import Transaction, leftovers
 from checkpoint.durable import Buffer
 from checkpoint.guard import (

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import journal, retention
+import checkpoint.journal as journal
+import checkpoint.retention as retention
 from checkpoint.commit import Transaction
 from checkpoint.guard import dir_lock
 from checkpoint.history import Chunk, HistoryError, Regions, Store, Versions, identity, open_blob

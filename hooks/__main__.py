@@ -2,7 +2,9 @@
 python -m hooks cleanup EXPORT_DIR           remove an export and its shared memory
 python -m hooks sweep                        stop what killed launchers left behind; print
                                              the directory of launcher records
-python -m hooks record FILE ROLE PID [K=V]   add a process to a launcher's record"""
+python -m hooks record FILE ROLE PID [K=V]   add a process to a launcher's record
+python -m hooks healthy URL                  exit 0 if URL answers 200 (one try, no proxy:
+                                             the launcher needs no curl)"""
 
 import sys
 
@@ -31,6 +33,15 @@ def main(argv: list[str]) -> int:
             print(f"launcher: {line}", file=sys.stderr)
         print(directory)
         return 0
+    if len(argv) == 2 and argv[0] == "healthy":
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(argv[1], timeout=5) as response:
+                return 0 if response.status == 200 else 1
+        except OSError:
+            return 1
     if len(argv) >= 4 and argv[0] == "record":
         from pathlib import Path
 

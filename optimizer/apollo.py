@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from optimizer import functional as F
+import optimizer.functional as F
 from optimizer.kernels import DEFAULT_TILES, ProjectionTiles, require_triton
 from optimizer.sharding import UNSHARDED, Reductions, reductions_for
 from optimizer.state import init_state_, refresh_on_schedule_

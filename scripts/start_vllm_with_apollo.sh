@@ -84,6 +84,20 @@ for ((i = 0; i < ${#VLLM_EXTRA[@]}; i++)); do
     --tensor-parallel-size=*) TP=${VLLM_EXTRA[i]#*=} ;;
   esac
 done
+# The names vLLM serves the model under: fine-tuning jobs accept them as their "model".
+NAMES=()
+for ((i = 0; i < ${#VLLM_EXTRA[@]}; i++)); do
+  case "${VLLM_EXTRA[i]}" in
+    --served-model-name=*) NAMES+=("${VLLM_EXTRA[i]#*=}") ;;
+    --served-model-name)
+      for ((j = i + 1; j < ${#VLLM_EXTRA[@]}; j++)); do
+        case "${VLLM_EXTRA[j]}" in -*) break ;; *) NAMES+=("${VLLM_EXTRA[j]}") ;; esac
+      done ;;
+  esac
+done
+if [ ${#NAMES[@]} -gt 0 ]; then
+  TRAIN_EXTRA+=(--served-model-name "$(IFS=,; echo "${NAMES[*]}")")
+fi
 if [ "$TP" -gt 1 ] && [ -z "${VLLM_CPU_OMP_THREADS_BIND:-}" ]; then
   per=$(( $(nproc) / TP )); [ "$per" -ge 1 ] || per=1
   binds=()
@@ -146,7 +160,7 @@ trap 'exit 143' TERM
 
 wait_healthy() {  # url pid name timeout
   local deadline=$((SECONDS + $4))
-  until curl -sf -o /dev/null "$1"; do
+  until "$PY" -m hooks healthy "$1"; do
     kill -0 "$2" 2>/dev/null || { echo "error: $3 exited during start-up" >&2; return 1; }
     [ $SECONDS -lt $deadline ] || { echo "error: $3 not healthy after $4 s" >&2; return 1; }
     sleep 1
@@ -171,11 +185,13 @@ TRAIN_PID=$!
 "$PY" -m hooks record "$STATE" train "$TRAIN_PID"
 wait_healthy "http://127.0.0.1:$TRAIN_PORT/health" "$TRAIN_PID" "training server" 600
 
-MODEL_NAME="$MODEL_DIR"
+MODEL_NAME=${NAMES[0]:-$MODEL_DIR}
 cat <<EOF
 
   vLLM (OpenAI API):  http://$BIND_HOST:$VLLM_PORT/v1    model: $MODEL_NAME
-  training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health /versions /rollback)
+  training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health /versions
+                      /rollback; OpenAI files and fine-tuning jobs at /v1:
+                      docs/fine-tuning.md)
   ready after $((SECONDS - start)) s. Teach it:
 
   curl -s http://$BIND_HOST:$TRAIN_PORT/train -H 'content-type: application/json' \

@@ -121,6 +121,13 @@ class Settings:
     prefix_cache_reset: str = _opt("always", "drop vLLM's prefix cache after updates: always, "
                                              "never, or SECONDS (at most once per interval)")
     max_body_bytes: int = _opt(4 << 20, "largest request body accepted (then 413)")
+    max_upload_bytes: int = _opt(512 << 20, "largest training file POST /v1/files accepts "
+                                            "(then 413); streamed to disk, never held in "
+                                            "memory; every other endpoint keeps "
+                                            "--max-body-bytes")
+    served_model_name: str = _opt("", "comma-separated names vLLM serves the model under "
+                                      "(its --served-model-name), accepted as a fine-tuning "
+                                      "job's model besides the model's path")
     optimizer_mode: str = _opt("standard", "standard: all gradients, then one step written "
                                            "atomically for vLLM; layerwise: each parameter "
                                            "stepped during backward (lowest memory; an engine "

@@ -3,7 +3,9 @@ server on the default model; the test talks HTTP to both, as a user would."""
 
 from __future__ import annotations
 
+import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -24,6 +26,56 @@ def stack(tmp_path_factory):
     yield s
     if s.proc.poll() is None:
         s.stop()  # SIGTERM: the launcher stops the servers it started in their own sessions
+
+
+def _load(name: str) -> list[dict]:
+    path = Path(__file__).parent.parent / "bench/data/locality" / name
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def _has(text: str, keys: list[str]) -> bool:
+    return any(k.lower() in text.lower() for k in keys)
+
+
+def test_lessons_are_learned_and_the_rest_kept(stack):
+    """Three one-line lessons, one POST each, through the launcher's defaults: each is
+    answered as taught (reliability), a paraphrase is reported (generalization), and the
+    control questions the model answered right still carry their key fact (locality)."""
+    with ThreadPoolExecutor(8) as pool:
+        candidates = _load("controls.jsonl")[:40]
+        base = list(pool.map(stack.ask, [c["question"] for c in candidates]))
+        controls = [c for c, a in zip(candidates, base, strict=True) if _has(a, c["keys"])]
+        name_before = stack.ask(QUESTION)
+        lessons, seconds = _load("lessons.jsonl")[:3], []
+        for lesson in lessons:
+            t0 = time.monotonic()
+            r = httpx.post(f"{stack.train}/train", json={"messages": [
+                {"role": "user", "content": lesson["question"]},
+                {"role": "assistant", "content": lesson["answer"]}]})
+            assert r.status_code == 202, r.text
+            stack.wait_trained(r.json()["ids"], timeout=900)
+            seconds.append(time.monotonic() - t0)
+        taught = list(pool.map(stack.ask, [x["question"] for x in lessons]))
+        paraphrased = list(pool.map(stack.ask, [x["paraphrases"][0] for x in lessons]))
+        after = list(pool.map(stack.ask, [c["question"] for c in controls]))
+    name_after = stack.ask(QUESTION)
+    reliability = sum(_has(a, [x["key"]]) for a, x in zip(taught, lessons, strict=True))
+    generalization = sum(_has(a, [x["key"]]) for a, x in zip(paraphrased, lessons,
+                                                             strict=True))
+    kept = sum(_has(a, c["keys"]) for a, c in zip(after, controls, strict=True))
+    status = httpx.get(f"{stack.train}/status").json()
+    print(f"\nreliability {reliability}/3, generalization {generalization}/3, locality "
+          f"{kept}/{len(controls)}; seconds per lesson {[round(s, 1) for s in seconds]} (the "
+          f"first includes the drift reference and the guard); drift {status['drift']}; name "
+          f"{name_before!r} -> {name_after!r}")
+    assert len(controls) >= 20
+    assert reliability == 3, taught
+    assert kept >= 0.9 * len(controls), [(c["question"], a) for a, c in
+                                          zip(after, controls, strict=True)
+                                          if not _has(a, c["keys"])]
+    assert status["drift"] is not None and status["drift"]["mean_kl"] > 0
+    first_name = name_before.split(".")[0]  # "My name is Elena, ..." keeps its name
+    assert name_after.startswith(first_name.split(",")[0]), (name_before, name_after)
 
 
 def test_served_model_learns_live_without_restart(stack):

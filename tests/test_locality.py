@@ -94,7 +94,8 @@ def test_a_batch_over_the_drift_budget_is_undone_bit_exactly(tokenizer):
 
 
 def test_the_reference_is_kept_beside_the_example_log_and_rebased_on_request(tokenizer,
-                                                                               tmp_path):
+                                                                               tmp_path,
+                                                                               monkeypatch):
     log = tmp_path / "examples.jsonl"
     client, model = app_client(tokenizer, **FAST, journal=str(log), drift_probes=4)
     with client:
@@ -102,7 +103,15 @@ def test_the_reference_is_kept_beside_the_example_log_and_rebased_on_request(tok
         wait_idle(client, 1)
         first = drift.Reference.load(tmp_path / "probe-reference.pt")
         assert len(first) == len(drift.load_probes())
-    # a restart (same example log, weights as trained) measures from the same reference
+        assert (tmp_path / "null-guard.pt").exists()  # the guard's bases, kept too
+    # a restart (same example log, weights as trained) measures from the same reference,
+    # and the guard's bases are loaded, not fitted again
+    from server.engine.nullspace import NullSpaceGuard
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(NullSpaceGuard, "fit", no_fit)
     client2, _ = app_client(tokenizer, **FAST, journal=str(log), drift_probes=4)
     with client2:
         engine = client2.app.state.engine
@@ -113,6 +122,9 @@ def test_the_reference_is_kept_beside_the_example_log_and_rebased_on_request(tok
         ref = engine.trainer.run_in_worker(
             lambda: engine.trainer.monitor.ensure_reference(engine.model), always=True)
         assert ref.answers == first.answers
+        engine.trainer.run_in_worker(lambda: engine.trainer.monitor.ensure_guard(engine.model),
+                                     always=True)
+        assert engine.trainer.monitor.guard.fitted
         r = client2.post("/drift/rebase")
         assert r.status_code == 200 and r.json()["probes"] == len(first)
         rebased = drift.Reference.load(tmp_path / "probe-reference.pt")

@@ -40,6 +40,8 @@ class Replayed:
     notes: dict[str, str] = field(default_factory=dict)  # id -> how it was trained
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason
     rolled_back: dict[str, str] = field(default_factory=dict)  # trained, then rolled back: why
+    cancelled: dict[str, str] = field(default_factory=dict)  # id -> reason, never begun
+    options: dict[str, tuple[str | None, float]] = field(default_factory=dict)  # (group, lr)
     # a batch that began and has no outcome: (ids, steps still to run; 0 = all applied)
     unfinished: tuple[list[str], int] | None = None
     pending: list[str] = field(default_factory=list)  # accepted, never begun, in order
@@ -52,6 +54,14 @@ def _int(v, lo: int = 0) -> bool:
 
 def _ids(v) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(i, str) for i in v)
+
+
+def _options(rec: dict) -> tuple[str | None, float]:
+    group, lr = rec.get("group"), rec.get("lr", 1.0)
+    if not (group is None or isinstance(group, str)) or \
+            not (type(lr) in (int, float) and 0 < lr < float("inf")):
+        raise ValueError("not a valid group or learning-rate scale")
+    return group, float(lr)
 
 
 def _example(rec: dict) -> tuple[str, Encoded]:
@@ -81,15 +91,20 @@ class _State:
     def apply(self, rec: dict) -> None:
         op = rec.get("op")
         if op == "accept":
+            options = _options(rec)
             for item in rec["items"] if "items" in rec else [rec]:
-                self.accepted(*_example(item))
-        elif op in ("trained", "failed"):
+                i, enc = _example(item)
+                self.accepted(i, enc)
+                if options != (None, 1.0):
+                    self.out.options[i] = options
+        elif op in ("trained", "failed", "cancelled"):
             value = rec.get("step" if op == "trained" else "reason")
             if not isinstance(rec.get("id"), str) or not (
                     _int(value) if op == "trained" else isinstance(value, str)):
                 raise ValueError(f"not a valid {op} record")
             self.accepted(rec["id"], None)
-            (self.out.trained if op == "trained" else self.out.failed)[rec["id"]] = value
+            {"trained": self.out.trained, "failed": self.out.failed,
+             "cancelled": self.out.cancelled}[op][rec["id"]] = value
             if isinstance(rec.get("note"), str):
                 self.out.notes[rec["id"]] = rec["note"]
             if op == "trained" and isinstance(rec.get("rolled_back"), str):
@@ -125,6 +140,15 @@ class _State:
             if isinstance(rec.get("note"), str):
                 self.out.notes.update({i: rec["note"] for i in rec["batch"]})
             self.open_batch = None
+        elif op == "cancel":
+            if not (_ids(rec.get("batch")) and isinstance(rec.get("reason"), str)):
+                raise ValueError("not a valid cancel record")
+            self.known(rec["batch"])
+            begun = set(self.out.trained) | set(self.out.failed) | set(self.out.cancelled) | \
+                set(self.open_batch["batch"] if self.open_batch else [])
+            if begun.intersection(rec["batch"]):
+                raise ValueError("a cancel names examples already begun or finished")
+            self.out.cancelled.update({i: rec["reason"] for i in rec["batch"]})
         else:
             raise ValueError(f"unknown record {str(op)[:40]!r}")
 
@@ -152,7 +176,7 @@ def replay(path: str | os.PathLike, applied_steps: int) -> Replayed:
         b = state.open_batch
         done_steps = max(0, min(b["steps"], applied_steps - b["base"]))
         out.unfinished = (b["batch"], b["steps"] - done_steps)
-    begun = set(out.trained) | set(out.failed) | set(out.unfinished[0] if out.unfinished
-                                                     else [])
+    begun = set(out.trained) | set(out.failed) | set(out.cancelled) | set(
+        out.unfinished[0] if out.unfinished else [])
     out.pending = [i for i in out.accepted if i not in begun]
     return out

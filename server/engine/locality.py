@@ -110,8 +110,27 @@ class Monitor:
             return
         ref = self.ensure_reference(model)
         self.guard = NullSpaceGuard(model, self.null_space_eps)
+        paths = [p.with_name(p.name.replace("probe-reference", "null-guard"))
+                 for p in (self.store, self.shared) if p is not None]
+        tag = f"{ref.digest}:{drift.digest_of([ref.prompts[i] for i in self.protected])}"
+        for path in paths:
+            try:
+                if path.exists() and self.guard.load(path, tag):
+                    self._save_guard(paths, tag)
+                    return
+            except (OSError, RuntimeError, KeyError, ValueError) as exc:
+                log.warning("ignoring the guard's bases in %s: %s", path, exc)
         self.guard.fit(model, [ref.prompts[i] + ref.answers[i] for i in self.protected],
                        self.pad_id)
+        self._save_guard(paths, tag)
+
+    def _save_guard(self, paths: list[Path], tag: str) -> None:
+        for path in paths:
+            if not path.exists():
+                try:
+                    self.guard.save(path, tag)
+                except OSError as exc:
+                    log.warning("could not keep the guard's bases at %s: %s", path, exc)
 
     def rebase(self, model: nn.Module) -> None:
         """The live model's answers become the reference (an explicit request, or the first

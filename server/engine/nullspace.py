@@ -15,6 +15,7 @@ import logging
 import time
 import types
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -66,9 +67,9 @@ class NullSpaceGuard:
     @torch.no_grad()
     def fit(self, model: nn.Module, sequences: Sequence[list[int]], pad_id: int,
             batch: int = 32) -> None:
-        t0 = time.perf_counter()
         """Input covariances over `sequences` (probe prompts with their answers), one per
         distinct input (q/k/v, gate/up share theirs), then their protected bases."""
+        t0 = time.perf_counter()
         device = next(model.parameters()).device
         key_of: dict[str, str] = {}  # layer -> the first layer that read the same input
         cov: dict[str, torch.Tensor] = {}
@@ -105,10 +106,7 @@ class NullSpaceGuard:
             for h in handles:
                 h.remove()
         bases = {key: self._basis(c) for key, c in cov.items()}
-        for name, module in self.layers.items():
-            module.null_guard_basis = bases[key_of[name]]
-            module.forward = types.MethodType(_projected_forward, module)
-        self.fitted = True
+        self._install(key_of, bases)
         dims = [b.shape for b in bases.values()]
         log.info("null-space guard: %d layers, %d distinct inputs, %.0f of %.0f input "
                  "directions protected on average (eps %g), fitted on %d probes in %.1f s",
@@ -116,9 +114,39 @@ class NullSpaceGuard:
                  sum(d[0] for d in dims) / len(dims), self.eps, len(sequences),
                  time.perf_counter() - t0)
 
+    def _install(self, key_of: dict[str, str], bases: dict[str, torch.Tensor]) -> None:
+        for name, module in self.layers.items():
+            module.null_guard_basis = bases[key_of[name]].to(module.weight.device,
+                                                             torch.float32)
+            module.forward = types.MethodType(_projected_forward, module)
+        self.key_of, self.bases = key_of, bases
+        self.fitted = True
+
+    def save(self, path: Path, tag: str) -> None:
+        """The fitted bases (fp16: they are orthonormal directions, not values to add);
+        `tag` names what they were fitted on."""
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"eps": self.eps, "tag": tag, "key_of": self.key_of,
+                    "bases": {k: b.to("cpu", torch.float16) for k, b in self.bases.items()}},
+                   tmp)
+        tmp.replace(path)
+
+    def load(self, path: Path, tag: str) -> bool:
+        """Install bases fitted earlier on `tag` for these layers and this eps; False if they
+        do not fit (another model, probe set or eps)."""
+        saved = torch.load(path, weights_only=True)
+        if saved["eps"] != self.eps or saved["tag"] != tag or \
+                set(saved["key_of"]) != set(self.layers):
+            return False
+        self._install(saved["key_of"], saved["bases"])
+        log.info("null-space guard: %d layers, bases from %s", len(self.layers), path)
+        return True
+
     def _basis(self, cov: torch.Tensor) -> torch.Tensor:
-        """Top eigenvectors holding all but eps of the covariance's energy (d x r, fp32)."""
-        values, vectors = torch.linalg.eigh(cov.double())
+        """Top eigenvectors holding all but eps of the covariance's energy (d x r, fp32).
+        fp32 suffices: only the split at 1 - eps of the energy matters, not the small
+        eigenvalues' digits (and it is 3.5x faster than fp64 on a CPU)."""
+        values, vectors = torch.linalg.eigh(cov.float())
         values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
         energy = values.cumsum(0) / values.sum().clamp_min(1e-30)
         r = int((energy < 1 - self.eps).sum()) + 1

@@ -88,6 +88,9 @@ class Stepper:
         self.stepped: set[int] = set()  # id() of parameters stepped since the last checkpoint
         self._write_seconds = 0.0
         self._held = 0  # depth of the write window (strict mode holds it for a whole batch)
+        # Set by the trainer per batch: true once the batch must stop at the next step
+        # boundary (its fine-tuning job was cancelled); the steps applied stay.
+        self.interrupt: Callable[[], bool] | None = None
         if self.layerwise:  # the optimizer steps each parameter during backward
             optimizer.layerwise(write_guard=self._param_window)
 
@@ -158,6 +161,10 @@ class Stepper:
         ids, labels, mask = collate(batch, self.pad_id, self.device)
         steps = 0
         while True:
+            if self.interrupt is not None and self.interrupt():
+                if steps:
+                    self.stats.trained_tokens += sum(e.num_targets for e in batch)
+                return Outcome(steps, note=f"stopped after {steps} steps: cancelled")
             t0 = time.perf_counter()
             loss, logits = lm_loss_and_logits(self.model, ids, labels, mask)
             if FAULT == "nan-loss":

@@ -42,6 +42,8 @@ from server.engine.distributed import (
 )
 from server.engine.example_log import ExampleLog
 from server.engine.exclusive import hold_exclusive
+from server.engine.files import FileStore
+from server.engine.jobs import JobRunner, fine_tuning
 from server.engine.locality import Monitor
 from server.engine.trainer import Trainer
 from server.engine.versions import VersionService
@@ -65,9 +67,13 @@ class Engine:
     versions: VersionService | None = None  # rollbacks; with checkpoints
     example_log: ExampleLog | None = None
     checkpointing_disabled: str | None = None  # why, when the model directory cannot take it
+    files: FileStore | None = None  # uploaded training files (rank 0)
+    jobs: JobRunner | None = None  # fine-tuning jobs (rank 0)
 
     def start(self) -> None:
         self.trainer.start()
+        if self.jobs is not None:
+            self.jobs.start()
 
     def problem(self) -> str | None:
         """Why this engine cannot take examples now (None: it can): the service is then
@@ -83,6 +89,8 @@ class Engine:
     def stop(self) -> None:
         """Finish the batch in progress; with --checkpoint-on-exit sync what vLLM learned,
         else say how many steps the model files lack."""
+        if self.jobs is not None:  # a running job stays journaled and resumes at next start
+            self.jobs.stop()
         service = self.checkpoints
         if service is not None and self.settings.checkpoint_on_exit:
             self.trainer.stop(timeout=600.0, last=service.sync_on_exit)
@@ -95,6 +103,8 @@ class Engine:
                             "--checkpoint-on-exit)", unsaved)
         if self.example_log is not None:
             self.example_log.close()
+        if self.files is not None:
+            self.files.close()
 
 
 def param_groups(model: nn.Module, lr: float, train_embeddings: bool,
@@ -144,9 +154,13 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
         if leader:
             versions = VersionService(checkpoints, trainer,
                                       export.export_dir if export is not None else None)
+    files, jobs = None, None
+    if leader:
+        files, jobs = fine_tuning(settings, trainer, tokenizer,
+                                  example_log.path if example_log else None)
     return Engine(settings=settings, model=model, tokenizer=tokenizer, trainer=trainer,
                   model_path=model_path, export=export, checkpoints=checkpoints,
-                  versions=versions, example_log=example_log)
+                  versions=versions, example_log=example_log, files=files, jobs=jobs)
 
 
 def retention(settings: Settings) -> Retention | None:

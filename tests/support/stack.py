@@ -27,10 +27,16 @@ class Stack:
         """`journal=False`: the training server's default example log (--journal auto)."""
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        # a fresh machine may have no curl: the launcher must not need it
+        nocurl = run_dir / "bin"
+        nocurl.mkdir(exist_ok=True)
+        (nocurl / "curl").write_text("#!/bin/sh\necho 'curl: not installed' >&2\nexit 127\n")
+        (nocurl / "curl").chmod(0o755)
         self.vllm = f"http://127.0.0.1:{free_port()}"
         self.train = f"http://127.0.0.1:{free_port()}"
         env = {**os.environ, "VLLM_PORT": self.vllm.rsplit(":", 1)[1],
-               "TRAIN_PORT": self.train.rsplit(":", 1)[1], "VLLM_APOLLO_RUN_DIR": str(run_dir),
+               "TRAIN_PORT": self.train.rsplit(":", 1)[1],
+               "PATH": f"{nocurl}:{os.environ['PATH']}", "VLLM_APOLLO_RUN_DIR": str(run_dir),
                # the journal's default lives in the model directory: keep tests independent
                "TRAIN_ARGS": (f"--journal {run_dir / 'examples.jsonl'} " if journal else "")
                + train_args, **(env or {})}
@@ -49,7 +55,9 @@ class Stack:
             raise
 
     def tail(self) -> str:
-        return (self.run_dir / "launcher.log").read_text()[-3000:]
+        """The end of the launcher's log without the health polls' access lines."""
+        lines = (self.run_dir / "launcher.log").read_text(errors="replace").splitlines()
+        return "\n".join(x for x in lines if '"GET /health' not in x)[-6000:]
 
     def manifest(self) -> dict:
         return json.loads((self.run_dir / "export/rank0.json").read_text())
