@@ -132,7 +132,6 @@ class JobRunner:
         self._stop = False
         self._active: str | None = None
         self._slice_ids: list[str] = []
-        self._finished_slice: tuple[str, float | None, int] | None = None  # id, loss, step
         self._order: tuple[tuple[str, int], list[int]] | None = None
         self._thread = threading.Thread(target=self._run, name="jobs", daemon=True)
         trainer.after_batch.append(self._after_batch)
@@ -202,14 +201,8 @@ class JobRunner:
             setattr(job, k, v)
 
     def _after_batch(self) -> None:
-        """On the trainer's thread, right after each batch: the slice's loss and end step."""
+        """On the trainer's thread, right after each batch: wake the runner."""
         with self._cond:
-            ids = self._slice_ids
-            if ids and (self._finished_slice is None or self._finished_slice[0] != ids[0]):
-                rec = self.trainer.records.get(ids[0])
-                if rec is not None and rec.state != "queued":
-                    self._finished_slice = (ids[0], self.trainer.stats.last_loss,
-                                            self.trainer.coordinator.applied_steps())
             self._cond.notify_all()
 
     def _run(self) -> None:
@@ -360,8 +353,7 @@ class JobRunner:
                                        f"epoch {epoch}) failed: {bad[1].reason}")
                         return
                     done = job.done + len(ids)
-                    loss = self._finished_slice[1] if self._finished_slice and \
-                        self._finished_slice[0] == ids[0] else None
+                    loss = recs[0].loss if recs[0] is not None else None
                     spent = (time.monotonic() - started) / max(done - done_before, 1)
                     eta = spent * (job.total - done)
                     step = (epoch - 1) * per_epoch - (-end // job.batch_size)
@@ -432,8 +424,9 @@ class JobRunner:
             changes["error"] = {"code": code, "message": message, "param": param}
             event = _event("error", f"The job failed: {message}")
         else:
-            ended = self._finished_slice[2] if self._finished_slice and self._slice_ids and \
-                self._finished_slice[0] == self._slice_ids[0] else 0
+            recs = [self.trainer.records.get(i) for i in self._slice_ids]
+            ended = max((r.step for r in recs if r is not None and r.step is not None),
+                        default=0)
             asked = job.cancel_at_step if job.cancel_at_step is not None else ended
             stopped = max(asked, ended)
             event = _event("info", f"The job was cancelled: {stopped - asked} optimizer steps "

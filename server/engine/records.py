@@ -19,6 +19,7 @@ class Record:
     step: int | None = None
     reason: str | None = None  # why it failed, or how it was trained
     drift: dict | None = None  # the drift measured after its batch
+    loss: float | None = None  # its batch's loss when the batch ended
     # Examples of one group (a fine-tuning job) are trained in batches of their own, at the
     # base learning rate times `lr_scale`; live examples have no group.
     group: str | None = None

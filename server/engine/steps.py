@@ -63,6 +63,7 @@ class Outcome:
     failed: str | None = None
     note: str | None = None
     drift: Drift | None = None
+    loss: float | None = None  # the batch's loss when it ended (its last forward pass)
 
 
 class Stepper:
@@ -202,7 +203,7 @@ class Stepper:
         self.stats.last_loss = value
         if steps:
             self.stats.trained_tokens += sum(e.num_targets for e in batch)
-        return Outcome(steps, note=note)
+        return Outcome(steps, note=note, loss=value)
 
     @staticmethod
     def _changed(steps: int) -> str:

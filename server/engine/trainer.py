@@ -353,7 +353,7 @@ class Trainer:
             for r in batch:
                 self._tokens -= len(r.encoded.input_ids) if r.encoded is not None else 0
                 r.encoded = None  # memory stays bounded by what is still to train
-                r.drift = drift
+                r.drift, r.loss = drift, outcome.loss
                 if failed:
                     r.state, r.reason = "failed", failed
                     self.stats.failed += 1
