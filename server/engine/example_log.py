@@ -5,8 +5,9 @@
 An append-only JSON-lines file, one line per append, written whole and fsynced before the
 HTTP 2xx:
 
-* ``accept``: the request's examples (ids and tokens), all in one line, so a crash keeps a
-  request whole or not at all;
+* ``accept``: the request's examples (ids and tokens; for what is not a demonstration its
+  ``kind``, and a pair's non-preferred answer under ``rejected``), all in one line, so a
+  crash keeps a request whole or not at all;
 * ``begin``: a batch's ids, its number of optimizer steps and the applied-step counter
   before it (the counter lives in vLLM's export, so it survives the trainer);
 * ``done`` / ``fail``: the batch's outcome.
@@ -37,7 +38,7 @@ import threading
 from pathlib import Path
 
 from checkpoint.durable import atomic_replace, write_all
-from server.engine.example_replay import ExampleLogError, Replayed, replay
+from server.engine.example_replay import ExampleLogError, Replayed, example_record, replay
 from server.engine.exclusive import hold_exclusive
 from server.engine.tokenization import Encoded
 
@@ -116,8 +117,7 @@ class ExampleLog:
         log.critical("%s", self.broken)
 
     def accept(self, items: list[tuple[str, Encoded]]) -> None:
-        self._append([{"op": "accept", "items": [
-            {"id": i, "ids": e.input_ids, "labels": e.labels} for i, e in items]}])
+        self._append([{"op": "accept", "items": [example_record(i, e) for i, e in items]}])
 
     def begin(self, ids: list[str], steps: int, base: int) -> None:
         self._append([{"op": "begin", "batch": ids, "steps": steps, "base": base}])
@@ -159,14 +159,15 @@ class ExampleLog:
         finished examples."""
         records: list[dict] = []
         for i, enc in state.accepted.items():
+            kind = {"kind": state.kinds[i]} if i in state.kinds else {}
             if i in state.trained:
                 records.append({"op": "trained", "id": i, "step": state.trained[i],
-                                **({"note": state.notes[i]} if i in state.notes else {})})
+                                **({"note": state.notes[i]} if i in state.notes else {}),
+                                **kind})
             elif i in state.failed:
-                records.append({"op": "failed", "id": i, "reason": state.failed[i]})
+                records.append({"op": "failed", "id": i, "reason": state.failed[i], **kind})
             else:
-                records.append({"op": "accept", "id": i, "ids": enc.input_ids,
-                                "labels": enc.labels})
+                records.append({"op": "accept", **example_record(i, enc)})
         if state.unfinished is not None:
             ids, remaining = state.unfinished
             records.append({"op": "begin", "batch": ids, "steps": remaining,

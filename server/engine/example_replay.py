@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.engine.tokenization import Encoded
+from server.engine.tokenization import KINDS, Encoded
 
 
 class ExampleLogError(RuntimeError):
@@ -39,6 +39,7 @@ class Replayed:
     trained: dict[str, int] = field(default_factory=dict)  # id -> step
     notes: dict[str, str] = field(default_factory=dict)  # id -> how it was trained
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason
+    kinds: dict[str, str] = field(default_factory=dict)  # id -> what it teaches, if recorded
     # a batch that began and has no outcome: (ids, steps still to run; 0 = all applied)
     unfinished: tuple[list[str], int] | None = None
     pending: list[str] = field(default_factory=list)  # accepted, never begun, in order
@@ -53,13 +54,33 @@ def _ids(v) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(i, str) for i in v)
 
 
-def _example(rec: dict) -> tuple[str, Encoded]:
-    i, ids, labels = rec.get("id"), rec.get("ids"), rec.get("labels")
-    if not (isinstance(i, str) and isinstance(ids, list) and isinstance(labels, list)
-            and len(ids) == len(labels) and all(map(_int, ids))
-            and all(type(x) is int for x in labels)):
+def example_record(i: str, e: Encoded) -> dict:
+    """An accepted example as the log keeps it (`_example` reads it back)."""
+    return {"id": i, "ids": e.input_ids, "labels": e.labels,
+            **({"kind": e.kind} if e.kind != "demo" else {}),
+            **({"rejected": {"ids": e.rejected.input_ids, "labels": e.rejected.labels}}
+               if e.rejected is not None else {})}
+
+
+def _tokens(rec) -> Encoded:
+    ids, labels = rec.get("ids"), rec.get("labels")
+    if not (isinstance(ids, list) and isinstance(labels, list) and len(ids) == len(labels)
+            and all(map(_int, ids)) and all(type(x) is int for x in labels)):
         raise ValueError("not a valid accepted example")
-    return i, Encoded(ids, labels)
+    return Encoded(ids, labels)
+
+
+def _example(rec: dict) -> tuple[str, Encoded]:
+    i, kind = rec.get("id"), rec.get("kind", "demo")
+    if not isinstance(i, str) or kind not in KINDS or (kind == "pair") != ("rejected" in rec):
+        raise ValueError("not a valid accepted example")
+    out = _tokens(rec)
+    out.kind = kind
+    if kind == "pair":
+        if not isinstance(rec["rejected"], dict):
+            raise ValueError("not a valid accepted example")
+        out.rejected = _tokens(rec["rejected"])
+    return i, out
 
 
 class _State:
@@ -81,7 +102,9 @@ class _State:
         op = rec.get("op")
         if op == "accept":
             for item in rec["items"] if "items" in rec else [rec]:
-                self.accepted(*_example(item))
+                i, enc = _example(item)
+                self.accepted(i, enc)
+                self.out.kinds[i] = enc.kind
         elif op in ("trained", "failed"):
             value = rec.get("step" if op == "trained" else "reason")
             if not isinstance(rec.get("id"), str) or not (
@@ -91,6 +114,8 @@ class _State:
             (self.out.trained if op == "trained" else self.out.failed)[rec["id"]] = value
             if isinstance(rec.get("note"), str):
                 self.out.notes[rec["id"]] = rec["note"]
+            if rec.get("kind") in KINDS:
+                self.out.kinds[rec["id"]] = rec["kind"]
         elif op == "begin":
             if not (_ids(rec.get("batch")) and _int(rec.get("steps")) and _int(rec.get("base"))):
                 raise ValueError("not a valid begin record")
