@@ -54,6 +54,11 @@ class Settings:
                                          "over the non-preferred one's since the batch "
                                          "started, and the non-preferred answer's first "
                                          "differing token is no longer the greedy choice")
+    dpo_sft_weight: float = _opt(0.0, "add this weight times the preferred answers' "
+                                      "cross-entropy per token to DPO (TRL's loss_type "
+                                      "[\"sigmoid\", \"sft\"], RPO): DPO alone mostly "
+                                      "lowers the non-preferred answer; this also raises the "
+                                      "preferred one (docs/preferences.md)")
     kto_desirable_weight: float = _opt(1.0, "KTO's weight on thumbs-up answers")
     kto_undesirable_weight: float = _opt(1.0, "KTO's weight on thumbs-down answers")
     drift_budget: float = _opt(0.0, "largest mean KL(reference ‖ live) per probe answer token "
@@ -132,8 +137,9 @@ class Settings:
             raise ValueError("--beta must be positive")
         if self.preference_margin < 0:
             raise ValueError("--preference-margin must be at least 0")
-        if self.kto_desirable_weight < 0 or self.kto_undesirable_weight < 0:
-            raise ValueError("the KTO weights must be at least 0")
+        if min(self.kto_desirable_weight, self.kto_undesirable_weight, self.dpo_sft_weight) < 0:
+            raise ValueError("--kto-desirable-weight, --kto-undesirable-weight and "
+                             "--dpo-sft-weight must be at least 0")
         if self.drift_budget > 0 and self.drift_probes <= 0:
             raise ValueError("--drift-budget needs --drift-probes > 0 (the gate measures them)")
         if self.max_steps_per_batch < 1:

@@ -51,10 +51,12 @@ def _stub(**attrs) -> SimpleNamespace:
                            _total_train_tokens=0, _tp_size=1, beta=0.1, **attrs)
 
 
-def _dpo_trl(model, rows: list[Encoded], ref: torch.Tensor) -> torch.Tensor:
-    """TRL's DPO loss; `rows` are the chosen answers, then the rejected ones."""
+def _dpo_trl(model, rows: list[Encoded], ref: torch.Tensor, sft: float = 0.0) -> torch.Tensor:
+    """TRL's DPO loss; `rows` are the chosen answers, then the rejected ones; with `sft`,
+    loss_type ["sigmoid", "sft"] weighted [1, sft]."""
+    types, weights = (["sigmoid", "sft"], [1.0, sft]) if sft else (["sigmoid"], [1.0])
     stub = _stub(ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-                 loss_types=["sigmoid"], loss_weights=[1.0], use_weighting=False)
+                 loss_types=types, loss_weights=weights, use_weighting=False)
     ids, labels, mask = collate(rows, 0, CPU)
     n = len(rows) // 2
     inputs = {"input_ids": ids, "attention_mask": mask,
@@ -131,9 +133,11 @@ def test_dpo_loss_and_gradients_equal_trl_for_given_reference_logps():
     _assert_same(ours, theirs, g_ours, _grads(model))
 
 
-def test_the_trainers_dpo_objective_equals_trl_after_a_step():
+@pytest.mark.parametrize("sft", [0.0, 0.5])
+def test_the_trainers_dpo_objective_equals_trl_after_a_step(sft):
     """The objective the trainer steps: its reference is the batch's first forward pass; after
-    one SGD step its loss and gradients equal TRL's with that reference precomputed."""
+    one SGD step its loss and gradients equal TRL's with that reference precomputed (and with
+    --dpo-sft-weight, TRL's loss_type ["sigmoid", "sft"])."""
     model = _model()
     pairs = _pairs()
     batch = []
@@ -144,9 +148,10 @@ def test_the_trainers_dpo_objective_equals_trl_after_a_step():
     with torch.no_grad():  # TRL's way to a reference: the fused head on the initial weights
         ref = model(input_ids=ids, attention_mask=mask, labels=labels.masked_fill(
             labels == IGNORE_INDEX, -100), fused_lm_head=True).log_probs.sum(-1)
-    objective = Objective(batch, 0, CPU, Weights(beta=0.1))
+    objective = Objective(batch, 0, CPU, Weights(beta=0.1, pair_sft=sft))
     loss, _ = objective(model)
-    assert abs(float(loss.detach()) - 0.6931472) <= TOL  # log 2: policy == reference
+    if not sft:
+        assert abs(float(loss.detach()) - 0.6931472) <= TOL  # log 2: policy == reference
     loss.backward()
     with torch.no_grad():
         for p in model.parameters():
@@ -155,7 +160,7 @@ def test_the_trainers_dpo_objective_equals_trl_after_a_step():
     ours, _ = objective(model)
     ours.backward()
     g_ours = _grads(model)
-    theirs = _dpo_trl(model, rows, ref)
+    theirs = _dpo_trl(model, rows, ref, sft)
     theirs.backward()
     _assert_same(ours, theirs, g_ours, _grads(model))
 

@@ -43,11 +43,13 @@ class Weights:
     desirable: float = 1.0  # KTO's weight on thumbs-up
     undesirable: float = 1.0  # KTO's weight on thumbs-down
     learned_prob: float = 0.5
+    pair_sft: float = 0.0  # weight of the preferred answers' cross-entropy (TRL's "sft")
 
     @classmethod
     def of(cls, settings) -> Weights:
         return cls(settings.beta, settings.preference_margin, settings.kto_desirable_weight,
-                   settings.kto_undesirable_weight, settings.learned_prob)
+                   settings.kto_undesirable_weight, settings.learned_prob,
+                   settings.dpo_sft_weight)
 
 
 def divergence(chosen: Encoded, rejected: Encoded) -> int | None:
@@ -112,6 +114,7 @@ class Objective:
         self.demo_labels = self.labels if len(self.demo) == len(rows) else \
             _labels_of(self.labels, self.demo)
         self.greedy_labels = _labels_of(self.labels, self.demo + self.up)
+        self.chosen_labels = _labels_of(self.labels, self.chosen)
         self.down_labels = _labels_of(self.labels, self.down)
         self.diverge = [(r, d) for r, d in zip(self.rejected, diverge, strict=True)
                         if d is not None]
@@ -140,16 +143,21 @@ class Objective:
             logps = sequence_logps(logits, self.labels)
             if self.ref is None:
                 self.ref = logps.detach()
-            terms.extend(self._preference_terms(model, logps))
+            terms.extend(self._preference_terms(model, logits, logps))
             logps = logps.detach()
         return sum(terms[1:], terms[0]), self._learned(logits.detach(), logps)
 
-    def _preference_terms(self, model: nn.Module, logps: torch.Tensor) -> list[torch.Tensor]:
+    def _preference_terms(self, model: nn.Module, logits: torch.Tensor,
+                          logps: torch.Tensor) -> list[torch.Tensor]:
         terms = []
         ref = self.ref
         if self.chosen:
             c, r = self.chosen, self.rejected
             terms.append(dpo_loss(logps[c], logps[r], ref[c], ref[r], self.w.beta).mean())
+            if self.w.pair_sft:  # TRL's loss_type ["sigmoid", "sft"]: per preferred token
+                terms.append(self.w.pair_sft * F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(),
+                    self.chosen_labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX))
         if self.labeled:
             z0 = torch.zeros((), device=logps.device)
             if self.kl is not None:  # TRL: the policy's KL log-probs take no gradient
@@ -192,8 +200,10 @@ class Objective:
         if self.chosen:
             n = len(self.chosen)
             worst = min(self.margins) if self.margins else 0.0
-            parts.append(f"DPO on {n} pair{'s' * (n > 1)}, smallest margin {worst:.2f} nats "
-                         "over the reference")
+            sft = f" (+{self.w.pair_sft:g} x cross-entropy on the preferred)" \
+                if self.w.pair_sft else ""
+            parts.append(f"DPO{sft} on {n} pair{'s' * (n > 1)}, smallest margin {worst:.2f} "
+                         "nats over the reference")
         if self.up:
             parts.append(f"KTO on {len(self.up)} thumbs-up")
         if self.down:
