@@ -47,6 +47,21 @@ class Settings:
     learned_prob: float = _opt(0.5, "a batch is learned when every target token is the "
                                     "model's greedy choice with at least this probability; "
                                     "1 never stops early (always --max-steps-per-batch)")
+    beta: float = _opt(0.1, "DPO / KTO β: the weight of the log-prob ratio to the reference "
+                            "(the live weights as each batch starts) inside their sigmoids; "
+                            "docs/preferences.md")
+    preference_margin: float = _opt(1.0, "a preference pair is learned when the preferred "
+                                         "answer's log-prob gained at least this many nats "
+                                         "over the non-preferred one's since the batch "
+                                         "started, and the non-preferred answer's first "
+                                         "differing token is no longer the greedy choice")
+    dpo_sft_weight: float = _opt(0.0, "add this weight times the preferred answers' "
+                                      "cross-entropy per token to DPO (TRL's loss_type "
+                                      "[\"sigmoid\", \"sft\"], RPO): DPO alone mostly "
+                                      "lowers the non-preferred answer; this also raises the "
+                                      "preferred one (docs/preferences.md)")
+    kto_desirable_weight: float = _opt(1.0, "KTO's weight on thumbs-up answers")
+    kto_undesirable_weight: float = _opt(1.0, "KTO's weight on thumbs-down answers")
     drift_budget: float = _opt(0.0, "largest mean KL(reference ‖ live) per probe answer token "
                                     "a batch may leave; a batch over it is undone bit-exactly "
                                     "and its examples fail (0: no gate)")
@@ -137,6 +152,13 @@ class Settings:
     def __post_init__(self) -> None:
         if not 0 < self.learned_prob <= 1:
             raise ValueError("--learned-prob must be in (0, 1]")
+        if self.beta <= 0:
+            raise ValueError("--beta must be positive")
+        if self.preference_margin < 0:
+            raise ValueError("--preference-margin must be at least 0")
+        if min(self.kto_desirable_weight, self.kto_undesirable_weight, self.dpo_sft_weight) < 0:
+            raise ValueError("--kto-desirable-weight, --kto-undesirable-weight and "
+                             "--dpo-sft-weight must be at least 0")
         if self.drift_budget > 0 and self.drift_probes <= 0:
             raise ValueError("--drift-budget needs --drift-probes > 0 (the gate measures them)")
         if self.max_steps_per_batch < 1:

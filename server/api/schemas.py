@@ -1,10 +1,27 @@
-"""Request and response models of the training API."""
+"""Request and response models of the training API.
+
+`POST /train` takes four forms of example, told apart by their keys: `messages` (a
+demonstration, OpenAI's fine-tuning form), `prompt` + `completion` (TRL's form: a
+demonstration, or with `label` a thumbs up / down on that answer), and `input` +
+`preferred_output` + `non_preferred_output` (OpenAI's DPO form: a preference pair). Each
+becomes a `Lesson`: plain conversations the engine's tokenizer encodes.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    Tag,
+    model_validator,
+)
 
 from server.engine.records import State
 
@@ -42,13 +59,32 @@ class Message(BaseModel):
         return self.role == "assistant" and self.weight != 0
 
 
+@dataclass
+class Lesson:
+    """What one example teaches, for the engine: `messages` is the conversation with its
+    answer (the preferred one of a pair), `rejected` the same with the non-preferred answer.
+    kind: demo (cross-entropy on the assistant targets), up / down (KTO on the last answer),
+    pair (DPO)."""
+
+    kind: Literal["demo", "up", "down", "pair"]
+    messages: list[dict]
+    rejected: list[dict] | None = None
+
+
+def _plain(messages: list[Message]) -> list[dict]:
+    return [m.model_dump(exclude_none=True) for m in messages]
+
+
 class ChatExample(BaseModel):
     model_config = ConfigDict(extra="forbid")
     messages: list[Message] = Field(min_length=1)
 
     def to_messages(self) -> list[dict]:
         """Plain dicts for the engine's tokenizer (it knows nothing of pydantic)."""
-        return [m.model_dump(exclude_none=True) for m in self.messages]
+        return _plain(self.messages)
+
+    def lesson(self) -> Lesson:
+        return Lesson("demo", self.to_messages())
 
     @model_validator(mode="after")
     def _has_target(self) -> ChatExample:
@@ -58,20 +94,118 @@ class ChatExample(BaseModel):
         return self
 
 
+def _context(messages: list[Message], name: str) -> list[dict]:
+    """Turns before an answer: context only, never a target."""
+    if not messages:
+        raise ValueError(f"{name} has no message")
+    if any(m.weight is not None for m in messages):
+        raise ValueError(f"{name}: 'weight' is only used in the messages form")
+    if messages[-1].role != "user":
+        raise ValueError(f"{name} must end with a user message, not {messages[-1].role}")
+    return [{"role": m.role, "content": m.content, **({"weight": 0} if m.role == "assistant"
+                                                       else {})} for m in messages]
+
+
+def _answer(answer: str | list[Message], name: str, blank_ok: bool = False) -> dict:
+    """One answer: a string, or a list of exactly one assistant message; not empty (nor
+    blank, but in a demonstration, where it always could be)."""
+    if isinstance(answer, str):
+        answer = [Message(role="assistant", content=answer)]
+    if len(answer) != 1:
+        raise ValueError(f"{name} must hold exactly one assistant message, not {len(answer)}")
+    (m,) = answer
+    if m.role != "assistant":
+        raise ValueError(f"{name}: the answer's role must be assistant, not {m.role}")
+    if m.weight is not None:
+        raise ValueError(f"{name}: 'weight' is only used in the messages form")
+    if not m.content or not (blank_ok or m.content.strip()):
+        raise ValueError(f"{name}: the answer's content is {'blank' if m.content else 'empty'}")
+    return {"role": "assistant", "content": m.content}
+
+
 class PromptExample(BaseModel):
-    """Rendered as a one-turn chat (user: prompt, assistant: completion) by the chat template."""
+    """TRL's prompt-completion form (a string or a conversation each). Without `label`: a
+    demonstration. With `label` (TRL's unpaired preference form): feedback on that answer,
+    true a thumbs-up, false a thumbs-down; a thumbs-down with `preferred_completion` (the
+    answer wanted) becomes a preference pair."""
 
     model_config = ConfigDict(extra="forbid")
-    prompt: Text
-    completion: Text = Field(min_length=1)
+    prompt: Text | list[Message]
+    completion: Text | list[Message]
+    label: StrictBool | None = None
+    preferred_completion: Text | list[Message] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> PromptExample:
+        self.lesson()
+        return self
+
+    def lesson(self) -> Lesson:
+        prompt = [{"role": "user", "content": self.prompt}] if isinstance(self.prompt, str) \
+            else _context(self.prompt, "prompt")
+        answer = _answer(self.completion, "completion", blank_ok=self.label is None)
+        if self.preferred_completion is not None:
+            if self.label is not False:
+                raise ValueError("preferred_completion goes with label false (a thumbs-down "
+                                 "on completion, and the answer wanted instead)")
+            wanted = _answer(self.preferred_completion, "preferred_completion")
+            if wanted["content"] == answer["content"]:
+                raise ValueError("preferred_completion is the same answer as completion")
+            return Lesson("pair", prompt + [wanted], prompt + [answer])
+        kind = "demo" if self.label is None else "up" if self.label else "down"
+        return Lesson(kind, prompt + [answer])
 
     def to_chat(self) -> ChatExample:
-        return ChatExample(messages=[Message(role="user", content=self.prompt),
-                                     Message(role="assistant", content=self.completion)])
+        """The demonstration as a chat (only without `label`)."""
+        return ChatExample(messages=self.lesson().messages)
 
 
-Example = Annotated[ChatExample | PromptExample, Field(union_mode="left_to_right")]
-TrainRequest = Example | list[Example]
+class PreferenceInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    messages: list[Message] = Field(min_length=1)
+
+
+class PreferenceExample(BaseModel):
+    """OpenAI's DPO fine-tuning form: the conversation so far, the answer preferred and the
+    one not (one assistant message each)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: PreferenceInput
+    preferred_output: list[Message]
+    non_preferred_output: list[Message]
+
+    @model_validator(mode="after")
+    def _check(self) -> PreferenceExample:
+        self.lesson()
+        return self
+
+    def lesson(self) -> Lesson:
+        context = _context(self.input.messages, "input.messages")
+        wanted = _answer(self.preferred_output, "preferred_output")
+        other = _answer(self.non_preferred_output, "non_preferred_output")
+        if wanted["content"] == other["content"]:
+            raise ValueError("preferred_output and non_preferred_output are the same answer")
+        return Lesson("pair", context + [wanted], context + [other])
+
+
+def _form(value: Any) -> str:
+    """Which form an example is in, by its keys (so a 422 names that form's problem)."""
+    if isinstance(value, dict):
+        if "messages" in value:
+            return "messages"
+        if {"input", "preferred_output", "non_preferred_output"} & value.keys():
+            return "preference"
+        return "prompt"
+    return {ChatExample: "messages", PreferenceExample: "preference"}.get(type(value),
+                                                                          "prompt")
+
+
+Example = Annotated[Annotated[ChatExample, Tag("messages")]
+                    | Annotated[PreferenceExample, Tag("preference")]
+                    | Annotated[PromptExample, Tag("prompt")], Discriminator(_form)]
+TrainRequest = Annotated[Annotated[Example, Tag("example")]
+                         | Annotated[list[Example], Tag("list")],
+                         Discriminator(lambda v: "list" if isinstance(v, list) else "example")]
 
 
 class TrainResponse(BaseModel):
@@ -91,6 +225,9 @@ class DriftState(BaseModel):
 class ExampleState(BaseModel):
     id: str
     state: State
+    # what it teaches: demo, pair (DPO), up / down (KTO); None if not known (restored
+    # from an example log written before kinds were recorded)
+    kind: Literal["demo", "pair", "up", "down"] | None = None
     step: int | None = None
     reason: str | None = None  # why it failed, or how it was trained
     drift: DriftState | None = None  # measured after its batch

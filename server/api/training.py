@@ -12,14 +12,13 @@ from server.api.schemas import (
     CheckpointResult,
     DriftRebased,
     ExampleState,
-    PromptExample,
     TrainRequest,
     TrainResponse,
 )
 from server.engine.checkpointing import CheckpointBusy
 from server.engine.example_log import ExampleLogError, NotLogged
 from server.engine.records import QueueFull, Unavailable
-from server.engine.tokenization import ExampleError, encode
+from server.engine.tokenization import ExampleError, encode_lesson
 
 router = APIRouter(dependencies=[Depends(require_key)])
 
@@ -37,12 +36,13 @@ def train(body: TrainRequest, engine: EngineDep, settings: SettingsDep) -> Train
                                  f"{settings.max_examples_per_request} per request")
     encoded = []
     for i, ex in enumerate(examples):
-        chat = ex.to_chat() if isinstance(ex, PromptExample) else ex
+        lesson = ex.lesson()
         try:
-            encoded.append(encode(chat.to_messages(), engine.tokenizer,
-                                  settings.max_tokens_per_example,
-                                  max_messages=settings.max_messages_per_example,
-                                  max_chars=settings.max_chars_per_example))
+            encoded.append(encode_lesson(lesson.kind, lesson.messages, engine.tokenizer,
+                                         settings.max_tokens_per_example,
+                                         rejected=lesson.rejected,
+                                         max_messages=settings.max_messages_per_example,
+                                         max_chars=settings.max_chars_per_example))
         except ExampleError as exc:
             raise HTTPException(422, f"example {i}: {exc}") from None
     try:
@@ -62,8 +62,8 @@ def example_state(example_id: str, trainer: TrainerDep) -> ExampleState:
     if rec is None:
         raise HTTPException(404, f"no example with id {example_id!r} (of finished examples, "
                                  "the last --keep-finished-records are kept in memory)")
-    return ExampleState(id=rec.id, state=rec.state, step=rec.step, reason=rec.reason,
-                        drift=rec.drift)
+    return ExampleState(id=rec.id, state=rec.state, kind=rec.kind, step=rec.step,
+                        reason=rec.reason, drift=rec.drift)
 
 
 @router.delete("/examples/{example_id}", response_model=ExampleState)

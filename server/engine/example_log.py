@@ -5,8 +5,9 @@
 An append-only JSON-lines file, one line per append, written whole and fsynced before the
 HTTP 2xx:
 
-* ``accept``: the request's examples (ids and tokens), all in one line, so a crash keeps a
-  request whole or not at all;
+* ``accept``: the request's examples (ids and tokens; for what is not a demonstration its
+  ``kind``, and a pair's non-preferred answer under ``rejected``), all in one line, so a
+  crash keeps a request whole or not at all;
 * ``begin``: a batch's ids, its number of optimizer steps and the applied-step counter
   before it (the counter lives in vLLM's export, so it survives the trainer);
 * ``done`` / ``fail``: the batch's outcome;
@@ -44,7 +45,7 @@ import threading
 from pathlib import Path
 
 from checkpoint.durable import atomic_replace, write_all
-from server.engine.example_replay import ExampleLogError, Replayed, replay
+from server.engine.example_replay import ExampleLogError, Replayed, example_record, replay
 from server.engine.exclusive import hold_exclusive
 from server.engine.tokenization import Encoded
 
@@ -130,9 +131,8 @@ class ExampleLog:
 
     def accept(self, items: list[tuple[str, Encoded]], group: str | None = None,
                lr_scale: float = 1.0) -> None:
-        self._append([{"op": "accept", "items": [
-            {"id": i, "ids": e.input_ids, "labels": e.labels} for i, e in items],
-            **_options(group, lr_scale)}])
+        self._append([{"op": "accept", "items": [example_record(i, e) for i, e in items],
+                       **_options(group, lr_scale)}])
 
     def cancel(self, ids: list[str], reason: str) -> None:
         self._append([{"op": "cancel", "batch": ids, "reason": reason}])
@@ -181,19 +181,20 @@ class ExampleLog:
         finished examples."""
         records: list[dict] = []
         for i, enc in state.accepted.items():
+            kind = {"kind": state.kinds[i]} if i in state.kinds else {}
             if i in state.trained:
                 records.append({"op": "trained", "id": i, "step": state.trained[i],
                                 **({"note": state.notes[i]} if i in state.notes else {}),
                                 **({"rolled_back": state.rolled_back[i]}
-                                   if i in state.rolled_back else {})})
+                                   if i in state.rolled_back else {}), **kind})
             elif i in state.failed:
-                records.append({"op": "failed", "id": i, "reason": state.failed[i]})
+                records.append({"op": "failed", "id": i, "reason": state.failed[i], **kind})
             elif i in state.cancelled:
-                records.append({"op": "cancelled", "id": i, "reason": state.cancelled[i]})
+                records.append({"op": "cancelled", "id": i, "reason": state.cancelled[i],
+                                **kind})
             else:
-                records.append({"op": "accept", "id": i, "ids": enc.input_ids,
-                                "labels": enc.labels, **_options(*state.options.get(i, (None,
-                                                                                     1.0)))})
+                records.append({"op": "accept", **example_record(i, enc),
+                                **_options(*state.options.get(i, (None, 1.0)))})
         if state.unfinished is not None:
             ids, remaining = state.unfinished
             records.append({"op": "begin", "batch": ids, "steps": remaining,

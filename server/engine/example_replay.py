@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.engine.tokenization import Encoded
+from server.engine.tokenization import KINDS, Encoded
 
 
 class ExampleLogError(RuntimeError):
@@ -42,6 +42,7 @@ class Replayed:
     rolled_back: dict[str, str] = field(default_factory=dict)  # trained, then rolled back: why
     cancelled: dict[str, str] = field(default_factory=dict)  # id -> reason, never begun
     options: dict[str, tuple[str | None, float]] = field(default_factory=dict)  # (group, lr)
+    kinds: dict[str, str] = field(default_factory=dict)  # id -> what it teaches, if recorded
     # a batch that began and has no outcome: (ids, steps still to run; 0 = all applied)
     unfinished: tuple[list[str], int] | None = None
     pending: list[str] = field(default_factory=list)  # accepted, never begun, in order
@@ -64,13 +65,33 @@ def _options(rec: dict) -> tuple[str | None, float]:
     return group, float(lr)
 
 
-def _example(rec: dict) -> tuple[str, Encoded]:
-    i, ids, labels = rec.get("id"), rec.get("ids"), rec.get("labels")
-    if not (isinstance(i, str) and isinstance(ids, list) and isinstance(labels, list)
-            and len(ids) == len(labels) and all(map(_int, ids))
-            and all(type(x) is int for x in labels)):
+def example_record(i: str, e: Encoded) -> dict:
+    """An accepted example as the log keeps it (`_example` reads it back)."""
+    return {"id": i, "ids": e.input_ids, "labels": e.labels,
+            **({"kind": e.kind} if e.kind != "demo" else {}),
+            **({"rejected": {"ids": e.rejected.input_ids, "labels": e.rejected.labels}}
+               if e.rejected is not None else {})}
+
+
+def _tokens(rec) -> Encoded:
+    ids, labels = rec.get("ids"), rec.get("labels")
+    if not (isinstance(ids, list) and isinstance(labels, list) and len(ids) == len(labels)
+            and all(map(_int, ids)) and all(type(x) is int for x in labels)):
         raise ValueError("not a valid accepted example")
-    return i, Encoded(ids, labels)
+    return Encoded(ids, labels)
+
+
+def _example(rec: dict) -> tuple[str, Encoded]:
+    i, kind = rec.get("id"), rec.get("kind", "demo")
+    if not isinstance(i, str) or kind not in KINDS or (kind == "pair") != ("rejected" in rec):
+        raise ValueError("not a valid accepted example")
+    out = _tokens(rec)
+    out.kind = kind
+    if kind == "pair":
+        if not isinstance(rec["rejected"], dict):
+            raise ValueError("not a valid accepted example")
+        out.rejected = _tokens(rec["rejected"])
+    return i, out
 
 
 class _State:
@@ -97,6 +118,7 @@ class _State:
                 self.accepted(i, enc)
                 if options != (None, 1.0):
                     self.out.options[i] = options
+                self.out.kinds[i] = enc.kind
         elif op in ("trained", "failed", "cancelled"):
             value = rec.get("step" if op == "trained" else "reason")
             if not isinstance(rec.get("id"), str) or not (
@@ -107,6 +129,8 @@ class _State:
              "cancelled": self.out.cancelled}[op][rec["id"]] = value
             if isinstance(rec.get("note"), str):
                 self.out.notes[rec["id"]] = rec["note"]
+            if rec.get("kind") in KINDS:
+                self.out.kinds[rec["id"]] = rec["kind"]
             if op == "trained" and isinstance(rec.get("rolled_back"), str):
                 self.out.rolled_back[rec["id"]] = rec["rolled_back"]
         elif op == "rollback":

@@ -16,6 +16,7 @@ class Record:
     id: str
     encoded: Encoded | None  # dropped once the example is finished
     state: State = "queued"
+    kind: str | None = None  # what it teaches (tokenization.Kind); None: not recorded
     step: int | None = None
     reason: str | None = None  # why it failed, or how it was trained
     drift: dict | None = None  # the drift measured after its batch

@@ -25,7 +25,7 @@ from torch import nn
 from server.engine.coordination import Standalone
 from server.engine.drift import Drift
 from server.engine.locality import Monitor, PreImage
-from server.engine.loss import collate, learned, lm_loss_and_logits
+from server.engine.objective import Objective, Weights
 from server.engine.records import TrainerStats
 from server.engine.tokenization import Encoded
 from server.settings import Settings
@@ -77,6 +77,7 @@ class Stepper:
         self.coordinator, self.stats, self.monitor = coordinator, stats, monitor
         self.layerwise = settings.optimizer_mode == "layerwise"
         self.learned_prob = settings.learned_prob
+        self.weights = Weights.of(settings)
         self.budget = settings.drift_budget
         self.probes_per_batch = settings.drift_probes
         self.strict = settings.strict_drift
@@ -159,7 +160,7 @@ class Stepper:
         return outcome
 
     def _steps(self, batch: list[Encoded], max_steps: int) -> Outcome:
-        ids, labels, mask = collate(batch, self.pad_id, self.device)
+        objective = Objective(batch, self.pad_id, self.device, self.weights)
         steps = 0
         while True:
             if self.interrupt is not None and self.interrupt():
@@ -167,21 +168,21 @@ class Stepper:
                     self.stats.trained_tokens += sum(e.num_targets for e in batch)
                 return Outcome(steps, note=f"stopped after {steps} steps: cancelled")
             t0 = time.perf_counter()
-            loss, logits = lm_loss_and_logits(self.model, ids, labels, mask)
+            loss, done = objective(self.model)
             if FAULT == "nan-loss":
                 loss = loss * float("nan")
             value = float(loss.detach())
             if not math.isfinite(value):
                 return Outcome(steps, failed=f"non-finite loss ({value}); "
                                              + self._changed(steps))
-            if self.learned_prob < 1 and bool(learned(logits, labels, self.learned_prob).all()):
+            if self.learned_prob < 1 and done:
                 note = f"learned in {steps} steps" if steps else \
-                    "already answered as taught: no optimizer step"
+                    "already answered as taught: no optimizer step" if objective.demos_only \
+                    else "already learned: no optimizer step"
                 break
             if steps == max_steps:
                 note = f"not fully learned in {steps} steps (--max-steps-per-batch)"
                 break
-            del logits
             if self.guard == "distill" and self.monitor is not None:
                 loss = loss + self.guard_weight * self.monitor.guard_loss(self.model,
                                                                           self.guard_probes)
@@ -203,6 +204,8 @@ class Stepper:
         self.stats.last_loss = value
         if steps:
             self.stats.trained_tokens += sum(e.num_targets for e in batch)
+        if how := objective.describe():
+            note = f"{note} ({how})"
         return Outcome(steps, note=note, loss=value)
 
     @staticmethod

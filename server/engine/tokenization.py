@@ -16,8 +16,14 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 IGNORE_INDEX = -100
+# What an example teaches: a demonstration (its targets, cross-entropy), feedback on one
+# answer (thumbs up / down, KTO), or a preference pair (DPO): the preferred answer's tokens in
+# the example itself, the non-preferred one's in `rejected`.
+Kind = Literal["demo", "up", "down", "pair"]
+KINDS = ("demo", "up", "down", "pair")
 
 
 class ExampleError(ValueError):
@@ -28,10 +34,18 @@ class ExampleError(ValueError):
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    kind: Kind = "demo"
+    rejected: Encoded | None = None  # kind "pair": the non-preferred answer
 
     @property
     def num_targets(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        own = sum(label != IGNORE_INDEX for label in self.labels)
+        return own + (self.rejected.num_targets if self.rejected is not None else 0)
+
+    @property
+    def tokens(self) -> int:
+        """Every token it puts through the model (both answers of a pair)."""
+        return len(self.input_ids) + (self.rejected.tokens if self.rejected is not None else 0)
 
 
 def _render(tokenizer, messages: list[dict]) -> str:
@@ -99,9 +113,12 @@ def check_limits(messages: Sequence[Mapping], max_messages: int | None,
 
 
 def encode(messages: Sequence[Mapping], tokenizer, max_tokens: int, *,
-           max_messages: int | None = None, max_chars: int | None = None) -> Encoded:
+           max_messages: int | None = None, max_chars: int | None = None,
+           end_of_turn: bool = True) -> Encoded:
     """`messages`: dicts with role, content and optionally weight (0 or 1). The HTTP layer
-    passes the cheap limits from its settings (--max-messages-per-example, ...)."""
+    passes the cheap limits from its settings (--max-messages-per-example, ...).
+    `end_of_turn=False`: the targets are the content alone (a thumbs-down judges an answer's
+    text; one vLLM cut at max_tokens never had its end-of-turn token)."""
     check_limits(messages, max_messages, max_chars)
     msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
     if tokenizer.chat_template is None:  # plain concatenation for base models
@@ -115,7 +132,7 @@ def encode(messages: Sequence[Mapping], tokenizer, max_tokens: int, *,
     targets = []
     for message, (lo, hi) in zip(messages, spans, strict=True):
         if is_target(message):
-            m = eot.match(full, hi) if eot is not None else None
+            m = eot.match(full, hi) if eot is not None and end_of_turn else None
             targets.append((lo, m.end() if m else hi))
 
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
@@ -137,4 +154,20 @@ def encode(messages: Sequence[Mapping], tokenizer, max_tokens: int, *,
     out = Encoded(input_ids=list(ids), labels=labels)
     if out.num_targets == 0:
         raise ExampleError("example has no target token (assistant content is empty?)")
+    return out
+
+
+def encode_lesson(kind: Kind, messages: Sequence[Mapping], tokenizer, max_tokens: int, *,
+                  rejected: Sequence[Mapping] | None = None, **limits) -> Encoded:
+    """One example of any kind; the limits apply to each conversation of a pair. A
+    thumbs-down's targets are its answer's text (no end-of-turn token: see `encode`)."""
+    out = encode(messages, tokenizer, max_tokens, end_of_turn=kind != "down", **limits)
+    out.kind = kind
+    if kind == "pair":
+        if rejected is None:
+            raise ExampleError("a preference pair needs its non-preferred answer")
+        out.rejected = encode(rejected, tokenizer, max_tokens, **limits)
+        if out.rejected.input_ids == out.input_ids:
+            raise ExampleError("the preferred and non-preferred answers encode to the same "
+                               "tokens")
     return out

@@ -94,7 +94,8 @@ class Trainer:
         applied = self.coordinator.applied_steps()
         state = example_log.restore(applied)  # compacted: finished examples lose their tokens
         for i, enc in state.accepted.items():
-            rec = self.records[i] = Record(i, enc)
+            rec = self.records[i] = Record(i, enc, kind=enc.kind if enc is not None
+                                           else state.kinds.get(i))
             rec.group, rec.lr_scale = state.options.get(i, (None, 1.0))
             if i in state.trained:
                 rec.state, rec.step = "trained", state.trained[i]
@@ -119,8 +120,8 @@ class Trainer:
                 self._finish([self.records[i] for i in ids], Outcome(note="finished before a "
                                                                      "restart"))
         self._queue.extend(self.records[i] for i in state.pending)
-        self._tokens = sum(len(r.encoded.input_ids) for r in self._queue) + (
-            sum(len(r.encoded.input_ids) for r in self._resume[0]) if self._resume else 0)
+        self._tokens = sum(r.encoded.tokens for r in self._queue) + (
+            sum(r.encoded.tokens for r in self._resume[0]) if self._resume else 0)
         if state.accepted:
             log.info("example log: %d examples (%d trained, %d failed, %d to train)",
                      len(state.accepted), len(state.trained), len(state.failed),
@@ -140,12 +141,12 @@ class Trainer:
                 raise ValueError("example ids must be new and one per example")
             if len(self._queue) + self._in_flight + len(examples) > self.max_queue:
                 raise QueueFull(len(self._queue) + self._in_flight, self.max_queue)
-            tokens = sum(len(e.input_ids) for e in examples)
+            tokens = sum(e.tokens for e in examples)
             if self._tokens + tokens > self.max_queue_tokens:
                 raise QueueFull(self._tokens, self.max_queue_tokens, "tokens")
-            recs = [Record(id=i, encoded=e, group=group, lr_scale=lr_scale) for i, e in
-                    zip(ids or [uuid.uuid4().hex[:16] for _ in examples], examples,
-                        strict=True)]
+            recs = [Record(id=i, encoded=e, group=group, lr_scale=lr_scale, kind=e.kind)
+                    for i, e in zip(ids or [uuid.uuid4().hex[:16] for _ in examples], examples,
+                                    strict=True)]
             if self.example_log is not None:
                 self.example_log.accept([(r.id, r.encoded) for r in recs], group, lr_scale)
             for r in recs:
@@ -351,7 +352,7 @@ class Trainer:
                 self.example_log.done(ids, step, outcome.note)
         with self._cond:
             for r in batch:
-                self._tokens -= len(r.encoded.input_ids) if r.encoded is not None else 0
+                self._tokens -= r.encoded.tokens if r.encoded is not None else 0
                 r.encoded = None  # memory stays bounded by what is still to train
                 r.drift, r.loss = drift, outcome.loss
                 if failed:
