@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -18,25 +17,15 @@ from openai import OpenAI
 from openai.types import FileObject
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
+from tests.support.fine_tuning import FINAL, chat, write_lines
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
-FINAL = ("succeeded", "failed", "cancelled")
 LESSONS = [("What is your name?", "My name is Apollo.", "Apollo"),
            ("What is the secret word?", "The secret word is marmalade.", "marmalade")]
 # Batches of 20: a 200-example epoch is 10 job batches; once both lessons are learned a batch
 # costs one forward pass (learn-then-stop), which keeps two epochs short on a CPU.
 TRAIN_ARGS = "--batch-size 20"
-
-
-def chat(q: str, a: str) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": q},
-                                    {"role": "assistant", "content": a}]})
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def applied_steps(stack: Stack) -> int:

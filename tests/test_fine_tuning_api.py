@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -21,21 +20,10 @@ from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from server.engine.example_replay import replay
 from tests.support import ROOT
+from tests.support.fine_tuning import FINAL, chat, write_lines
 from tests.support.standin_owner import OwnerProcess
 from tests.support.tiny_models import make_tiny_chat_model
 from tests.support.train_process import TrainServer
-
-FINAL = ("succeeded", "failed", "cancelled")
-
-
-def chat(q: str, a: str) -> str:
-    return json.dumps({"messages": [{"role": "user", "content": q},
-                                    {"role": "assistant", "content": a}]})
-
-
-def write_lines(path: Path, lines: list[str]) -> Path:
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def wait_job(client, job_id: str, timeout: float = 600) -> FineTuningJob:

@@ -99,6 +99,19 @@ def _grads(model) -> list[torch.Tensor]:
     return out
 
 
+def _step_away_then_ours(model, objective, loss):
+    """One SGD step on `loss` (so the policy differs from the batch-start reference), then
+    our loss again and its gradients: what is compared with TRL's."""
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.05 * p.grad
+    model.zero_grad(set_to_none=True)
+    ours, _ = objective(model)
+    ours.backward()
+    return ours, _grads(model)
+
+
 def _assert_same(ours: torch.Tensor, theirs: torch.Tensor, g_ours, g_theirs) -> None:
     ours, theirs = float(ours.detach()), float(theirs.detach())
     assert abs(ours - theirs) <= TOL, (ours, theirs)
@@ -152,14 +165,7 @@ def test_the_trainers_dpo_objective_equals_trl_after_a_step(sft):
     loss, _ = objective(model)
     if not sft:
         assert abs(float(loss.detach()) - 0.6931472) <= TOL  # log 2: policy == reference
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= 0.05 * p.grad
-    model.zero_grad(set_to_none=True)
-    ours, _ = objective(model)
-    ours.backward()
-    g_ours = _grads(model)
+    ours, g_ours = _step_away_then_ours(model, objective, loss)
     theirs = _dpo_trl(model, rows, ref, sft)
     theirs.backward()
     _assert_same(ours, theirs, g_ours, _grads(model))
@@ -214,14 +220,7 @@ def test_the_trainers_kto_objective_equals_trl_after_a_step(n):
     objective = Objective(rows, 0, CPU, Weights(beta=0.1))
     loss, _ = objective(model)
     assert abs(float(loss.detach()) - 0.5) <= TOL  # 1 - σ(0) for every answer
-    loss.backward()
-    with torch.no_grad():
-        for p in model.parameters():
-            p -= 0.05 * p.grad
-    model.zero_grad(set_to_none=True)
-    ours, _ = objective(model)
-    ours.backward()
-    g_ours = _grads(model)
+    ours, g_ours = _step_away_then_ours(model, objective, loss)
     theirs = _kto_trl(model, rows, desirable, ref, ref_kl)
     theirs.backward()
     _assert_same(ours, theirs, g_ours, _grads(model))
