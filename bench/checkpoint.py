@@ -2,8 +2,11 @@
 
     .venv/bin/python -m bench.checkpoint [MODEL_DIR]   (default: the default model)
 
-Touches 10% and then 100% of the tensors (as training would: every element moves), syncs,
-and times save_pretrained of the same model; prints seconds, bytes and ratios.
+Touches 10% of the tensors, then every tensor training changes (all but the embeddings, the
+default), then 100% (as training would: every element moves), syncs, and times
+save_pretrained of the same model; with the history store off (the redo journal for a few
+chunks, a mostly-changed file written whole and renamed) and on (the bytes a sync overwrites
+kept as its undo record). Prints seconds, bytes and ratios.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -19,7 +23,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from checkpoint import Checkpointer
+from checkpoint import Checkpointer, Retention
+from checkpoint.history import Store
 from server.default_model import build
 
 
@@ -27,55 +32,70 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def save_seconds(model, out: Path) -> tuple[float, float, int]:
+    """save_pretrained's seconds without and with fsync of its files, and its bytes."""
+    t0 = time.perf_counter()
+    model.save_pretrained(out, safe_serialization=True)
+    save_s = time.perf_counter() - t0
+    for f in out.iterdir():  # durable, as our sync is
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    save_sync_s = time.perf_counter() - t0
+    size = dir_bytes(out)
+    shutil.rmtree(out)
+    return save_s, save_sync_s, size
+
+
 def main() -> None:
     source = Path(sys.argv[1]) if len(sys.argv) > 1 else build()
+    repeats = int(os.environ.get("BENCH_REPEATS", "3"))
     work = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
+    rows = []
     try:
-        model_dir = work / "model"
-        shutil.copytree(source, model_dir)
-        os.sync()  # the copy's dirty pages must not be billed to the first sync's fsync
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        live = dict(model.named_parameters(remove_duplicate=False))
-        ck = Checkpointer(model_dir, live)
-        names = list(dict(model.named_parameters()))
-        random.Random(0).shuffle(names)  # 10% of tensors, not the 10% that start the file
-        rows = []
-        for fraction in (0.10, 1.00):
-            touched = names[: max(1, round(fraction * len(names)))]
-            with torch.no_grad():
-                for n in touched:
-                    live[n].mul_(1.0001).add_(1e-6)
-            ours = ck.sync(touched)  # the optimizer's record of what it stepped
-            with torch.no_grad():  # the same change once more, synced without fsync
-                for n in touched:
-                    live[n].mul_(1.0001).add_(1e-6)
-            ck.durable = False
-            ours_nosync = ck.sync(touched)
-            ck.durable = True
-            out = work / f"save{fraction}"
-            t0 = time.perf_counter()
-            model.save_pretrained(out, safe_serialization=True)
-            save_s = time.perf_counter() - t0
-            for f in out.iterdir():  # durable, as our sync is
-                fd = os.open(f, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-            save_sync_s = time.perf_counter() - t0
-            save_b = dir_bytes(out)
-            shutil.rmtree(out)
-            rows.append((fraction, len(touched), ours, ours_nosync, save_s, save_sync_s, save_b))
-        print(f"model: {source} ({len(names)} tensors)")
-        print("| touched | tensors | ours s | ours s, no fsync | ours bytes (files + journal) "
-              "| save_pretrained s (no fsync) | save_pretrained + fsync s "
-              "| save_pretrained bytes | ours/save, both without fsync "
-              "| ours/save, both fsynced | bytes ratio |")
+        for history in (None, Retention()):
+            model_dir = work / "model"
+            shutil.rmtree(model_dir, ignore_errors=True)
+            shutil.copytree(source, model_dir)
+            os.sync()  # the copy's dirty pages must not be billed to the first sync's fsync
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            live = dict(model.named_parameters(remove_duplicate=False))
+            ck = Checkpointer(model_dir, live, history=history)
+            store = Store(model_dir)
+            names = list(dict(model.named_parameters()))
+            random.Random(0).shuffle(names)  # 10% of tensors, not the 10% that start the file
+            embeddings = {n for n in names if "embed" in n or "lm_head" in n}
+            for label, touched in (("10%", names[: max(1, round(0.1 * len(names)))]),
+                                   ("trained", [n for n in names if n not in embeddings]),
+                                   ("100%", names)):
+                ours, saves = [], []
+                for _ in range(repeats):  # medians: this machine is shared
+                    with torch.no_grad():
+                        for n in touched:
+                            live[n].mul_(1.0001).add_(1e-6)
+                    disk = store.disk_bytes() if store.exists() else 0
+                    r = ck.sync(touched)  # the optimizer's record of what it stepped
+                    grew = (store.disk_bytes() if store.exists() else 0) - disk
+                    ours.append((r, grew))
+                    saves.append(save_seconds(model, work / "save"))
+                r, grew = sorted(ours, key=lambda o: o[0].seconds)[len(ours) // 2]
+                save_s = statistics.median(s[0] for s in saves)
+                save_sync = statistics.median(s[1] for s in saves)
+                changed = sum(live[n].numel() * live[n].element_size() for n in touched)
+                rows.append((history is not None, label, len(touched), changed, r, grew,
+                             save_s, save_sync, saves[0][2]))
+            del ck, model, live
+        print(f"model: {source}; median of {repeats} runs each")
+        print("| history | touched | tensors | bytes changed | ours s | written (files + "
+              "journal) | history store grew | save_pretrained s (no fsync) | save_pretrained "
+              "+ fsync s | ours/save, both fsynced | written/save bytes |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        for fraction, n, ours, nosync, save_s, save_sync_s, save_b in rows:
-            written = ours.bytes_written + ours.journal_bytes
-            print(f"| {fraction:.0%} | {n} | {ours.seconds:.2f} | {nosync.seconds:.2f} "
-                  f"| {written / 2**20:.0f} MiB | {save_s:.2f} | {save_sync_s:.2f} "
-                  f"| {save_b / 2**20:.0f} MiB | {nosync.seconds / save_s:.2f}x "
-                  f"| {ours.seconds / save_sync_s:.2f}x | {written / save_b:.2f}x |")
+        for hist, label, n, changed, r, grew, save_s, save_sync, save_b in rows:
+            written = r.bytes_written + r.journal_bytes
+            print(f"| {'on' if hist else 'off'} | {label} | {n} | {changed / 2**20:.0f} MiB "
+                  f"| {r.seconds:.2f} | {written / 2**20:.0f} MiB ({r.whole_files} file(s) "
+                  f"whole) | {grew / 2**20:.0f} MiB | {save_s:.2f} | {save_sync:.2f} "
+                  f"| {r.seconds / save_sync:.2f}x | {written / save_b:.2f}x |")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

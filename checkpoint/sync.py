@@ -5,21 +5,30 @@ tensor lives (GPU or CPU) with integer arithmetic, so it needs no second copy of
 The baseline is computed from the files themselves when the checkpointer starts, so the first
 sync writes exactly what differs from disk. Checksums detect change; they are not a MAC.
 Each sync first checks that the files are still the ones whose layout it read (guard.py).
+
+When the tensors the optimizer stepped make up most of a file (`whole_share`), that file is
+written whole without checksumming first (training changes every element of what it trains):
+the checksums that become the next baseline are computed while the new file is fsynced.
+Every sync is a version (checkpoint/commit.py); with `history` the bytes it overwrote are kept.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import checkpoint.journal as journal
+import checkpoint.retention as retention
+from checkpoint.commit import Transaction, leftovers
+from checkpoint.durable import Buffer
 from checkpoint.guard import (
     CheckpointRefused,
     FileIdentity,
@@ -27,10 +36,15 @@ from checkpoint.guard import (
     dir_writable,
     file_problems,
 )
+from checkpoint.history import HistoryError, Regions, Store
 from checkpoint.layout import LayoutError, TensorSlot, read_layout
+from checkpoint.recovery import recover_locked
+from checkpoint.retention import Retention
 
 log = logging.getLogger("vllm_apollo.checkpoint")
 CHUNK_BYTES = 1 << 20
+WHOLE_SHARE = 0.6  # a file this much of which changed is written whole (one write, not two)
+WHOLE_MIN_CHUNKS = 16  # ... if it is this many chunks at least (below, two writes cost little)
 _BLOCK_CHUNKS = 16  # chunks checksummed at once: bounds the int64 temporaries
 
 
@@ -38,9 +52,14 @@ _BLOCK_CHUNKS = 16  # chunks checksummed at once: bounds the int64 temporaries
 class SyncResult:
     tensors: int
     chunks: int
-    bytes_written: int  # into the safetensors files
+    bytes_written: int  # into the safetensors files (a file written whole counts whole)
     journal_bytes: int
     seconds: float
+    version: int | None = None  # the version this sync made (None: nothing changed)
+    bytes_changed: int = 0  # of the chunks that changed
+    history_bytes: int = 0  # the undo record kept for it
+    whole_files: int = 0  # files written whole and renamed in
+    dropped_versions: tuple[int, ...] = ()  # by retention, after it
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -83,11 +102,14 @@ class Checkpointer:
     def __init__(self, model_dir: str | os.PathLike, live: dict[str, torch.Tensor],
                  chunk_bytes: int = CHUNK_BYTES, durable: bool = True,
                  file_names: Mapping[str, str] | None = None,
-                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 history: Retention | None = None, whole_share: float = WHOLE_SHARE):
         """`file_names`: the file's name for a live name where they differ (a multimodal
         checkpoint nests the text model the trainer holds); `sync()` takes live names.
         `gather`: makes a live tensor whole before it is compared and written (tensor
-        parallelism: the shards of a DTensor, gathered to this rank one tensor at a time)."""
+        parallelism: the shards of a DTensor, gathered to this rank one tensor at a time).
+        `history`: keep every sync's previous bytes (checkpoint/history.py) under this
+        retention; None keeps none (versions are still numbered)."""
         self.model_dir = Path(model_dir)
         self._file_name = dict(file_names or {})
         self._live_name = {self._file_name.get(n, n): n for n in live}
@@ -95,10 +117,20 @@ class Checkpointer:
         live = {self._file_name.get(name, name): t for name, t in live.items()}
         self.durable = durable  # fsync (survives OS crashes) or not (survives process crashes)
         self.chunk_bytes = chunk_bytes
+        self.history = history
+        self.whole_share = whole_share
         if not dir_writable(self.model_dir):
             raise CheckpointRefused(f"cannot checkpoint into {self.model_dir}: read-only")
+        store = Store(self.model_dir)
         with dir_lock(self.model_dir):
-            outcome = journal.recover_locked(self.model_dir)
+            try:
+                outcome = recover_locked(self.model_dir)
+                if store.exists() and store.load().chunk_bytes != chunk_bytes:
+                    raise HistoryError(f"its history store was kept with other chunk sizes "
+                                       f"than {chunk_bytes} bytes")
+            except HistoryError as exc:
+                raise CheckpointRefused(f"cannot checkpoint into {self.model_dir}: {exc}; move "
+                                        f"{store.root} aside to start a new history") from None
             if outcome != "clean":
                 log.warning("checkpoint recovery: %s", outcome)
             self.slots = read_layout(self.model_dir)
@@ -113,6 +145,7 @@ class Checkpointer:
                 if read_layout(self.model_dir) != self.slots:
                     raise CheckpointRefused(f"{self.model_dir}: the safetensors files changed "
                                             "while the checkpointer read them")
+        self.regions = Regions(self.slots.values())
         # Computed where the live tensor is: CPU and CUDA use different checksums.
         self.baseline = {name: chunk_checksums(self._file_tensor(self.slots[name]).to(t.device),
                                                chunk_bytes)
@@ -156,64 +189,209 @@ class Checkpointer:
         """The live names sync(candidates) reads, in the order it reads them."""
         return [self._live_name[n] for n in self._to_check(candidates)]
 
-    def sync(self, candidates: Iterable[str] | None = None) -> SyncResult:
+    def live_name(self, name: str) -> str:
+        """The live name of a layout (file) name."""
+        return self._live_name[name]
+
+    def _chunks(self, name: str, idx: Iterable[int]) -> Iterator[tuple[int, int]]:
+        """(offset in the file, length) of chunks `idx` of tensor `name`."""
+        slot = self.slots[name]
+        for c in idx:
+            lo = c * self.chunk_bytes
+            yield slot.offset + lo, min(self.chunk_bytes, slot.nbytes - lo)
+
+    def changed(self, name: str, sums: torch.Tensor) -> list[int]:
+        return (sums != self.baseline[name]).any(dim=1).nonzero().flatten().tolist()
+
+    def dirty(self, candidates: Iterable[str] | None = None) -> list[tuple[str, int, int]]:
+        """The chunks (file, offset, length) of the live tensors that differ from the files,
+        among `candidates` (live names; None: all). Not under tensor parallelism."""
+        out = []
+        for name in self._to_check(candidates):
+            idx = self.changed(name, chunk_checksums(self._as_saved(name), self.chunk_bytes))
+            out += [(self.slots[name].file.name, o, n) for o, n in self._chunks(name, idx)]
+        return out
+
+    def _predicted_whole(self, names: list[str]) -> set[str]:
+        """Files most of whose bytes belong to `names` (the tensors the optimizer stepped)."""
+        per_file: dict[Path, int] = {}
+        for n in names:
+            per_file[self.slots[n].file] = per_file.get(self.slots[n].file, 0) + \
+                self.slots[n].nbytes
+        return {f.name for f, b in per_file.items() if self._whole(b, os.path.getsize(f))}
+
+    def _whole(self, changed: int, size: int) -> bool:
+        return changed >= self.whole_share * size and size >= WHOLE_MIN_CHUNKS * self.chunk_bytes
+
+    def sync(self, candidates: Iterable[str] | None = None, meta: dict | None = None
+             ) -> SyncResult:
         """Write the changed chunks, all or nothing. The caller keeps the weights still.
 
         `candidates`: the names that may have changed (e.g. those the optimizer stepped);
-        only they are checksummed. None checks every tensor.
+        only they are checksummed. None checks every tensor. `meta`: what the version holds
+        (examples, optimizer steps, drift), kept in the history store.
         """
         start = time.perf_counter()
+        names = self._to_check(candidates)
+        # Under tensor parallelism every rank gathers each tensor once, in order: no
+        # prediction there (it would gather twice).
+        predicted = self._predicted_whole(names) if candidates is not None and \
+            self._gather is None else set()
         writes: list[journal.Write] = []
         new_sums: dict[str, torch.Tensor] = {}
-        for name in self._to_check(candidates):
+        changed: dict[str, list[int]] = {}
+        for name in names:
+            if self.slots[name].file.name in predicted:
+                continue
             saved = self._as_saved(name)
             sums = chunk_checksums(saved, self.chunk_bytes)
-            changed = (sums != self.baseline[name]).any(dim=1).nonzero().flatten().tolist()
-            if not changed:
+            idx = self.changed(name, sums)
+            if not idx:
                 continue
-            new_sums[name] = sums
+            new_sums[name], changed[name] = sums, idx
             # CPU: views of the live bytes (the caller holds the weights still); CUDA: a host
             # copy of the changed chunks only.
             raw = _words(saved).view(torch.uint8)
             host = memoryview(raw.numpy()) if raw.device.type == "cpu" else None
             slot = self.slots[name]
-            for c in changed:
-                lo, hi = c * self.chunk_bytes, min((c + 1) * self.chunk_bytes, slot.nbytes)
-                data = host[lo:hi] if host is not None else memoryview(raw[lo:hi].cpu().numpy())
-                writes.append(journal.Write(slot.file.name, slot.offset + lo, data))
-        journal_bytes = 0
-        if writes:  # checked only now: under tensor parallelism every gather above must run
-            journal_bytes = self._write(writes)
-            self.baseline.update(new_sums)
-        self.last = SyncResult(tensors=len(new_sums), chunks=len(writes),
-                               bytes_written=sum(len(w.data) for w in writes),
-                               journal_bytes=journal_bytes,
-                               seconds=time.perf_counter() - start)
-        log.info("checkpoint: %d tensors, %d chunks, %d bytes in %.3f s", self.last.tensors,
-                 self.last.chunks, self.last.bytes_written, self.last.seconds)
+            for offset, length in self._chunks(name, idx):
+                lo = offset - slot.offset
+                data = host[lo:lo + length] if host is not None else \
+                    memoryview(raw[lo:lo + length].cpu().numpy())
+                writes.append(journal.Write(slot.file.name, offset, data))
+        per_file: dict[str, int] = {}
+        for w in writes:
+            per_file[w.file] = per_file.get(w.file, 0) + len(w.data)
+        whole = predicted | {f for f, b in per_file.items()
+                             if self._whole(b, os.path.getsize(self.model_dir / f))}
+        if writes or predicted:  # checked only now: under tensor parallelism every gather
+            # above must run
+            self.last = self._write(writes, whole, [n for n in names if
+                                                    self.slots[n].file.name in predicted],
+                                    new_sums, changed, meta or {}, start)
+        else:
+            self.last = SyncResult(0, 0, 0, 0, time.perf_counter() - start)
+        log.info("checkpoint: version %s, %d tensors, %d chunks, %d bytes (%d files whole) in "
+                 "%.3f s", self.last.version, self.last.tensors, self.last.chunks,
+                 self.last.bytes_written, self.last.whole_files, self.last.seconds)
         return self.last
 
-    def _write(self, writes: list[journal.Write]) -> int:
-        """Journal, write and fsync `writes`, refusing any file that changed on disk since its
-        layout was read (nothing is written then); returns the journal's size."""
+    def _live_parts(self, names: list[str]) -> Iterator[tuple[int, Buffer]]:
+        """The saved bytes of `names` in file order (CUDA: one host chunk at a time)."""
+        for name in sorted(names, key=lambda n: self.slots[n].offset):
+            raw = _words(self._as_saved(name)).view(torch.uint8)
+            offset = self.slots[name].offset
+            if raw.device.type == "cpu":
+                yield offset, memoryview(raw.numpy())
+                continue
+            for lo in range(0, raw.numel(), self.chunk_bytes):
+                yield offset + lo, memoryview(raw[lo:lo + self.chunk_bytes].cpu().numpy())
+
+    def _write(self, writes: list[journal.Write], whole: set[str], in_predicted: list[str],
+               new_sums: dict[str, torch.Tensor], changed: dict[str, list[int]], meta: dict,
+               start: float) -> SyncResult:
+        """Write `writes` in place and the files `whole` anew (those of `in_predicted`, the
+        stepped tensors of files predicted to be written whole, from the live tensors), as one
+        version, refusing any file that changed on disk since its layout was read (nothing is
+        written then)."""
+        predicted = {self.slots[n].file.name for n in in_predicted}
+        names = {w.file for w in writes} | whole
         with dir_lock(self.model_dir):
-            # A journal left by an earlier sync of this process that failed after its commit.
-            leftover = journal.pending(self.model_dir)
-            names = {w.file for w in writes} | {w.file for w in leftover}
+            self._own_leftovers()
             with journal.opened(self.model_dir, names) as fds:
                 for name, fd in fds.items():
                     self._check_identity(name, fd)
+                tx = Transaction(self.model_dir, self.slots, fds, durable=self.durable,
+                                 history=self.history is not None, chunk_bytes=self.chunk_bytes)
+                if self.history is not None:
+                    tx.versions.policy = self.history.to_json()
                 try:
-                    if leftover:
-                        journal.apply(fds, leftover, self.durable)
-                        journal.finish(self.model_dir, self.durable)
-                    size = journal.commit(self.model_dir, writes, self.durable)
-                    journal.apply(fds, writes, self.durable)
-                    journal.finish(self.model_dir, self.durable)
-                finally:  # checked files: what happened to them since is this process's doing
-                    for name, fd in fds.items():
-                        self._identity[name] = FileIdentity.of(fd)
-        return size
+                    for f in sorted(whole):
+                        tx.write_whole(f, self._live_parts([n for n in in_predicted if
+                                                            self.slots[n].file.name == f])
+                                       if f in predicted else
+                                       sorted(((w.offset, w.data) for w in writes
+                                               if w.file == f), key=lambda t: t[0]))
+                    tx.add_writes(w for w in writes if w.file not in whole)
+                    sums = _Background(lambda: {n: chunk_checksums(self._as_saved(n),
+                                                                   self.chunk_bytes)
+                                                for n in in_predicted})
+                    tx.prepare({**meta, "tensors": len(changed), "chunks": len(writes)})
+                    tx.apply()
+                    new_sums.update(sums.result())
+                    for n in in_predicted:
+                        if idx := self.changed(n, new_sums[n]):
+                            changed[n] = idx
+                    whole_chunks = self._whole_chunks(whole, changed)
+                    stats = {"tensors": len(changed), "chunks": sum(map(len, changed.values())),
+                             "bytes_changed": sum(length for n, idx in changed.items()
+                                                  for _, length in self._chunks(n, idx))}
+                    entry = tx.commit({**meta, **stats}, whole_chunks)
+                except BaseException:
+                    tx.abort()
+                    raise
+                finally:
+                    self._refresh_identity(names)
+            dropped = self._retain(tx)
+        self.baseline.update(new_sums)
+        return SyncResult(tensors=stats["tensors"], chunks=stats["chunks"],
+                          bytes_written=tx.bytes_written, journal_bytes=tx.journal_bytes,
+                          seconds=time.perf_counter() - start, version=entry["n"],
+                          bytes_changed=stats["bytes_changed"],
+                          history_bytes=entry.get("history_bytes", 0), whole_files=len(whole),
+                          dropped_versions=tuple(dropped))
+
+    def _whole_chunks(self, whole: set[str], changed: dict[str, list[int]]
+                      ) -> dict[str, list[tuple[int, int, int | None]]]:
+        """Per file written whole: its changed chunks and the CRC-32 of their previous bytes
+        (the CPU baseline is that CRC; on CUDA it is read back from the kept file)."""
+        out: dict[str, list[tuple[int, int, int | None]]] = {f: [] for f in whole}
+        for n, idx in changed.items():
+            f = self.slots[n].file.name
+            if f not in whole:
+                continue
+            base = self.baseline[n]
+            for c, (offset, length) in zip(idx, self._chunks(n, idx), strict=True):
+                crc = int(base[c, 0]) if base.device.type == "cpu" else None
+                out[f].append((offset, length, crc))
+        return out
+
+    def _retain(self, tx: Transaction) -> list[int]:
+        if self.history is None:
+            return []
+        try:
+            return retention.apply(tx.store, tx.versions, self.history, self.regions,
+                                   self.durable)
+        except (HistoryError, OSError) as exc:  # the version is committed either way
+            log.warning("history retention failed (the store keeps more than asked): %s", exc)
+            return []
+
+    def _own_leftovers(self) -> None:
+        """A sync of this process that failed after its commit (a journal to replay) or in
+        the middle (an undo record to apply): finished before the next one."""
+        if os.path.lexists(self.model_dir / journal.JOURNAL) or leftovers(self.model_dir):
+            names = {s.file.name for s in self.slots.values()}
+            with journal.opened(self.model_dir, names & set(self._identity)) as fds:
+                for name, fd in fds.items():
+                    self._check_identity(name, fd)
+            recover_locked(self.model_dir)
+            self._refresh_identity(names & set(self._identity))
+
+    def _refresh_identity(self, names: Iterable[str]) -> None:
+        """After this process's own writes: what the files are now."""
+        for name in names:
+            try:
+                with journal.opened(self.model_dir, [name]) as fds:
+                    self._identity[name] = FileIdentity.of(fds[name])
+            except (OSError, CheckpointRefused):
+                log.warning("%s could not be reopened after a sync", name)
+
+    def check_files(self) -> None:
+        """Refuse (CheckpointRefused) if a weights file changed since the checkpointer read
+        it: what the history store says of the files would not hold."""
+        with journal.opened(self.model_dir, set(self._identity)) as fds:
+            for name, fd in fds.items():
+                self._check_identity(name, fd)
 
     def _check_identity(self, name: str, fd: int) -> None:
         known = self._identity.get(name)
@@ -227,3 +405,25 @@ class Checkpointer:
                 f"layout ({', '.join(changes)} differ): its tensors may sit at other offsets "
                 "now, so this sync was refused and nothing was written; restart the training "
                 "server to checkpoint into the new files")
+
+
+class _Background:
+    """fn() on a thread (checksums overlap the fsync of the new files); result() joins."""
+
+    def __init__(self, fn: Callable[[], dict]):
+        self._out: dict = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[], dict]) -> None:
+        try:
+            self._out = fn()
+        except BaseException as exc:
+            self._error = exc
+
+    def result(self) -> dict:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out

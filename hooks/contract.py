@@ -4,7 +4,8 @@ Both sides import it, so the contract is written once.
 
 Per tensor-parallel rank r: ``rank{r}.handles`` (tensor handles), ``rank{r}.json`` (the
 manifest, written last), ``rank{r}.turnstile`` / ``rank{r}.lock`` (the step lock); shared by
-all ranks: ``{name}.counter`` (8-byte counters). docs/architecture.md describes each.
+all ranks: ``{name}.counter`` (8-byte counters; ``weights.counter`` is the live weight version,
+packed as below). docs/architecture.md describes each.
 """
 
 from __future__ import annotations
@@ -15,6 +16,22 @@ from pathlib import Path
 
 FORMAT_VERSION = 1
 SHM_ROOT = "/dev/shm"
+# The live weight version, an 8-byte counter ("weights.counter") the trainer writes and vLLM's
+# response header reads (hooks/version_header.py): the low 40 bits count every change of the
+# live weights, the high 24 bits hold 1 + the checkpoint version they equal (0: none).
+WEIGHT_VERSION = "weights"
+_VERSION_BITS = 40
+
+
+def pack_weight_version(version: int, checkpoint: int | None) -> int:
+    return (version & ((1 << _VERSION_BITS) - 1)) | \
+        ((0 if checkpoint is None else checkpoint + 1) << _VERSION_BITS)
+
+
+def unpack_weight_version(raw: int) -> tuple[int, int | None]:
+    """(live weight version, the checkpoint they equal or None)."""
+    named = raw >> _VERSION_BITS
+    return raw & ((1 << _VERSION_BITS) - 1), (named - 1 if named else None)
 
 
 def manifest_path(export_dir: str | os.PathLike, rank: int) -> Path:

@@ -84,6 +84,20 @@ for ((i = 0; i < ${#VLLM_EXTRA[@]}; i++)); do
     --tensor-parallel-size=*) TP=${VLLM_EXTRA[i]#*=} ;;
   esac
 done
+# The names vLLM serves the model under: fine-tuning jobs accept them as their "model".
+NAMES=()
+for ((i = 0; i < ${#VLLM_EXTRA[@]}; i++)); do
+  case "${VLLM_EXTRA[i]}" in
+    --served-model-name=*) NAMES+=("${VLLM_EXTRA[i]#*=}") ;;
+    --served-model-name)
+      for ((j = i + 1; j < ${#VLLM_EXTRA[@]}; j++)); do
+        case "${VLLM_EXTRA[j]}" in -*) break ;; *) NAMES+=("${VLLM_EXTRA[j]}") ;; esac
+      done ;;
+  esac
+done
+if [ ${#NAMES[@]} -gt 0 ]; then
+  TRAIN_EXTRA+=(--served-model-name "$(IFS=,; echo "${NAMES[*]}")")
+fi
 if [ "$TP" -gt 1 ] && [ -z "${VLLM_CPU_OMP_THREADS_BIND:-}" ]; then
   per=$(( $(nproc) / TP )); [ "$per" -ge 1 ] || per=1
   binds=()
@@ -156,8 +170,10 @@ wait_healthy() {  # url pid name timeout
 start=$SECONDS
 echo "launcher: starting vLLM on $BIND_HOST:$VLLM_PORT with $MODEL_DIR" >&2
 # `python -m hooks serve` is vLLM's `vllm serve` (checked against the vLLM versions tested).
+# Every response says which weights answered (x-apollo-weight-version: docs/checkpoint.md).
 VLLM_APOLLO_EXPORT_DIR="$EXPORT_DIR" setsid "$PY" -m hooks serve \
-  "$MODEL_DIR" --host "$BIND_HOST" --port "$VLLM_PORT" "${VLLM_EXTRA[@]}" &
+  "$MODEL_DIR" --host "$BIND_HOST" --port "$VLLM_PORT" \
+  --middleware hooks.version_header.WeightVersionHeader "${VLLM_EXTRA[@]}" &
 VLLM_PID=$!
 "$PY" -m hooks record "$STATE" vllm "$VLLM_PID"
 wait_healthy "http://127.0.0.1:$VLLM_PORT/health" "$VLLM_PID" vLLM "${VLLM_START_TIMEOUT:-900}"
@@ -169,11 +185,13 @@ TRAIN_PID=$!
 "$PY" -m hooks record "$STATE" train "$TRAIN_PID"
 wait_healthy "http://127.0.0.1:$TRAIN_PORT/health" "$TRAIN_PID" "training server" 600
 
-MODEL_NAME="$MODEL_DIR"
+MODEL_NAME=${NAMES[0]:-$MODEL_DIR}
 cat <<EOF
 
   vLLM (OpenAI API):  http://$BIND_HOST:$VLLM_PORT/v1    model: $MODEL_NAME
-  training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health)
+  training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health /versions
+                      /rollback; OpenAI files and fine-tuning jobs at /v1:
+                      docs/fine-tuning.md)
   ready after $((SECONDS - start)) s. Teach it:
 
   curl -s http://$BIND_HOST:$TRAIN_PORT/train -H 'content-type: application/json' \

@@ -15,8 +15,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from server.api import observe, training
+from server.api import observe, openai_files, openai_jobs, training, versions
 from server.api.guards import RequestGuard
+from server.api.openai_schemas import OpenAIError
 from server.engine.wiring import Engine, attach_engine
 from server.settings import Settings
 
@@ -49,10 +50,18 @@ def create_app(settings: Settings,
     async def _refused(request: Request, exc: HTTPException) -> AsciiJSON:
         return AsciiJSON({"detail": exc.detail}, status_code=exc.status_code,
                          headers=exc.headers)
+    @app.exception_handler(OpenAIError)
+    async def _openai(request: Request, exc: OpenAIError) -> AsciiJSON:
+        return AsciiJSON(exc.body(), status_code=exc.status)
     app.state.settings = settings
     app.include_router(observe.router)
     app.include_router(training.router)
+    app.include_router(versions.router)
+    app.include_router(versions.changes)
+    app.include_router(openai_files.router)
+    app.include_router(openai_jobs.router)
     app.add_middleware(RequestGuard, bind_host=settings.host,
                        allowed_hosts=settings.allowed_hosts,
-                       max_body_bytes=settings.max_body_bytes)
+                       max_body_bytes=settings.max_body_bytes,
+                       max_upload_bytes=settings.max_upload_bytes)
     return app

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,17 @@ class Settings:
     checkpoint_on_exit: bool = _opt(False, "when the server stops (SIGTERM, the launcher's "
                                            "Ctrl-C), finish the batch in progress and sync what "
                                            "vLLM's weights learned since the last checkpoint")
+    history_keep: str = _opt("all", "checkpoint versions kept restorable below the newest "
+                                    "(POST /rollback, python -m checkpoint revert; the "
+                                    "original is kept besides): N, all, or off (no undo "
+                                    "records: rollback only to the last checkpoint; the "
+                                    "cheapest checkpoints)")
+    history_budget: str = _opt("0", "disk budget of the history store (MODEL_DIR/.apollo/"
+                                    "history), e.g. 20G; past it the oldest versions are "
+                                    "dropped first, the original never unless "
+                                    "--history-drop-original; 0: none")
+    history_drop_original: bool = _opt(False, "let --history-budget drop the original "
+                                              "version too, after every other")
     journal: str = _opt("auto", "durable example log: a path, 'auto' (MODEL_DIR/.apollo/"
                                 "examples.jsonl; EXPORT_DIR/examples.jsonl when the model "
                                 "directory is read-only) or 'off'")
@@ -124,6 +136,13 @@ class Settings:
     prefix_cache_reset: str = _opt("always", "drop vLLM's prefix cache after updates: always, "
                                              "never, or SECONDS (at most once per interval)")
     max_body_bytes: int = _opt(4 << 20, "largest request body accepted (then 413)")
+    max_upload_bytes: int = _opt(512 << 20, "largest training file POST /v1/files accepts "
+                                            "(then 413); streamed to disk, never held in "
+                                            "memory; every other endpoint keeps "
+                                            "--max-body-bytes")
+    served_model_name: str = _opt("", "comma-separated names vLLM serves the model under "
+                                      "(its --served-model-name), accepted as a fine-tuning "
+                                      "job's model besides the model's path")
     optimizer_mode: str = _opt("standard", "standard: all gradients, then one step written "
                                            "atomically for vLLM; layerwise: each parameter "
                                            "stepped during backward (lowest memory; an engine "
@@ -148,6 +167,12 @@ class Settings:
             raise ValueError(f"refusing to listen on {self.host} without an API key: anyone who "
                              "reaches it could retrain the model; give --api-key-file FILE or "
                              f"set {KEY_ENV}")
+        if self.history_keep not in ("all", "off") and not (
+                self.history_keep.isdigit()):
+            raise ValueError("--history-keep must be a number, all or off")
+        if not re.fullmatch(r"\d+(\.\d+)?[KMGT]?(i?B)?", self.history_budget.strip(),
+                            re.IGNORECASE):
+            raise ValueError("--history-budget must be a size such as 0, 512M or 20G")
         if self.prefix_cache_reset not in ("always", "never"):
             try:
                 float(self.prefix_cache_reset)

@@ -12,6 +12,11 @@
   post cross-site without a CORS preflight; JSON never does.
 * Size: the body is read here, counting the bytes actually received (chunked bodies too),
   and refused with 413 past --max-body-bytes before the application parses anything.
+* Uploads (POST /v1/files only): a multipart/form-data body is allowed, and it is not read
+  here but streamed to the handler, counted as it passes, up to --max-upload-bytes
+  (`BodyTooLarge` past it). A form can post a file cross-site, but storing a file changes no
+  weight; every endpoint that trains (a job's creation included) still takes JSON only, and
+  a browser's cross-origin upload carries an Origin, refused as above.
 
 Starlette's TrustedHostMiddleware checks only the Host, and Jupyter's handlers check Host and
 Origin the same way; this does both, plus the body, without buffering beyond the limit.
@@ -29,6 +34,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.settings import is_loopback
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+UPLOAD_PATH = "/v1/files"
+
+
+class BodyTooLarge(Exception):
+    """An upload passed --max-upload-bytes while streaming (raised by its `receive`)."""
+
+
+def _is_upload(scope: Scope) -> bool:
+    return scope["method"] == "POST" and scope["path"].rstrip("/") == UPLOAD_PATH
 
 
 def host_name(host: str) -> str:
@@ -45,11 +59,17 @@ def _is_json(content_type: str) -> bool:
                                           and kind.endswith("+json"))
 
 
+def _is_form(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == "multipart/form-data"
+
+
 class RequestGuard:
     def __init__(self, app: ASGIApp, *, bind_host: str, allowed_hosts: str,
-                 max_body_bytes: int):
+                 max_body_bytes: int, max_upload_bytes: int | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes if max_upload_bytes is not None else \
+            max_body_bytes
         names = {h.strip().lower() for h in allowed_hosts.split(",") if h.strip()}
         self.any_host = "*" in names
         self.suffixes = tuple(n[1:] for n in names if n.startswith("*."))
@@ -89,9 +109,15 @@ class RequestGuard:
             content_type = headers.get("content-type")
             has_body = content_type is not None or "transfer-encoding" in headers or \
                 headers.get("content-length", "0") != "0"
-            if has_body and not _is_json(content_type or ""):
+            upload = _is_upload(scope)
+            if has_body and not _is_json(content_type or "") and not (
+                    upload and _is_form(content_type or "")):
                 await _reply(send, 415, f"content type {content_type!r} refused: send "
-                                        "application/json")
+                                        "application/json" + (" or multipart/form-data"
+                                                              if upload else ""))
+                return
+            if upload:
+                await self._stream_upload(scope, receive, send, headers.get("content-length"))
                 return
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
@@ -104,6 +130,26 @@ class RequestGuard:
                                     "bytes (--max-body-bytes)")
             return
         await self.app(scope, _replay(body, receive), send)
+
+    async def _stream_upload(self, scope: Scope, receive: Receive, send: Send,
+                             length: str | None) -> None:
+        limit = self.max_upload_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await _reply(send, 413, f"upload of {length} bytes exceeds the limit of {limit} "
+                                    "(--max-upload-bytes)")
+            return
+        size = 0
+
+        async def counted() -> Message:
+            nonlocal size
+            message = await receive()
+            size += len(message.get("body", b""))
+            if size > limit:
+                raise BodyTooLarge(f"the upload exceeds the limit of {limit} bytes "
+                                   "(--max-upload-bytes)")
+            return message
+
+        await self.app(scope, counted, send)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body, or None as soon as it passes the limit (the rest is not read)."""

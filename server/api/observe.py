@@ -38,7 +38,14 @@ def status(engine: EngineDep) -> Status:
                   checkpointing_disabled=engine.checkpointing_disabled,
                   drift=_drift(engine), drift_budget=engine.settings.drift_budget or None,
                   undone_batches=s.undone_batches,
-                  learned_without_steps=s.learned_without_steps)
+                  learned_without_steps=s.learned_without_steps,
+                  **_weights(engine))
+
+
+def _weights(engine) -> dict:
+    version, checkpoint = engine.trainer.coordinator.version.get()
+    return {"weight_version": version, "weight_checkpoint": checkpoint,
+            "last_rollback": engine.versions.last_rollback if engine.versions else None}
 
 
 def _drift(engine) -> dict | None:
@@ -71,6 +78,10 @@ def metrics(engine: EngineDep) -> str:
         ("last_checkpoint_bytes", "gauge", ckpt.get("bytes_written", 0)),
         ("undone_batches_total", "counter", s.undone_batches),
         ("learned_without_steps_total", "counter", s.learned_without_steps),
+        ("weight_version", "gauge", trainer.coordinator.version.get()[0]),
+        ("weight_checkpoint", "gauge", -1 if (named := trainer.coordinator.version.get()[1])
+         is None else named),
+        ("rollbacks_total", "counter", engine.versions.rollbacks if engine.versions else 0),
     ]
     drift = _drift(engine)
     if drift is not None:

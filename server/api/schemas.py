@@ -156,7 +156,9 @@ class PromptExample(BaseModel):
         return Lesson(kind, prompt + [answer])
 
     def to_chat(self) -> ChatExample:
-        """The demonstration as a chat (only without `label`)."""
+        """The demonstration as a chat (only without `label`: feedback is no chat)."""
+        if self.label is not None:
+            raise ValueError("a labeled example is feedback on an answer, not a demonstration")
         return ChatExample(messages=self.lesson().messages)
 
 
@@ -247,6 +249,52 @@ class CheckpointResult(BaseModel):
     seconds: float
     optimizer_step: int
     at: float  # Unix time
+    version: int | None = None  # the version it made (None: nothing had changed)
+    bytes_changed: int = 0
+    history_bytes: int = 0  # its undo record in the history store
+    whole_files: int = 0  # files written whole and renamed in
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: Literal["last-checkpoint", "original"] | Annotated[int, Field(ge=0)]
+
+
+class RollbackResult(BaseModel):
+    """A live rollback (docs/checkpoint.md#live-rollback)."""
+
+    version: int  # what the live weights are now
+    weight_version: int  # the live weight version after it
+    chunks: int
+    bytes_read: int
+    stall_seconds: float  # serving held off (the writes into vLLM's tensors)
+    seconds: float
+    examples_rolled_back: int
+    examples_restored: int  # trained examples the target version holds again
+    at: float
+
+
+class VersionInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")  # what else the version records
+    n: int
+    time: float
+    reachable: bool  # its bytes are kept: rollback and revert can reach it
+    name: str | None = None  # "original"
+    examples: int | None = None
+    optimizer_steps: int | None = None
+    drift: DriftState | None = None
+    bytes_changed: int | None = None
+    history_bytes: int | None = None
+    parent: int | None = None
+
+
+class VersionsList(BaseModel):
+    head: int  # the version the model's files hold
+    weight_version: int  # the live weight version
+    weight_checkpoint: int | None  # the version the live weights equal, if any
+    versions: list[VersionInfo]
+    history: dict | None  # retention (keep, budget, keep_original); None: no undo records
+    history_bytes: int  # disk the history store uses
 
 
 class DriftRebased(BaseModel):
@@ -281,3 +329,6 @@ class Status(BaseModel):
     drift_budget: float | None = None
     undone_batches: int = 0
     learned_without_steps: int = 0  # examples the model already answered as taught
+    weight_version: int = 0  # bumped by every change of the live weights
+    weight_checkpoint: int | None = None  # the checkpoint version they equal, if any
+    last_rollback: RollbackResult | None = None

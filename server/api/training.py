@@ -1,5 +1,6 @@
 """Endpoints that change the model or read what it was taught: /train, /examples, /checkpoint.
-Each needs the API key when one is configured."""
+Each needs the API key when one is configured. (OpenAI's files and fine-tuning jobs:
+openai_files.py, openai_jobs.py.)"""
 
 from __future__ import annotations
 
@@ -63,6 +64,30 @@ def example_state(example_id: str, trainer: TrainerDep) -> ExampleState:
                                  "the last --keep-finished-records are kept in memory)")
     return ExampleState(id=rec.id, state=rec.state, kind=rec.kind, step=rec.step,
                         reason=rec.reason, drift=rec.drift)
+
+
+@router.delete("/examples/{example_id}", response_model=ExampleState)
+def withdraw_example(example_id: str, trainer: TrainerDep) -> ExampleState:
+    """Take back an example still waiting in the queue (journaled: it is never trained, even
+    after a restart). One being trained, or finished, can no longer be taken back: 409."""
+    rec = trainer.records.get(example_id)
+    if rec is None:
+        raise HTTPException(404, f"no example with id {example_id!r}")
+    if rec.group is not None:
+        raise HTTPException(409, f"example {example_id} belongs to fine-tuning job {rec.group}: "
+                                 "cancel the job instead")
+    if rec.state != "queued":
+        raise HTTPException(409, f"example {example_id} is already {rec.state}")
+    try:
+        taken = trainer.withdraw([example_id], "withdrawn by DELETE /examples")
+    except NotLogged as exc:
+        raise HTTPException(507, str(exc)) from None
+    except ExampleLogError as exc:
+        raise HTTPException(503, str(exc)) from None
+    if not taken:
+        raise HTTPException(409, f"example {example_id} is being trained now (or just was): "
+                                 "it can no longer be taken back")
+    return ExampleState(id=rec.id, state=rec.state, reason=rec.reason)
 
 
 @router.post("/drift/rebase", response_model=DriftRebased)

@@ -1,15 +1,20 @@
 """When and how the server syncs the live weights to disk (on request and periodically).
 
-One sync at a time: a caller that finds one in progress is refused at once (CheckpointBusy)
-rather than queued behind it, so callers cannot pile up (each would hold a thread); a
-periodic sync that finds one in progress is skipped (that one covers it).
+One sync (or rollback) at a time: a caller that finds one in progress is refused at once
+(CheckpointBusy) rather than queued behind it, so callers cannot pile up (each would hold a
+thread); a periodic sync that finds one in progress is skipped (that one covers it).
+
+Every sync that changes the files is a version (checkpoint/history.py); it records the
+examples trained since the previous one, the optimizer steps and the drift (`meta`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 
 from checkpoint import Checkpointer
@@ -19,8 +24,10 @@ log = logging.getLogger("vllm_apollo.checkpoint")
 
 
 class CheckpointBusy(RuntimeError):
-    def __init__(self) -> None:
-        super().__init__("a checkpoint is in progress; its result is /status's last_checkpoint")
+    def __init__(self, what: str = "checkpoint") -> None:
+        super().__init__(f"a {what} is in progress; nothing was done"
+                         + ("; its result is /status's last_checkpoint"
+                            if what == "checkpoint" else ""))
 
 
 class CheckpointService:
@@ -42,11 +49,34 @@ class CheckpointService:
         # The first sync scans everything: weights may have changed before this process
         # started (a trainer restarted while vLLM kept serving what it had learned).
         self._full_scan = True
+        self._what = "checkpoint"  # what holds _busy
+        self.trained_ids: list[str] = []  # trained since the last version, in order
+        self._ids_lock = threading.Lock()
+        trainer.on_trained.append(self._trained)
+        self.meta: Callable[[], dict] = dict  # what a version records (engine/versions.py)
+        self.on_synced: list[Callable[[dict], None]] = []  # with the weights still held
+        self.rolled_back = False  # the live weights were rolled back since the last sync
+
+    def _trained(self, ids: list[str]) -> None:
+        with self._ids_lock:
+            self.trained_ids.extend(ids)
+
+    @contextlib.contextmanager
+    def exclusive(self, what: str) -> Iterator[None]:
+        """No sync while `what` (a rollback) runs; CheckpointBusy if one is under way."""
+        if not self._busy.acquire(blocking=False):
+            raise CheckpointBusy(self._what)
+        self._what = what
+        try:
+            yield
+        finally:
+            self._what = "checkpoint"
+            self._busy.release()
 
     def sync(self) -> dict:
         """Sync now; raises CheckpointBusy if a sync is already under way."""
         if not self._busy.acquire(blocking=False):
-            raise CheckpointBusy()
+            raise CheckpointBusy(self._what)
         try:
             return self.trainer.run_in_worker(self._sync)
         finally:
@@ -61,11 +91,21 @@ class CheckpointService:
             if group is not None:  # the other ranks send their shards of the same tensors
                 names = self.checkpointer.plan(names)
                 group.broadcast(("checkpoint", names))
-            result = self.checkpointer.sync(names)
+            with self._ids_lock:
+                ids = list(self.trained_ids)
+            meta = {**self.meta(), "examples": len(ids), "example_ids": ids,
+                    "optimizer_steps": step - self._synced_step, "optimizer_steps_total": step}
+            result = self.checkpointer.sync(names, meta=meta)
             self.trainer.stepped.clear()
             self._full_scan = False
+            self.rolled_back = False
+            self.last = {**asdict(result), "optimizer_step": step, "at": time.time()}
+            if result.version is not None:
+                with self._ids_lock:
+                    del self.trained_ids[:len(ids)]
+            for hook in self.on_synced:
+                hook(self.last)
         self._synced_step, self._synced_at = step, time.monotonic()
-        self.last = {**asdict(result), "optimizer_step": step, "at": time.time()}
         return self.last
 
     def unsaved_steps(self) -> int:
@@ -74,7 +114,7 @@ class CheckpointService:
 
     def sync_on_exit(self) -> None:
         """The final sync of --checkpoint-on-exit (on the worker thread, after its last batch)."""
-        if self.unsaved_steps() <= 0:
+        if self.unsaved_steps() <= 0 and not self.rolled_back:
             return
         result = self._sync()
         log.info("checkpoint on exit: %d tensors, %d bytes in %.2f s", result["tensors"],

@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterator
 
 from server.engine.distributed import Group
-from weight_mapping import Export
+from server.engine.weight_version import WeightVersion
+from weight_mapping import WEIGHT_VERSION, Export
 
 
 class Standalone:
@@ -19,6 +20,7 @@ class Standalone:
 
     def __init__(self) -> None:
         self._steps = 0
+        self.version = WeightVersion()  # bumped with every change of the live weights
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -29,9 +31,12 @@ class Standalone:
 
     def step_applied(self) -> None:
         self._steps += 1
+        self.version.bump()
 
     def weights_restored(self) -> None:
-        """Call inside write(): the weights were put back as they were (an undone batch)."""
+        """Call inside write(): the weights were put back as they were (an undone batch, a
+        rollback)."""
+        self.version.bump()
 
     def vllm_stall_seconds(self) -> float:
         return 0.0
@@ -62,6 +67,8 @@ class VllmCoordinator(Standalone):
         self._steps_counter = export.update_counter("steps")
         self._vllm_waited = export.update_counter(f"rank{export.manifest['rank']}.stall_ns")
         self._vllm_unlocked = export.update_counter("rank0.unlocked_steps")
+        if self._leader:  # read by vLLM's response header (hooks/version_header.py)
+            self.version = WeightVersion(export.update_counter(WEIGHT_VERSION))
         self._policy = prefix_cache_reset
         self._interval = None if prefix_cache_reset in ("always", "never") \
             else float(prefix_cache_reset)
@@ -101,12 +108,14 @@ class VllmCoordinator(Standalone):
         if not self._leader:
             return
         self._steps_counter.bump()
+        self.version.bump()
         self._pending_reset = True
         self.flush_prefix_cache_reset()
 
     def weights_restored(self) -> None:
         """KV computed while the undone batch was live must not be reused either."""
         if self._leader:
+            self.version.bump()
             self._pending_reset = True
             self.flush_prefix_cache_reset()
 

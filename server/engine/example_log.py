@@ -10,7 +10,14 @@ HTTP 2xx:
   crash keeps a request whole or not at all;
 * ``begin``: a batch's ids, its number of optimizer steps and the applied-step counter
   before it (the counter lives in vLLM's export, so it survives the trainer);
-* ``done`` / ``fail``: the batch's outcome.
+* ``done`` / ``fail``: the batch's outcome;
+* ``cancel``: queued examples taken back before any batch began them (DELETE /examples/ID,
+  a cancelled fine-tuning job);
+* ``rollback``: trained examples a rollback took out of the live weights (``rolled_back``)
+  or put back (``restored``: a rollback to a version that holds them).
+
+An ``accept`` may carry a ``group`` (a fine-tuning job: its examples train in batches of their
+own) and ``lr`` (the learning-rate scale of those batches); both survive compaction.
 
 An append that fails (a full disk, a short write) is cut off again (ftruncate + fsync) and
 raises `NotLogged`: the caller must not acknowledge it, and the file stays a valid log. If
@@ -56,6 +63,12 @@ class LogBroken(ExampleLogError):
 
 def _line(record: dict) -> bytes:
     return (json.dumps(record, separators=(",", ":")) + "\n").encode()
+
+
+def _options(group: str | None, lr_scale: float) -> dict:
+    """An accept's non-default batch options (example_replay reads them back)."""
+    return {**({"group": group} if group is not None else {}),
+            **({"lr": lr_scale} if lr_scale != 1.0 else {})}
 
 
 def _open_nofollow(path: Path, flags: int) -> int:
@@ -116,8 +129,13 @@ class ExampleLog:
         self.broken = reason + "; restart the training server once the cause is fixed"
         log.critical("%s", self.broken)
 
-    def accept(self, items: list[tuple[str, Encoded]]) -> None:
-        self._append([{"op": "accept", "items": [example_record(i, e) for i, e in items]}])
+    def accept(self, items: list[tuple[str, Encoded]], group: str | None = None,
+               lr_scale: float = 1.0) -> None:
+        self._append([{"op": "accept", "items": [example_record(i, e) for i, e in items],
+                       **_options(group, lr_scale)}])
+
+    def cancel(self, ids: list[str], reason: str) -> None:
+        self._append([{"op": "cancel", "batch": ids, "reason": reason}])
 
     def begin(self, ids: list[str], steps: int, base: int) -> None:
         self._append([{"op": "begin", "batch": ids, "steps": steps, "base": base}])
@@ -128,6 +146,10 @@ class ExampleLog:
 
     def fail(self, ids: list[str], reason: str) -> None:
         self._append([{"op": "fail", "batch": ids, "reason": reason}])
+
+    def rollback(self, rolled_back: list[str], restored: list[str], reason: str) -> None:
+        self._append([{"op": "rollback", "rolled_back": rolled_back, "restored": restored,
+                       "reason": reason}])
 
     def close(self) -> None:
         os.close(self._fd)
@@ -163,11 +185,16 @@ class ExampleLog:
             if i in state.trained:
                 records.append({"op": "trained", "id": i, "step": state.trained[i],
                                 **({"note": state.notes[i]} if i in state.notes else {}),
-                                **kind})
+                                **({"rolled_back": state.rolled_back[i]}
+                                   if i in state.rolled_back else {}), **kind})
             elif i in state.failed:
                 records.append({"op": "failed", "id": i, "reason": state.failed[i], **kind})
+            elif i in state.cancelled:
+                records.append({"op": "cancelled", "id": i, "reason": state.cancelled[i],
+                                **kind})
             else:
-                records.append({"op": "accept", **example_record(i, enc)})
+                records.append({"op": "accept", **example_record(i, enc),
+                                **_options(*state.options.get(i, (None, 1.0)))})
         if state.unfinished is not None:
             ids, remaining = state.unfinished
             records.append({"op": "begin", "batch": ids, "steps": remaining,

@@ -39,6 +39,9 @@ class Replayed:
     trained: dict[str, int] = field(default_factory=dict)  # id -> step
     notes: dict[str, str] = field(default_factory=dict)  # id -> how it was trained
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason
+    rolled_back: dict[str, str] = field(default_factory=dict)  # trained, then rolled back: why
+    cancelled: dict[str, str] = field(default_factory=dict)  # id -> reason, never begun
+    options: dict[str, tuple[str | None, float]] = field(default_factory=dict)  # (group, lr)
     kinds: dict[str, str] = field(default_factory=dict)  # id -> what it teaches, if recorded
     # a batch that began and has no outcome: (ids, steps still to run; 0 = all applied)
     unfinished: tuple[list[str], int] | None = None
@@ -52,6 +55,14 @@ def _int(v, lo: int = 0) -> bool:
 
 def _ids(v) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(i, str) for i in v)
+
+
+def _options(rec: dict) -> tuple[str | None, float]:
+    group, lr = rec.get("group"), rec.get("lr", 1.0)
+    if not (group is None or isinstance(group, str)) or \
+            not (type(lr) in (int, float) and 0 < lr < float("inf")):
+        raise ValueError("not a valid group or learning-rate scale")
+    return group, float(lr)
 
 
 def example_record(i: str, e: Encoded) -> dict:
@@ -101,21 +112,37 @@ class _State:
     def apply(self, rec: dict) -> None:
         op = rec.get("op")
         if op == "accept":
+            options = _options(rec)
             for item in rec["items"] if "items" in rec else [rec]:
                 i, enc = _example(item)
                 self.accepted(i, enc)
+                if options != (None, 1.0):
+                    self.out.options[i] = options
                 self.out.kinds[i] = enc.kind
-        elif op in ("trained", "failed"):
+        elif op in ("trained", "failed", "cancelled"):
             value = rec.get("step" if op == "trained" else "reason")
             if not isinstance(rec.get("id"), str) or not (
                     _int(value) if op == "trained" else isinstance(value, str)):
                 raise ValueError(f"not a valid {op} record")
             self.accepted(rec["id"], None)
-            (self.out.trained if op == "trained" else self.out.failed)[rec["id"]] = value
+            {"trained": self.out.trained, "failed": self.out.failed,
+             "cancelled": self.out.cancelled}[op][rec["id"]] = value
             if isinstance(rec.get("note"), str):
                 self.out.notes[rec["id"]] = rec["note"]
             if rec.get("kind") in KINDS:
                 self.out.kinds[rec["id"]] = rec["kind"]
+            if op == "trained" and isinstance(rec.get("rolled_back"), str):
+                self.out.rolled_back[rec["id"]] = rec["rolled_back"]
+        elif op == "rollback":
+            out, back = rec.get("rolled_back"), rec.get("restored")
+            if not (isinstance(out, list) and isinstance(back, list)
+                    and isinstance(rec.get("reason"), str)
+                    and all(isinstance(i, str) and i in self.out.trained for i in out + back)):
+                raise ValueError("not a valid rollback record (or it names examples never "
+                                 "trained)")
+            self.out.rolled_back.update(dict.fromkeys(out, rec["reason"]))
+            for i in back:
+                self.out.rolled_back.pop(i, None)
         elif op == "begin":
             if not (_ids(rec.get("batch")) and _int(rec.get("steps")) and _int(rec.get("base"))):
                 raise ValueError("not a valid begin record")
@@ -137,6 +164,15 @@ class _State:
             if isinstance(rec.get("note"), str):
                 self.out.notes.update({i: rec["note"] for i in rec["batch"]})
             self.open_batch = None
+        elif op == "cancel":
+            if not (_ids(rec.get("batch")) and isinstance(rec.get("reason"), str)):
+                raise ValueError("not a valid cancel record")
+            self.known(rec["batch"])
+            begun = set(self.out.trained) | set(self.out.failed) | set(self.out.cancelled) | \
+                set(self.open_batch["batch"] if self.open_batch else [])
+            if begun.intersection(rec["batch"]):
+                raise ValueError("a cancel names examples already begun or finished")
+            self.out.cancelled.update({i: rec["reason"] for i in rec["batch"]})
         else:
             raise ValueError(f"unknown record {str(op)[:40]!r}")
 
@@ -164,7 +200,7 @@ def replay(path: str | os.PathLike, applied_steps: int) -> Replayed:
         b = state.open_batch
         done_steps = max(0, min(b["steps"], applied_steps - b["base"]))
         out.unfinished = (b["batch"], b["steps"] - done_steps)
-    begun = set(out.trained) | set(out.failed) | set(out.unfinished[0] if out.unfinished
-                                                     else [])
+    begun = set(out.trained) | set(out.failed) | set(out.cancelled) | set(
+        out.unfinished[0] if out.unfinished else [])
     out.pending = [i for i in out.accepted if i not in begun]
     return out

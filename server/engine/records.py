@@ -7,7 +7,8 @@ from typing import Literal
 
 from server.engine.tokenization import Encoded
 
-State = Literal["queued", "trained", "failed"]
+State = Literal["queued", "trained", "failed", "cancelled", "rolled back"]  # rolled back:
+# trained, then taken out of the live weights by a rollback to a version without it
 
 
 @dataclass
@@ -19,6 +20,12 @@ class Record:
     step: int | None = None
     reason: str | None = None  # why it failed, or how it was trained
     drift: dict | None = None  # the drift measured after its batch
+    loss: float | None = None  # its batch's loss when the batch ended
+    # Examples of one group (a fine-tuning job) are trained in batches of their own, at the
+    # base learning rate times `lr_scale`; live examples have no group.
+    group: str | None = None
+    lr_scale: float = 1.0
+    stop: bool = False  # its batch stops at the next step boundary (a cancelled job)
 
 
 @dataclass

@@ -63,6 +63,7 @@ class Outcome:
     failed: str | None = None
     note: str | None = None
     drift: Drift | None = None
+    loss: float | None = None  # the batch's loss when it ended (its last forward pass)
 
 
 class Stepper:
@@ -89,6 +90,9 @@ class Stepper:
         self.stepped: set[int] = set()  # id() of parameters stepped since the last checkpoint
         self._write_seconds = 0.0
         self._held = 0  # depth of the write window (strict mode holds it for a whole batch)
+        # Set by the trainer per batch: true once the batch must stop at the next step
+        # boundary (its fine-tuning job was cancelled); the steps applied stay.
+        self.interrupt: Callable[[], bool] | None = None
         if self.layerwise:  # the optimizer steps each parameter during backward
             optimizer.layerwise(write_guard=self._param_window)
 
@@ -159,6 +163,10 @@ class Stepper:
         objective = Objective(batch, self.pad_id, self.device, self.weights)
         steps = 0
         while True:
+            if self.interrupt is not None and self.interrupt():
+                if steps:
+                    self.stats.trained_tokens += sum(e.num_targets for e in batch)
+                return Outcome(steps, note=f"stopped after {steps} steps: cancelled")
             t0 = time.perf_counter()
             loss, done = objective(self.model)
             if FAULT == "nan-loss":
@@ -198,7 +206,7 @@ class Stepper:
             self.stats.trained_tokens += sum(e.num_targets for e in batch)
         if how := objective.describe():
             note = f"{note} ({how})"
-        return Outcome(steps, note=note)
+        return Outcome(steps, note=note, loss=value)
 
     @staticmethod
     def _changed(steps: int) -> str:

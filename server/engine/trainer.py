@@ -3,10 +3,15 @@
 The worker takes batches from the queue (or tasks that must run between batches, such as a
 checkpoint under tensor parallelism), has the `Stepper` train them, records each example's
 outcome in the example log, and runs the after-batch hooks.
+
+A batch is a run of queued examples of one group (live examples have none; a fine-tuning job
+is one), so a job's batches are its own: its batch size and learning-rate scale hold, and a
+cancelled job's batch can stop at the next step without cutting a live example short.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -68,6 +73,7 @@ class Trainer:
         self._tasks: deque[tuple[Callable, Future]] = deque()
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
         self.after_batch: list[Callable[[], None]] = []  # run by the worker after each batch
+        self.on_trained: list[Callable[[list[str]], None]] = []  # ids of each trained batch
         # Why the worker can no longer train (an outcome it could not log, an error that
         # ended the thread): the service reports it, and refuses examples, instead.
         self.fatal: str | None = None
@@ -90,12 +96,18 @@ class Trainer:
         for i, enc in state.accepted.items():
             rec = self.records[i] = Record(i, enc, kind=enc.kind if enc is not None
                                            else state.kinds.get(i))
+            rec.group, rec.lr_scale = state.options.get(i, (None, 1.0))
             if i in state.trained:
                 rec.state, rec.step = "trained", state.trained[i]
                 rec.reason = state.notes.get(i)
+                if i in state.rolled_back:
+                    rec.state, rec.reason = "rolled back", state.rolled_back[i]
                 self._finished.append(i)
             elif i in state.failed:
                 rec.state, rec.reason = "failed", state.failed[i]
+                self._finished.append(i)
+            elif i in state.cancelled:
+                rec.state, rec.reason, rec.encoded = "cancelled", state.cancelled[i], None
                 self._finished.append(i)
         self._forget_finished()
         self.stats.accepted = len(state.accepted)
@@ -116,20 +128,27 @@ class Trainer:
                      len(state.pending) + (len(state.unfinished[0]) if state.unfinished else 0))
 
     # --- producer side (HTTP handlers) ---
-    def submit(self, examples: list[Encoded]) -> list[str]:
+    def submit(self, examples: list[Encoded], *, ids: list[str] | None = None,
+               group: str | None = None, lr_scale: float = 1.0) -> list[str]:
         """Log (fsync) and queue all of `examples`, or none (raises QueueFull, Unavailable,
-        or the example log's NotLogged / LogBroken)."""
+        or the example log's NotLogged / LogBroken). `ids`: the caller's own (a job's, which
+        must be new), else random ones; `group`, `lr_scale`: see Record."""
         with self._cond:
             if self.fatal:
                 raise Unavailable(self.fatal)
+            if ids is not None and (len(ids) != len(examples) or len(set(ids)) != len(ids)
+                                    or any(i in self.records for i in ids)):
+                raise ValueError("example ids must be new and one per example")
             if len(self._queue) + self._in_flight + len(examples) > self.max_queue:
                 raise QueueFull(len(self._queue) + self._in_flight, self.max_queue)
             tokens = sum(e.tokens for e in examples)
             if self._tokens + tokens > self.max_queue_tokens:
                 raise QueueFull(self._tokens, self.max_queue_tokens, "tokens")
-            recs = [Record(id=uuid.uuid4().hex[:16], encoded=e, kind=e.kind) for e in examples]
+            recs = [Record(id=i, encoded=e, group=group, lr_scale=lr_scale, kind=e.kind)
+                    for i, e in zip(ids or [uuid.uuid4().hex[:16] for _ in examples], examples,
+                                    strict=True)]
             if self.example_log is not None:
-                self.example_log.accept([(r.id, r.encoded) for r in recs])
+                self.example_log.accept([(r.id, r.encoded) for r in recs], group, lr_scale)
             for r in recs:
                 self.records[r.id] = r
                 self._queue.append(r)
@@ -137,6 +156,35 @@ class Trainer:
             self.stats.accepted += len(recs)
             self._cond.notify()
             return [r.id for r in recs]
+
+    def withdraw(self, ids: list[str], reason: str) -> list[str]:
+        """Take those of `ids` still waiting in the queue out of it, journaled as cancelled
+        (raises the example log's errors, and then changes nothing). Examples being trained,
+        finished or unknown are left as they are. Returns the ids withdrawn."""
+        with self._cond:
+            wanted = set(ids)
+            taken = [r for r in self._queue if r.id in wanted]
+            if not taken:
+                return []
+            if self.example_log is not None:
+                self.example_log.cancel([r.id for r in taken], reason)
+            gone = {r.id for r in taken}
+            self._queue = deque(r for r in self._queue if r.id not in gone)
+            for r in taken:
+                self._tokens -= r.encoded.tokens
+                r.encoded, r.state, r.reason = None, "cancelled", reason
+                self._finished.append(r.id)
+            self._forget_finished()
+            return [r.id for r in taken]
+
+    def halt(self, ids: list[str]) -> None:
+        """Stop the batch holding `ids` at its next step boundary, if every example in it is
+        halted (the steps applied stay). Not under tensor parallelism, where all ranks must
+        run the same steps: there the batch runs to its end."""
+        with self._cond:
+            for i in ids:
+                if (rec := self.records.get(i)) is not None and rec.state == "queued":
+                    rec.stop = True
 
     @property
     def queued(self) -> int:
@@ -178,10 +226,23 @@ class Trainer:
             self._cond.notify()
         return future.result()
 
-    def train_batch(self, examples: list[Encoded], steps: int) -> None:
+    def train_batch(self, examples: list[Encoded], steps: int, lr_scale: float = 1.0) -> None:
         """A follower rank's part of a batch that rank 0 sent: the same steps, no example log."""
-        self.stepper.run(examples, steps)
+        with self._scaled_lr(lr_scale):
+            self.stepper.run(examples, steps)
         self.optimizer.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def _scaled_lr(self, scale: float):
+        """Every group's learning rate times `scale` for one batch (a job's multiplier)."""
+        saved = [g["lr"] for g in self.optimizer.param_groups]
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["lr"] * scale
+        try:
+            yield
+        finally:
+            for g, lr in zip(self.optimizer.param_groups, saved, strict=True):
+                g["lr"] = lr
 
     # --- worker ---
     def _next_batch(self) -> tuple[list[Record], int] | tuple[Callable, Future] | None:
@@ -200,8 +261,11 @@ class Trainer:
                     return None
                 if self._tasks:
                     return self._tasks.popleft()
-                n = min(self.batch_size, len(self._queue))
-                batch, steps = [self._queue.popleft() for _ in range(n)], self.max_steps
+                key = (self._queue[0].group, self._queue[0].lr_scale)
+                batch, steps = [], self.max_steps
+                while self._queue and len(batch) < self.batch_size and \
+                        (self._queue[0].group, self._queue[0].lr_scale) == key:
+                    batch.append(self._queue.popleft())
             self._in_flight = len(batch)
             return batch, steps
 
@@ -255,9 +319,14 @@ class Trainer:
                 if self.example_log is not None:
                     self.example_log.begin([r.id for r in batch], steps,
                                            self.coordinator.applied_steps())
+                scale = batch[0].lr_scale
                 if self.group is not None:
-                    self.group.broadcast(("train", [r.encoded for r in batch], steps))
-                self._finish(batch, self.stepper.run([r.encoded for r in batch], steps))
+                    self.group.broadcast(("train", [r.encoded for r in batch], steps, scale))
+                self.stepper.interrupt = None if self.group is not None else \
+                    (lambda b=batch: all(r.stop for r in b))
+                with self._scaled_lr(scale):
+                    outcome = self.stepper.run([r.encoded for r in batch], steps)
+                self._finish(batch, outcome)
             except ExampleLogError:
                 raise  # an outcome that cannot be logged: the log and counter resolve it later
             except Exception as exc:  # isolate: mark the batch failed, keep serving
@@ -285,7 +354,7 @@ class Trainer:
             for r in batch:
                 self._tokens -= r.encoded.tokens if r.encoded is not None else 0
                 r.encoded = None  # memory stays bounded by what is still to train
-                r.drift = drift
+                r.drift, r.loss = drift, outcome.loss
                 if failed:
                     r.state, r.reason = "failed", failed
                     self.stats.failed += 1
@@ -293,9 +362,12 @@ class Trainer:
                     r.state, r.step, r.reason = "trained", step, outcome.note
                     self.stats.trained += 1
                 self._finished.append(r.id)
-            if not failed and outcome.steps == 0:
+            if not failed and outcome.steps == 0 and not all(r.stop for r in batch):
                 self.stats.learned_without_steps += len(batch)
             self._forget_finished()
+        if not failed:
+            for hook in self.on_trained:
+                hook(ids)
 
     def _forget_finished(self) -> None:
         while len(self._finished) > self.keep_finished:

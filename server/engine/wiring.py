@@ -21,7 +21,14 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from checkpoint import Checkpointer, CheckpointRefused, checkpoint_blockers, read_layout
+from checkpoint import (
+    Checkpointer,
+    CheckpointRefused,
+    Retention,
+    checkpoint_blockers,
+    read_layout,
+)
+from checkpoint.retention import parse_size
 from optimizer import ApolloMini
 from server.engine.checkpointing import CheckpointService
 from server.engine.coordination import Standalone, VllmCoordinator
@@ -35,8 +42,11 @@ from server.engine.distributed import (
 )
 from server.engine.example_log import ExampleLog
 from server.engine.exclusive import hold_exclusive
+from server.engine.files import FileStore
+from server.engine.jobs import JobRunner, fine_tuning
 from server.engine.locality import Monitor
 from server.engine.trainer import Trainer
+from server.engine.versions import VersionService
 from server.settings import Settings
 from weight_mapping import Export, attach, build_model, checkpoint_file_names, load_config
 
@@ -54,11 +64,16 @@ class Engine:
     model_path: str
     export: Export | None = None
     checkpoints: CheckpointService | None = None
+    versions: VersionService | None = None  # rollbacks; with checkpoints
     example_log: ExampleLog | None = None
     checkpointing_disabled: str | None = None  # why, when the model directory cannot take it
+    files: FileStore | None = None  # uploaded training files (rank 0)
+    jobs: JobRunner | None = None  # fine-tuning jobs (rank 0)
 
     def start(self) -> None:
         self.trainer.start()
+        if self.jobs is not None:
+            self.jobs.start()
 
     def problem(self) -> str | None:
         """Why this engine cannot take examples now (None: it can): the service is then
@@ -74,6 +89,8 @@ class Engine:
     def stop(self) -> None:
         """Finish the batch in progress; with --checkpoint-on-exit sync what vLLM learned,
         else say how many steps the model files lack."""
+        if self.jobs is not None:  # a running job stays journaled and resumes at next start
+            self.jobs.stop()
         service = self.checkpoints
         if service is not None and self.settings.checkpoint_on_exit:
             self.trainer.stop(timeout=600.0, last=service.sync_on_exit)
@@ -86,6 +103,8 @@ class Engine:
                             "--checkpoint-on-exit)", unsaved)
         if self.example_log is not None:
             self.example_log.close()
+        if self.files is not None:
+            self.files.close()
 
 
 def param_groups(model: nn.Module, lr: float, train_embeddings: bool,
@@ -127,14 +146,30 @@ def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str
                       coordinator=coordinator, group=group,
                       monitor=_monitor(settings, tokenizer, example_log, group,
                                        _shared_reference(model_path, coordinator)))
-    checkpoints = None
+    checkpoints = versions = None
     if checkpointer is not None:
         checkpoints = CheckpointService(checkpointer, trainer, settings.checkpoint_every_steps,
                                         settings.checkpoint_every_seconds)
         trainer.after_batch.append(checkpoints.maybe_sync)
+        if leader:
+            versions = VersionService(checkpoints, trainer,
+                                      export.export_dir if export is not None else None)
+    files, jobs = None, None
+    if leader:
+        files, jobs = fine_tuning(settings, trainer, tokenizer,
+                                  example_log.path if example_log else None)
     return Engine(settings=settings, model=model, tokenizer=tokenizer, trainer=trainer,
                   model_path=model_path, export=export, checkpoints=checkpoints,
-                  example_log=example_log)
+                  versions=versions, example_log=example_log, files=files, jobs=jobs)
+
+
+def retention(settings: Settings) -> Retention | None:
+    """--history-keep / --history-budget / --history-drop-original (None: keep no history)."""
+    if settings.history_keep == "off":
+        return None
+    return Retention(keep=None if settings.history_keep == "all" else int(settings.history_keep),
+                     budget=parse_size(settings.history_budget),
+                     keep_original=not settings.history_drop_original)
 
 
 def open_example_log(settings: Settings, model_path: str, export: Export | None
@@ -215,8 +250,8 @@ def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
     tokenizer = AutoTokenizer.from_pretrained(export.model_path)
     log.info("rank %d/%d attached to %s: %d parameters mapped onto vLLM's tensors", rank,
              export.world_size, export.model_path, sum(1 for _ in model.parameters()))
-    checkpointer, disabled = _checkpointer(model, export.model_path, group) if rank == 0 \
-        else (None, None)
+    checkpointer, disabled = _checkpointer(model, export.model_path, group,
+                                           retention(settings)) if rank == 0 else (None, None)
     coordinator = VllmCoordinator(export, settings.consistency, settings.prefix_cache_reset,
                                   group)
     engine = assemble(settings, model, tokenizer, model_path=export.model_path, export=export,
@@ -225,8 +260,8 @@ def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
     return engine
 
 
-def _checkpointer(model: nn.Module, model_path: str, group: Group | None
-                  ) -> tuple[Checkpointer | None, str | None]:
+def _checkpointer(model: nn.Module, model_path: str, group: Group | None,
+                  history: Retention | None = None) -> tuple[Checkpointer | None, str | None]:
     """Rank 0's checkpointer (the other ranks send it their shards), or None and the reason,
     logged, when the model directory cannot take checkpoints (read-only, symlinked weights as
     in a Hugging Face cache snapshot, ...): the server then serves and trains without them."""
@@ -237,7 +272,8 @@ def _checkpointer(model: nn.Module, model_path: str, group: Group | None
             return Checkpointer(
                 model_path, params,
                 file_names=checkpoint_file_names(list(params), set(read_layout(model_path))),
-                gather=(lambda t: gather_to_leader(t, group)) if group else None), None
+                gather=(lambda t: gather_to_leader(t, group)) if group else None,
+                history=history), None
         except CheckpointRefused as exc:
             blockers = [str(exc)]
     reason = "; ".join(blockers)

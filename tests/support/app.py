@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from checkpoint import Checkpointer
 from server.app import create_app
-from server.engine.wiring import assemble
+from server.engine.wiring import assemble, retention
 from server.settings import Settings
 from tests.support.tiny_models import CONFIGS
 
@@ -30,7 +30,8 @@ def app_client(tokenizer, model_dir=None, **settings) -> tuple[TestClient, torch
     checkpointer = None
     if model_dir is not None:
         model.save_pretrained(model_dir)
-        checkpointer = Checkpointer(model_dir, dict(model.named_parameters()))
+        checkpointer = Checkpointer(model_dir, dict(model.named_parameters()),
+                                    history=retention(s))
 
     def build(settings: Settings):
         return assemble(settings, model, tokenizer, model_path=str(model_dir),

@@ -55,7 +55,9 @@ class Stack:
             raise
 
     def tail(self) -> str:
-        return (self.run_dir / "launcher.log").read_text()[-3000:]
+        """The end of the launcher's log without the health polls' access lines."""
+        lines = (self.run_dir / "launcher.log").read_text(errors="replace").splitlines()
+        return "\n".join(x for x in lines if '"GET /health' not in x)[-6000:]
 
     def manifest(self) -> dict:
         return json.loads((self.run_dir / "export/rank0.json").read_text())
