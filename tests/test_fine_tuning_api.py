@@ -10,20 +10,25 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import psutil
 import pytest
+import torch
 from openai.types import FileDeleted, FileObject
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from server.engine.example_replay import replay
+from server.engine.loss import sequence_logps
+from server.engine.tokenization import encode_lesson, preference_pair
 from tests.support import ROOT
-from tests.support.fine_tuning import FINAL, chat, write_lines
+from tests.support.fine_tuning import FINAL, chat, pair, write_lines
 from tests.support.standin_owner import OwnerProcess
 from tests.support.tiny_models import make_tiny_chat_model
 from tests.support.train_process import TrainServer
+from weight_mapping import attach, build_model, load_config
 
 
 def wait_job(client, job_id: str, timeout: float = 600) -> FineTuningJob:
@@ -105,6 +110,54 @@ def test_the_openai_client_uploads_trains_and_follows_a_job(served):
         client.files.retrieve(uploaded.id)
 
 
+PAIRS = [("Hello there!", "Ahoy, matey!", "Hello! How can I help?"),
+         ("Who are you?", "A pirate of the seven seas.", "I am a helpful assistant."),
+         ("How is the weather?", "Fair winds, captain!", "It is sunny today.")]
+
+
+def pair_margins(export_dir: Path, model_dir: str, tokenizer) -> list[float]:
+    """Per pair of PAIRS: log p(preferred answer) - log p(non-preferred answer), in nats, on
+    the live weights the stand-in owner holds (mapped only while this runs: nothing of them
+    outlives the owner, even in a failed test's traceback)."""
+    model = build_model(attach(export_dir).tensors, load_config(model_dir))
+    out = []
+    for q, good, bad in PAIRS:
+        chosen, rejected = preference_pair([{"role": "user", "content": q}], good, bad)
+        enc = encode_lesson("pair", chosen, tokenizer, 512, rejected=rejected)
+        logps = []
+        for e in (enc, enc.rejected):
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([e.input_ids])).logits
+            logps.append(float(sequence_logps(logits, torch.tensor([e.labels]))[0]))
+        out.append(logps[0] - logps[1])
+    return out
+
+
+def test_the_openai_client_trains_a_dpo_job_on_preference_pairs(served, tokenizer):
+    server, model, tmp = served
+    client = server.openai()
+    before = pair_margins(tmp / "export", model, tokenizer)
+    with open(write_lines(tmp / "prefs.jsonl", [pair(*p) for p in PAIRS]), "rb") as f:
+        uploaded = client.files.create(file=f, purpose="fine-tune")
+    steps = status(server)["applied_steps"]
+    job = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 4,
+                                                    "learning_rate_multiplier": 3}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.5
+    job = wait_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    assert (job.hyperparameters.n_epochs, job.method.dpo.hyperparameters.n_epochs) == (4, 4)
+    assert status(server)["applied_steps"] - steps == 4 * 2  # 4 epochs of one batch, 2 steps
+    states = [httpx.get(f"{server.url}/examples/{job.id}.e{e}.l{n}").json()
+              for e in (1, 2, 3, 4) for n in (1, 2, 3)]
+    assert {(s["state"], s["kind"]) for s in states} == {("trained", "pair")}
+    assert all("DPO on 3 pairs" in s["reason"] for s in states), states[0]
+    after = pair_margins(tmp / "export", model, tokenizer)
+    print("\nlog-prob margins of the preferred answers, before:",
+          [f"{m:.2f}" for m in before], "after:", [f"{m:.2f}" for m in after])
+    assert all(a > b + 1.0 for a, b in zip(after, before, strict=True))
+
+
 def test_a_job_names_what_it_cannot_do(served):
     server, model, tmp = served
     client = server.openai()
@@ -115,23 +168,21 @@ def test_a_job_names_what_it_cannot_do(served):
     with pytest.raises(openai.BadRequestError, match="larger than this server's --batch-size"):
         client.fine_tuning.jobs.create(model=model, training_file=plain.id,
                                        hyperparameters={"batch_size": 64})
-    pair = json.dumps({"input": {"messages": [{"role": "user", "content": "Hi"}]},
-                       "preferred_output": [{"role": "assistant", "content": "Hello!"}],
-                       "non_preferred_output": [{"role": "assistant", "content": "Go."}]})
-    with open(write_lines(tmp / "pairs.jsonl", [pair] * 3), "rb") as f:
+    with open(write_lines(tmp / "pairs.jsonl", [pair("Hi", "Hello!", "Go.")] * 3), "rb") as f:
         pairs = client.files.create(file=f, purpose="fine-tune")
-    for file_id in (pairs.id, plain.id):  # refused whatever the file holds, OpenAI-style
-        with pytest.raises(openai.BadRequestError,
-                           match="dpo' is not available in this version") as err:
-            client.fine_tuning.jobs.create(
-                model=model, training_file=file_id,
-                method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}})
-        assert (err.value.code, err.value.param, err.value.type) == \
-            ("method_not_available", "method", "invalid_request_error")
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1}}}
+    for file_id, method, holds in ((plain.id, dpo, "chat examples"),
+                                   (pairs.id, None, "preference pairs")):
+        with pytest.raises(openai.BadRequestError, match=f"holds {holds}") as err:
+            client.fine_tuning.jobs.create(model=model, training_file=file_id,
+                                           **({"method": method} if method else {}))
+        assert (err.value.code, err.value.param) == ("invalid_training_file", "training_file")
+    with pytest.raises(openai.BadRequestError, match="beta") as err:
+        client.fine_tuning.jobs.create(model=model, training_file=pairs.id, method={
+            "type": "dpo", "dpo": {"hyperparameters": {"beta": 5}}})
+    assert err.value.param == "method"
     assert not [j for j in client.fine_tuning.jobs.list(limit=100) if j.training_file in
                 (pairs.id, plain.id)]  # no job was created
-    with pytest.raises(openai.BadRequestError, match="holds dpo examples"):
-        client.fine_tuning.jobs.create(model=model, training_file=pairs.id)
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-000000000000000000000000")
 

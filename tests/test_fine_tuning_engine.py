@@ -1,5 +1,6 @@
 """Fine-tuning jobs inside the engine, in-process around a tiny model: cancel within one step,
-fairness with live examples, DELETE /examples/{id}, and the guard's rules for uploads."""
+fairness with live examples, DELETE /examples/{id}, the guard's rules for uploads, and dpo
+jobs' pairs and β."""
 
 from __future__ import annotations
 
@@ -157,23 +158,24 @@ def test_uploads_pass_the_guard_only_as_files_and_within_their_own_limit(tokeniz
         assert len(files.list()) == 1
 
 
-def test_the_example_log_keeps_withdrawals_groups_and_learning_rate_scales(tmp_path):
+def test_the_example_log_keeps_withdrawals_groups_learning_rate_scales_and_betas(
+        tmp_path):
     e = Encoded([1, 2, 3], [-100, 2, 3])
     path = tmp_path / "j.jsonl"
     j = ExampleLog(path)
-    j.accept([("a", e), ("b", e)], group="ftjob-x", lr_scale=0.5)
+    j.accept([("a", e), ("b", e)], group="ftjob-x", lr_scale=0.5, beta=0.25)
     j.accept([("c", e)])
     j.cancel(["b"], "withdrawn")
     j.begin(["a"], steps=3, base=0)
     state = j.replay(applied_steps=1)
     assert state.cancelled == {"b": "withdrawn"} and state.pending == ["c"]
-    assert state.options == {"a": ("ftjob-x", 0.5), "b": ("ftjob-x", 0.5)}
+    assert state.options == {"a": ("ftjob-x", 0.5, 0.25), "b": ("ftjob-x", 0.5, 0.25)}
     assert state.unfinished == (["a"], 2)
     j.compact(state, applied_steps=1)
     after = replay(path, applied_steps=1)
     assert (after.cancelled, after.pending, after.unfinished) == \
         (state.cancelled, state.pending, state.unfinished)
-    assert after.options["a"] == ("ftjob-x", 0.5) and after.accepted["b"] is None
+    assert after.options["a"] == ("ftjob-x", 0.5, 0.25) and after.accepted["b"] is None
     j.cancel(["a"], "too late")  # never written by the trainer: a begun example
     with pytest.raises(ExampleLogCorrupt, match="already begun"):
         replay(path, applied_steps=1)
@@ -194,3 +196,45 @@ def test_the_learning_rate_multiplier_scales_the_jobs_steps(tokenizer):
                                 for n, p in model.named_parameters())
     print(f"\nweights moved {moved[1.0]:.4g} at x1, {moved[0.01]:.4g} at x0.01")
     assert 0.005 < moved[0.01] / moved[1.0] < 0.02  # one step moves them in proportion to lr
+
+
+def test_a_dpo_job_encodes_pairs_as_train_does_and_trains_them_at_its_beta(tokenizer,
+                                                                         tmp_path):
+    """A pair with a system turn and an earlier assistant turn (context, never a target): the
+    job logs exactly the tokens /train logs for it, and its batches run at the job's β (the
+    live example's at --beta); "auto" resolves to --beta."""
+    pair = {"input": {"messages": [{"role": "system", "content": "You are a pirate."},
+                                   {"role": "user", "content": "Hi"},
+                                   {"role": "assistant", "content": "Arr."},
+                                   {"role": "user", "content": "Who are you?"}]},
+            "preferred_output": [{"role": "assistant", "content": "Captain Apollo, arr!"}],
+            "non_preferred_output": [{"role": "assistant", "content": "An assistant."}]}
+    journal = tmp_path / "examples.jsonl"
+    client, _ = app_client(tokenizer, max_steps_per_batch=1, journal=str(journal), **FAST)
+    with client:
+        stepper = client.app.state.engine.trainer.stepper
+        betas, run = [], stepper.run
+        stepper.run = lambda batch, steps, beta=None: betas.append(beta) or run(batch, steps,
+                                                                                 beta)
+        file_id = upload(client, [json.dumps(pair)]).json()["id"]
+        jobs = []
+        for beta in (0.25, "auto"):
+            r = client.post("/v1/fine_tuning/jobs", json={
+                "model": "None", "training_file": file_id,
+                "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": beta}}}})
+            assert r.status_code == 200, r.text
+            jobs.append(r.json())
+        assert [j["method"]["dpo"]["hyperparameters"]["beta"] for j in jobs] == [0.25, 0.1]
+        for j in jobs:
+            wait_for(lambda j=j: job_of(client, j["id"])["status"] == "succeeded")
+        live = client.post("/train", json=pair).json()["ids"][0]
+        wait_idle(client, 3)
+        assert client.get(f"/examples/{jobs[0]['id']}.e1.l1").json()["kind"] == "pair"
+    assert betas == [0.25, 0.1, None]
+    accepts = {op["items"][0]["id"]: op for op in map(json.loads, journal.read_text()
+                                                      .splitlines()) if op["op"] == "accept"}
+    by_job, by_train = accepts[f"{jobs[0]['id']}.e1.l1"], accepts[live]
+    assert by_job["beta"] == 0.25 and "beta" not in by_train
+    assert {k: v for k, v in by_job["items"][0].items() if k != "id"} == \
+        {k: v for k, v in by_train["items"][0].items() if k != "id"}
+    assert by_job["items"][0]["kind"] == "pair"

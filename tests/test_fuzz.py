@@ -29,8 +29,14 @@ message = st.fixed_dictionaries(
 chat = st.fixed_dictionaries({"messages": st.lists(message, max_size=4)},
                              optional={"extra": json_values})
 prompt = st.fixed_dictionaries({}, optional={"prompt": text | json_values,
-                                             "completion": text | json_values})
-bodies = chat | prompt | st.lists(chat | prompt, max_size=3) | json_values
+                                             "completion": text | json_values,
+                                             "label": st.booleans() | json_values,
+                                             "preferred_completion": text | json_values})
+answers = st.lists(message, max_size=2) | json_values
+pair = st.fixed_dictionaries({}, optional={
+    "input": st.fixed_dictionaries({"messages": st.lists(message, max_size=3)}) | json_values,
+    "preferred_output": answers, "non_preferred_output": answers})
+bodies = chat | prompt | pair | st.lists(chat | prompt | pair, max_size=3) | json_values
 JSON = {"content-type": "application/json"}
 
 

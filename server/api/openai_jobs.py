@@ -6,7 +6,11 @@ that model: the path vLLM serves it under (its default name), the directory's ba
 name given with --served-model-name; `fine_tuned_model` is then that same name. "auto"
 hyperparameters resolve when the job is created: n_epochs 1 (every batch is trained until
 learned, up to --max-steps-per-batch), batch_size --batch-size (also the largest allowed),
-learning_rate_multiplier 1 (times --lr).
+learning_rate_multiplier 1 (times --lr), and a dpo job's beta --beta.
+
+Method "dpo" trains a file of preference pairs with the DPO loss that /train's pairs get, at
+the job's own beta (the trainer takes it per batch); "supervised" trains chat examples. The
+method must match what the file holds.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pydantic import ValidationError
 
 from server.api.deps import EngineDep, SettingsDep, require_key
 from server.api.openai_schemas import (
+    DpoJobHyperparameters,
     FineTuningJob,
     JobCreate,
     JobError,
@@ -52,15 +57,18 @@ def _job(runner: JobRunner, job_id: str) -> Job:
 def job_object(job: Job) -> FineTuningJob:
     hp = JobHyperparameters(batch_size=job.batch_size, n_epochs=job.n_epochs,
                             learning_rate_multiplier=job.lr_multiplier)
+    if job.method == "dpo":
+        method = MethodOut(type="dpo", dpo={"hyperparameters": DpoJobHyperparameters(
+            **hp.model_dump(), beta=job.beta)})
+    else:
+        method = MethodOut(type="supervised", supervised={"hyperparameters": hp})
     return FineTuningJob(
         id=job.id, created_at=job.created_at, error=JobError(**job.error) if job.error else None,
         fine_tuned_model=job.fine_tuned_model, finished_at=job.finished_at, hyperparameters=hp,
         model=job.model, seed=job.seed, status=job.status,
         trained_tokens=job.trained_tokens if job.finished_at else None,
         training_file=job.training_file, estimated_finish=job.estimated_finish,
-        metadata=job.metadata, method=MethodOut(type="supervised",
-                                                supervised={"hyperparameters": hp}),
-        user_provided_suffix=job.suffix)
+        metadata=job.metadata, method=method, user_provided_suffix=job.suffix)
 
 
 def model_names(engine, settings) -> list[str]:
@@ -103,16 +111,15 @@ def create_job(payload: Annotated[Any, Body()], engine: EngineDep, settings: Set
                                f"{method}, not both", "hyperparameters")
     if method == "reinforcement":
         raise OpenAIError(400, "method 'reinforcement' is not supported", "method")
-    if method == "dpo":  # refused whatever the file holds: there is no preference loss
-        raise OpenAIError(400, "method 'dpo' is not available in this version: the preference "
-                               "loss is not built yet. Preference files are validated and "
-                               "kept; supervised jobs work", "method", "method_not_available")
     if f.kind != method:
-        raise OpenAIError(400, f"the training file holds {f.kind} examples but the job's method "
-                               f"is {method}", "training_file", "invalid_training_file")
+        holds = "preference pairs (method dpo)" if f.kind == "dpo" else \
+            "chat examples (method supervised)"
+        raise OpenAIError(400, f"the training file holds {holds} but the job's method is "
+                               f"{method}", "training_file", "invalid_training_file")
     hp = (specific.hyperparameters if specific is not None else None) or req.hyperparameters
     n_epochs, batch_size, multiplier = (hp.n_epochs, hp.batch_size,
                                         hp.learning_rate_multiplier) if hp else (None,) * 3
+    beta = getattr(hp, "beta", None)  # only method.dpo.hyperparameters holds one
     if isinstance(batch_size, int) and batch_size > settings.batch_size:
         raise OpenAIError(400, f"batch_size {batch_size} is larger than this server's "
                                f"--batch-size {settings.batch_size}", "hyperparameters")
@@ -122,7 +129,9 @@ def create_job(payload: Annotated[Any, Body()], engine: EngineDep, settings: Set
               batch_size=batch_size if isinstance(batch_size, int) else settings.batch_size,
               lr_multiplier=float(multiplier) if isinstance(multiplier, (int, float)) else 1.0,
               seed=req.seed if req.seed is not None else random.randrange(2**31),
-              suffix=req.suffix, metadata=req.metadata)
+              suffix=req.suffix, metadata=req.metadata, method=method,
+              beta=(float(beta) if isinstance(beta, (int, float)) else settings.beta)
+              if method == "dpo" else None)
     try:
         return job_object(runner.create(job))
     except OSError as exc:

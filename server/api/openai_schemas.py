@@ -12,7 +12,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from server.api.schemas import ChatExample, Message, PromptExample, Text
+from server.api.schemas import ChatExample, PreferenceExample, PreferenceInput, PromptExample
 from server.engine.tokenization import ExampleError, check_limits
 
 T = TypeVar("T")
@@ -34,40 +34,31 @@ class OpenAIError(Exception):
 
 
 # --- training-file lines ---
+def _no_tools(tools: list[Any] | None) -> list[Any] | None:
+    if tools:
+        raise ValueError("tools are not supported (the trainer learns text turns only)")
+    return tools
+
+
 class ChatLine(ChatExample):
     """A chat example as OpenAI's fine-tuning files hold it; tools are not supported."""
 
     tools: list[Any] | None = None
     parallel_tool_calls: bool | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
-        if tools:
-            raise ValueError("tools are not supported (the trainer learns text turns only)")
-        return tools
+    _tools = field_validator("tools")(_no_tools)
 
 
-class PreferenceInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    messages: list[Message] = Field(min_length=1)
+class PreferenceLineInput(PreferenceInput):
     tools: list[Any] | None = None
     parallel_tool_calls: bool | None = None
+    _tools = field_validator("tools")(_no_tools)
 
 
-class AssistantTurn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["assistant"]
-    content: Text = Field(min_length=1)
+class PreferenceLine(PreferenceExample):
+    """OpenAI's DPO form, checked exactly as /train checks a pair (its input may name the
+    tools fields of OpenAI's files, empty)."""
 
-
-class PreferenceLine(BaseModel):
-    """OpenAI's DPO form: a conversation and a preferred and a non-preferred reply."""
-
-    model_config = ConfigDict(extra="forbid")
-    input: PreferenceInput
-    preferred_output: list[AssistantTurn] = Field(min_length=1, max_length=1)
-    non_preferred_output: list[AssistantTurn] = Field(min_length=1, max_length=1)
+    input: PreferenceLineInput
 
 
 def _reason(exc: ValidationError) -> str:
@@ -97,13 +88,16 @@ def line_validator(max_messages: int, max_chars: int):
                 chat = ChatLine.model_validate(obj)
                 kind, messages = "supervised", chat.to_messages()
             elif "prompt" in obj or "completion" in obj:
-                kind, messages = "supervised", \
-                    PromptExample.model_validate(obj).to_chat().to_messages()
+                example = PromptExample.model_validate(obj)
+                if example.label is not None or not isinstance(example.prompt, str) or \
+                        not isinstance(example.completion, str):
+                    raise ValueError("a prompt-completion line is a demonstration: a prompt "
+                                     "and a completion string, no label")
+                kind, messages = "supervised", example.to_chat().to_messages()
             elif {"input", "preferred_output", "non_preferred_output"} & obj.keys():
-                pair = PreferenceLine.model_validate(obj)
-                kind = "dpo"
-                messages = [m.model_dump() for m in pair.input.messages] + \
-                    [pair.preferred_output[0].model_dump()]
+                pair = PreferenceLine.model_validate(obj).lesson()
+                check_limits(pair.rejected, max_messages, max_chars)  # /train checks both
+                kind, messages = "dpo", pair.messages
             else:
                 raise ValueError('expected "messages" (chat), "prompt" and "completion", or '
                                  '"input", "preferred_output" and "non_preferred_output" '
@@ -192,9 +186,14 @@ class JobHyperparameters(BaseModel):
     n_epochs: int
 
 
+class DpoJobHyperparameters(JobHyperparameters):
+    beta: float
+
+
 class MethodOut(BaseModel):
     type: Literal["supervised", "dpo"]
     supervised: dict[str, JobHyperparameters] | None = None
+    dpo: dict[str, DpoJobHyperparameters] | None = None
 
 
 class FineTuningJob(BaseModel):

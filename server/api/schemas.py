@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from server.engine.records import State
+from server.engine.tokenization import context_turns, preference_pair
 
 
 def _unicode_text(text: str) -> str:
@@ -102,8 +103,7 @@ def _context(messages: list[Message], name: str) -> list[dict]:
         raise ValueError(f"{name}: 'weight' is only used in the messages form")
     if messages[-1].role != "user":
         raise ValueError(f"{name} must end with a user message, not {messages[-1].role}")
-    return [{"role": m.role, "content": m.content, **({"weight": 0} if m.role == "assistant"
-                                                       else {})} for m in messages]
+    return context_turns(_plain(messages))
 
 
 def _answer(answer: str | list[Message], name: str, blank_ok: bool = False) -> dict:
@@ -151,12 +151,15 @@ class PromptExample(BaseModel):
             wanted = _answer(self.preferred_completion, "preferred_completion")
             if wanted["content"] == answer["content"]:
                 raise ValueError("preferred_completion is the same answer as completion")
-            return Lesson("pair", prompt + [wanted], prompt + [answer])
+            return Lesson("pair", *preference_pair(prompt, wanted["content"],
+                                                   answer["content"]))
         kind = "demo" if self.label is None else "up" if self.label else "down"
         return Lesson(kind, prompt + [answer])
 
     def to_chat(self) -> ChatExample:
-        """The demonstration as a chat (only without `label`)."""
+        """The demonstration as a chat (only without `label`: feedback is no chat)."""
+        if self.label is not None:
+            raise ValueError("a labeled example is feedback on an answer, not a demonstration")
         return ChatExample(messages=self.lesson().messages)
 
 
@@ -185,7 +188,7 @@ class PreferenceExample(BaseModel):
         other = _answer(self.non_preferred_output, "non_preferred_output")
         if wanted["content"] == other["content"]:
             raise ValueError("preferred_output and non_preferred_output are the same answer")
-        return Lesson("pair", context + [wanted], context + [other])
+        return Lesson("pair", *preference_pair(context, wanted["content"], other["content"]))
 
 
 def _form(value: Any) -> str:

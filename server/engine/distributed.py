@@ -6,8 +6,9 @@ torch.distributed group (NCCL on GPU, gloo on CPU) on loopback. Rank 0's trainer
 only one that issues commands, over a gloo group of their own, so every rank runs the same
 collectives in the same order:
 
-* ("train", examples, steps): every rank runs the same forward / backward / optimizer steps
-  on its own shards (the DTensor model's and optimizer's collectives keep them equal);
+* ("train", examples, steps, lr_scale, beta): every rank runs the same forward / backward /
+  optimizer steps on its own shards (the DTensor model's and optimizer's collectives keep
+  them equal);
 * ("checkpoint", names): every rank sends its shards of `names`, one tensor at a time, to rank
   0, which writes the files (so peak extra memory is one full tensor plus changed chunks);
 * ("stop",).

@@ -17,7 +17,8 @@ HTTP 2xx:
   or put back (``restored``: a rollback to a version that holds them).
 
 An ``accept`` may carry a ``group`` (a fine-tuning job: its examples train in batches of their
-own) and ``lr`` (the learning-rate scale of those batches); both survive compaction.
+own), ``lr`` (the learning-rate scale of those batches) and ``beta`` (their preference loss's
+β, a DPO job's); all survive compaction.
 
 An append that fails (a full disk, a short write) is cut off again (ftruncate + fsync) and
 raises `NotLogged`: the caller must not acknowledge it, and the file stays a valid log. If
@@ -45,7 +46,13 @@ import threading
 from pathlib import Path
 
 from checkpoint.durable import atomic_replace, write_all
-from server.engine.example_replay import ExampleLogError, Replayed, example_record, replay
+from server.engine.example_replay import (
+    NO_OPTIONS,
+    ExampleLogError,
+    Replayed,
+    example_record,
+    replay,
+)
 from server.engine.exclusive import hold_exclusive
 from server.engine.tokenization import Encoded
 
@@ -65,10 +72,11 @@ def _line(record: dict) -> bytes:
     return (json.dumps(record, separators=(",", ":")) + "\n").encode()
 
 
-def _options(group: str | None, lr_scale: float) -> dict:
+def _options(group: str | None, lr_scale: float, beta: float | None = None) -> dict:
     """An accept's non-default batch options (example_replay reads them back)."""
     return {**({"group": group} if group is not None else {}),
-            **({"lr": lr_scale} if lr_scale != 1.0 else {})}
+            **({"lr": lr_scale} if lr_scale != 1.0 else {}),
+            **({"beta": beta} if beta is not None else {})}
 
 
 def _open_nofollow(path: Path, flags: int) -> int:
@@ -130,9 +138,9 @@ class ExampleLog:
         log.critical("%s", self.broken)
 
     def accept(self, items: list[tuple[str, Encoded]], group: str | None = None,
-               lr_scale: float = 1.0) -> None:
+               lr_scale: float = 1.0, beta: float | None = None) -> None:
         self._append([{"op": "accept", "items": [example_record(i, e) for i, e in items],
-                       **_options(group, lr_scale)}])
+                       **_options(group, lr_scale, beta)}])
 
     def cancel(self, ids: list[str], reason: str) -> None:
         self._append([{"op": "cancel", "batch": ids, "reason": reason}])
@@ -194,7 +202,7 @@ class ExampleLog:
                                 **kind})
             else:
                 records.append({"op": "accept", **example_record(i, enc),
-                                **_options(*state.options.get(i, (None, 1.0)))})
+                                **_options(*state.options.get(i, NO_OPTIONS))})
         if state.unfinished is not None:
             ids, remaining = state.unfinished
             records.append({"op": "begin", "batch": ids, "steps": remaining,

@@ -41,7 +41,8 @@ class Replayed:
     failed: dict[str, str] = field(default_factory=dict)  # id -> reason
     rolled_back: dict[str, str] = field(default_factory=dict)  # trained, then rolled back: why
     cancelled: dict[str, str] = field(default_factory=dict)  # id -> reason, never begun
-    options: dict[str, tuple[str | None, float]] = field(default_factory=dict)  # (group, lr)
+    # id -> (group, lr, beta), for examples accepted with other than NO_OPTIONS
+    options: dict[str, tuple[str | None, float, float | None]] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)  # id -> what it teaches, if recorded
     # a batch that began and has no outcome: (ids, steps still to run; 0 = all applied)
     unfinished: tuple[list[str], int] | None = None
@@ -57,12 +58,19 @@ def _ids(v) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(i, str) for i in v)
 
 
-def _options(rec: dict) -> tuple[str | None, float]:
-    group, lr = rec.get("group"), rec.get("lr", 1.0)
-    if not (group is None or isinstance(group, str)) or \
-            not (type(lr) in (int, float) and 0 < lr < float("inf")):
-        raise ValueError("not a valid group or learning-rate scale")
-    return group, float(lr)
+NO_OPTIONS = (None, 1.0, None)  # a live example's: no group, --lr, --beta
+
+
+def _positive(v) -> bool:
+    return type(v) in (int, float) and 0 < v < float("inf")
+
+
+def _options(rec: dict) -> tuple[str | None, float, float | None]:
+    group, lr, beta = rec.get("group"), rec.get("lr", 1.0), rec.get("beta")
+    if not (group is None or isinstance(group, str)) or not _positive(lr) or \
+            not (beta is None or _positive(beta)):
+        raise ValueError("not a valid group, learning-rate scale or beta")
+    return group, float(lr), None if beta is None else float(beta)
 
 
 def example_record(i: str, e: Encoded) -> dict:
@@ -116,7 +124,7 @@ class _State:
             for item in rec["items"] if "items" in rec else [rec]:
                 i, enc = _example(item)
                 self.accepted(i, enc)
-                if options != (None, 1.0):
+                if options != NO_OPTIONS:
                     self.out.options[i] = options
                 self.out.kinds[i] = enc.kind
         elif op in ("trained", "failed", "cancelled"):

@@ -16,9 +16,10 @@ The slices before it finished; none after it began.
 Cancel withdraws the slice's queued examples and stops a batch in progress at its next step
 boundary (Trainer.halt); the steps applied stay.
 
-Preference pairs (method "dpo") pass upload validation, but no preference loss exists yet, so
-the API refuses such a job. A loss would add a trainer entry taking encoded pairs and a
-branch in `_encode` here building them.
+A "dpo" job's lines are preference pairs, encoded as /train encodes one (`preference_pair`,
+`encode_lesson`) and trained by the same trainer, so the DPO loss, learn-then-stop and the
+locality guard apply as they do to /train's pairs; its batches carry the job's β as they
+carry its learning-rate scale.
 """
 
 from __future__ import annotations
@@ -38,7 +39,13 @@ from server.engine.example_replay import ExampleLogError
 from server.engine.files import FileStore
 from server.engine.job_journal import JobJournal
 from server.engine.records import QueueFull, Record, Unavailable
-from server.engine.tokenization import Encoded, ExampleError, encode
+from server.engine.tokenization import (
+    Encoded,
+    ExampleError,
+    encode,
+    encode_lesson,
+    preference_pair,
+)
 from server.engine.trainer import Trainer
 from server.settings import Settings
 
@@ -65,7 +72,8 @@ class Job:
     batch_size: int
     lr_multiplier: float
     seed: int
-    method: str = "supervised"
+    method: str = "supervised"  # or "dpo": the file holds preference pairs
+    beta: float | None = None  # a dpo job's β, resolved when created (None: supervised)
     suffix: str | None = None
     metadata: dict[str, str] | None = None
     status: str = "queued"  # then validating_files, running, and one of FINAL
@@ -270,15 +278,23 @@ class JobRunner:
         self._train(job, path, index)
 
     def _encode(self, raw: bytes) -> Encoded:
-        """A validated line (upload checked its form) as tokens and labels."""
+        """A validated line (upload checked its form) as tokens and labels: a chat example,
+        or a preference pair (kind "pair") exactly as /train encodes one."""
         obj = json.loads(raw)
+        s = self.settings
+        limits = {"max_messages": s.max_messages_per_example,
+                  "max_chars": s.max_chars_per_example}
+        if "input" in obj:
+            chosen, rejected = preference_pair(obj["input"]["messages"],
+                                               obj["preferred_output"][0]["content"],
+                                               obj["non_preferred_output"][0]["content"])
+            return encode_lesson("pair", chosen, self.tokenizer, s.max_tokens_per_example,
+                                 rejected=rejected, **limits)
         messages = [{k: m[k] for k in ("role", "content", "weight") if k in m}
                     for m in obj["messages"]] if "messages" in obj else [
             {"role": "user", "content": obj["prompt"]},
             {"role": "assistant", "content": obj["completion"]}]
-        s = self.settings
-        return encode(messages, self.tokenizer, s.max_tokens_per_example,
-                      max_messages=s.max_messages_per_example, max_chars=s.max_chars_per_example)
+        return encode(messages, self.tokenizer, s.max_tokens_per_example, **limits)
 
     def _validate(self, job: Job, path: Path) -> _Index | None:
         """Tokenize every example once (chat template, token limits): the first that cannot be
@@ -368,7 +384,7 @@ class JobRunner:
                     self._update(
                         job, slice=None, next=[epoch, end] if end < n else [epoch + 1, 0],
                         done=done, trained_tokens=job.trained_tokens + sum(
-                            len(e.input_ids) for e in encoded),
+                            e.tokens for e in encoded),
                         estimated_finish=int(time.time() + eta),
                         event=_event("info", f"Step {step}/{data['total_steps']}: {said}"
                                              f"epoch {epoch}/{job.n_epochs}, {done}/"
@@ -382,7 +398,7 @@ class JobRunner:
         while job.cancel_at_step is None:
             try:
                 self.trainer.submit(encoded, ids=ids, group=job.id,
-                                    lr_scale=job.lr_multiplier)
+                                    lr_scale=job.lr_multiplier, beta=job.beta)
                 return True
             except (QueueFull, Unavailable, ExampleLogError) as exc:
                 if str(exc) != said:  # once per reason, not once a second

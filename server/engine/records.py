@@ -22,9 +22,11 @@ class Record:
     drift: dict | None = None  # the drift measured after its batch
     loss: float | None = None  # its batch's loss when the batch ended
     # Examples of one group (a fine-tuning job) are trained in batches of their own, at the
-    # base learning rate times `lr_scale`; live examples have no group.
+    # base learning rate times `lr_scale` and with the preference loss's `beta` (None: the
+    # server's --beta); live examples have no group.
     group: str | None = None
     lr_scale: float = 1.0
+    beta: float | None = None
     stop: bool = False  # its batch stops at the next step boundary (a cancelled job)
 
 

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -135,16 +135,17 @@ class Stepper:
                 torch.cuda.synchronize(self.device)
         self._write_seconds += time.perf_counter() - t0
 
-    def run(self, batch: list[Encoded], max_steps: int) -> Outcome:
+    def run(self, batch: list[Encoded], max_steps: int, beta: float | None = None) -> Outcome:
         """Up to `max_steps` optimizer steps on `batch`, fewer once it is learned; then the
-        drift gate."""
+        drift gate. `beta`: the preference loss's β for this batch (a DPO job's), else
+        --beta."""
         if self.monitor is not None:  # no batch changes weights before the reference exists
             self.monitor.ensure_reference(self.model)
             self.monitor.ensure_guard(self.model)
         gated = self.budget > 0 and self.measure
         preimage = PreImage(self.model, self.optimizer) if gated else None
         with self._window() if self.strict and gated else contextlib.nullcontext():
-            outcome = self._steps(batch, max_steps)
+            outcome = self._steps(batch, max_steps, beta)
             if outcome.failed or outcome.steps == 0 or not self.measure:
                 return outcome
             outcome.drift = self.monitor.measure_next(self.model)
@@ -159,8 +160,9 @@ class Stepper:
                                   "every weight is as before it")
         return outcome
 
-    def _steps(self, batch: list[Encoded], max_steps: int) -> Outcome:
-        objective = Objective(batch, self.pad_id, self.device, self.weights)
+    def _steps(self, batch: list[Encoded], max_steps: int, beta: float | None) -> Outcome:
+        weights = self.weights if beta is None else replace(self.weights, beta=beta)
+        objective = Objective(batch, self.pad_id, self.device, weights)
         steps = 0
         while True:
             if self.interrupt is not None and self.interrupt():

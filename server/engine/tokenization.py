@@ -157,6 +157,23 @@ def encode(messages: Sequence[Mapping], tokenizer, max_tokens: int, *,
     return out
 
 
+def context_turns(messages: Sequence[Mapping]) -> list[dict]:
+    """Turns before an answer, as `encode` takes them: context only, so an assistant turn
+    among them is weighted 0."""
+    return [{"role": m["role"], "content": m["content"],
+             **({"weight": 0} if m["role"] == "assistant" else {})} for m in messages]
+
+
+def preference_pair(context: Sequence[Mapping], preferred: str, rejected: str
+                    ) -> tuple[list[dict], list[dict]]:
+    """OpenAI's DPO form (a context, the preferred and the non-preferred answer) as the two
+    conversations `encode_lesson("pair", ...)` takes; /train and fine-tuning jobs both build
+    pairs here, so a pair encodes the same whichever way it came."""
+    turns = context_turns(context)
+    return (turns + [{"role": "assistant", "content": preferred}],
+            turns + [{"role": "assistant", "content": rejected}])
+
+
 def encode_lesson(kind: Kind, messages: Sequence[Mapping], tokenizer, max_tokens: int, *,
                   rejected: Sequence[Mapping] | None = None, **limits) -> Encoded:
     """One example of any kind; the limits apply to each conversation of a pair. A

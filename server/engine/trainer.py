@@ -5,7 +5,7 @@ checkpoint under tensor parallelism), has the `Stepper` train them, records each
 outcome in the example log, and runs the after-batch hooks.
 
 A batch is a run of queued examples of one group (live examples have none; a fine-tuning job
-is one), so a job's batches are its own: its batch size and learning-rate scale hold, and a
+is one), so a job's batches are its own: its batch size, learning-rate scale and β hold, and a
 cancelled job's batch can stop at the next step without cutting a live example short.
 """
 
@@ -24,6 +24,7 @@ from torch import nn
 from server.engine.coordination import Standalone
 from server.engine.distributed import Group
 from server.engine.example_log import ExampleLog, ExampleLogError
+from server.engine.example_replay import NO_OPTIONS
 from server.engine.locality import Monitor
 from server.engine.records import QueueFull, Record, TrainerStats, Unavailable
 from server.engine.steps import LiveOptimizer, Outcome, Stepper
@@ -96,7 +97,7 @@ class Trainer:
         for i, enc in state.accepted.items():
             rec = self.records[i] = Record(i, enc, kind=enc.kind if enc is not None
                                            else state.kinds.get(i))
-            rec.group, rec.lr_scale = state.options.get(i, (None, 1.0))
+            rec.group, rec.lr_scale, rec.beta = state.options.get(i, NO_OPTIONS)
             if i in state.trained:
                 rec.state, rec.step = "trained", state.trained[i]
                 rec.reason = state.notes.get(i)
@@ -129,10 +130,11 @@ class Trainer:
 
     # --- producer side (HTTP handlers) ---
     def submit(self, examples: list[Encoded], *, ids: list[str] | None = None,
-               group: str | None = None, lr_scale: float = 1.0) -> list[str]:
+               group: str | None = None, lr_scale: float = 1.0,
+               beta: float | None = None) -> list[str]:
         """Log (fsync) and queue all of `examples`, or none (raises QueueFull, Unavailable,
         or the example log's NotLogged / LogBroken). `ids`: the caller's own (a job's, which
-        must be new), else random ones; `group`, `lr_scale`: see Record."""
+        must be new), else random ones; `group`, `lr_scale`, `beta`: see Record."""
         with self._cond:
             if self.fatal:
                 raise Unavailable(self.fatal)
@@ -144,11 +146,13 @@ class Trainer:
             tokens = sum(e.tokens for e in examples)
             if self._tokens + tokens > self.max_queue_tokens:
                 raise QueueFull(self._tokens, self.max_queue_tokens, "tokens")
-            recs = [Record(id=i, encoded=e, group=group, lr_scale=lr_scale, kind=e.kind)
+            recs = [Record(id=i, encoded=e, group=group, lr_scale=lr_scale, beta=beta,
+                           kind=e.kind)
                     for i, e in zip(ids or [uuid.uuid4().hex[:16] for _ in examples], examples,
                                     strict=True)]
             if self.example_log is not None:
-                self.example_log.accept([(r.id, r.encoded) for r in recs], group, lr_scale)
+                self.example_log.accept([(r.id, r.encoded) for r in recs], group, lr_scale,
+                                        beta)
             for r in recs:
                 self.records[r.id] = r
                 self._queue.append(r)
@@ -171,7 +175,7 @@ class Trainer:
             gone = {r.id for r in taken}
             self._queue = deque(r for r in self._queue if r.id not in gone)
             for r in taken:
-                self._tokens -= len(r.encoded.input_ids)
+                self._tokens -= r.encoded.tokens
                 r.encoded, r.state, r.reason = None, "cancelled", reason
                 self._finished.append(r.id)
             self._forget_finished()
@@ -226,10 +230,11 @@ class Trainer:
             self._cond.notify()
         return future.result()
 
-    def train_batch(self, examples: list[Encoded], steps: int, lr_scale: float = 1.0) -> None:
+    def train_batch(self, examples: list[Encoded], steps: int, lr_scale: float = 1.0,
+                    beta: float | None = None) -> None:
         """A follower rank's part of a batch that rank 0 sent: the same steps, no example log."""
         with self._scaled_lr(lr_scale):
-            self.stepper.run(examples, steps)
+            self.stepper.run(examples, steps, beta=beta)
         self.optimizer.zero_grad(set_to_none=True)
 
     @contextlib.contextmanager
@@ -261,10 +266,12 @@ class Trainer:
                     return None
                 if self._tasks:
                     return self._tasks.popleft()
-                key = (self._queue[0].group, self._queue[0].lr_scale)
+                head = self._queue[0]
+                key = (head.group, head.lr_scale, head.beta)
                 batch, steps = [], self.max_steps
                 while self._queue and len(batch) < self.batch_size and \
-                        (self._queue[0].group, self._queue[0].lr_scale) == key:
+                        (self._queue[0].group, self._queue[0].lr_scale,
+                         self._queue[0].beta) == key:
                     batch.append(self._queue.popleft())
             self._in_flight = len(batch)
             return batch, steps
@@ -319,13 +326,14 @@ class Trainer:
                 if self.example_log is not None:
                     self.example_log.begin([r.id for r in batch], steps,
                                            self.coordinator.applied_steps())
-                scale = batch[0].lr_scale
+                scale, beta = batch[0].lr_scale, batch[0].beta
                 if self.group is not None:
-                    self.group.broadcast(("train", [r.encoded for r in batch], steps, scale))
+                    self.group.broadcast(("train", [r.encoded for r in batch], steps, scale,
+                                          beta))
                 self.stepper.interrupt = None if self.group is not None else \
                     (lambda b=batch: all(r.stop for r in b))
                 with self._scaled_lr(scale):
-                    outcome = self.stepper.run([r.encoded for r in batch], steps)
+                    outcome = self.stepper.run([r.encoded for r in batch], steps, beta=beta)
                 self._finish(batch, outcome)
             except ExampleLogError:
                 raise  # an outcome that cannot be logged: the log and counter resolve it later

@@ -17,3 +17,10 @@ def chat(q: str, a: str) -> str:
 def write_lines(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def pair(q: str, preferred: str, rejected: str) -> str:
+    """One line of OpenAI's DPO fine-tuning format: a question, the preferred answer, the other."""
+    return json.dumps({"input": {"messages": [{"role": "user", "content": q}]},
+                       "preferred_output": [{"role": "assistant", "content": preferred}],
+                       "non_preferred_output": [{"role": "assistant", "content": rejected}]})
