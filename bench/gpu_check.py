@@ -163,6 +163,28 @@ def tune_projection(device: str, logdir: Path, rows: list) -> list[str]:
     return best[0] if ok else []
 
 
+def cotrain(device: str, logdir: Path) -> tuple[str, str, str]:
+    """Co-training side by side (bench/cotrain.py): a separate trainer copy with AdamW and a
+    weight sync vs APOLLO-Mini in place, on Llama-3-8B shapes (the dry run: tiny ones). Its
+    progress streams into this log, so a run cut short shows how far it got."""
+    gpu = device.startswith("cuda")
+    if gpu:
+        torch.cuda.empty_cache()  # this process's cached blocks are the bench's to use
+    limit = 420 if gpu else 300
+    t0 = time.perf_counter()
+    try:
+        code = subprocess.run([sys.executable, "-m", "bench.cotrain", "--device", device,
+                               "--logdir", str(logdir)], cwd=ROOT, timeout=limit).returncode
+    except subprocess.TimeoutExpired:
+        return ("co-training bench", "FAIL", f"stopped after {limit} s; the rows it finished "
+                "are in cotrain.md")
+    table = logdir / "cotrain.md"
+    head = ", ".join(table.read_text().split(", ")[:2]) if table.exists() else "no table"
+    return ("co-training bench", "ok" if code == 0 else "FAIL",
+            f"{head.removeprefix('Co-training: ')}, {time.perf_counter() - t0:.0f} s; "
+            "tables in cotrain.md")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -248,8 +270,12 @@ def main() -> None:
     rows.append(("optimizer bench", "ok" if out.returncode == 0 else "FAIL",
                  f"{layers} layer(s); table in {bench_log.name}"))
 
+    rows.append(cotrain(a.device, logdir))
+
     print((logdir / "tune_projection.md").read_text())
     print(out.stdout)
+    if (logdir / "cotrain.md").exists():
+        print((logdir / "cotrain.md").read_text())
     print(f"GPU check on {card}; logs in {logdir}")
     print("| check | result | detail |\n|---|---|---|")
     for row in rows:

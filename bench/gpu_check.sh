@@ -5,6 +5,13 @@
 # with the project's optimizer and trainer; the owner checks it sees every update; then a
 # checkpoint sync from GPU memory and the optimizer benchmark. Prints a table last.
 #
+# Its last step, bench/cotrain.py, measures co-training side by side on Llama-3-8B shapes
+# (as many of its 32 layers as the AdamW baseline fits in): torch AdamW on a separate trainer
+# copy plus the weight sync into the served tensors, against APOLLO-Mini in place (standard
+# and layer-wise); peak memory above the served weights and time per step, then the cost of
+# the learn-then-stop check, the server's own step and the null-space guard. Its owner builds
+# the served weights on the GPU (nothing saved); its tables go to LOGDIR/cotrain.md.
+#
 #   bench/gpu_check.sh LOGDIR            # on the GPU
 #   bench/gpu_check.sh LOGDIR --dry-run  # the same path on the CPU, small (CI runs this);
 #                                        # checks it cannot perform there say "n/a"
