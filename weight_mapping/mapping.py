@@ -75,7 +75,14 @@ def locate(hf_name: str, shape: torch.Size, config: PretrainedConfig, family: Fa
 
 
 def _view(tensor: torch.Tensor, src: Source) -> torch.Tensor:
-    return tensor if src.start is None else tensor[src.start:src.stop]
+    """The rows of `src` in `tensor`, on its memory but with their own autograd version
+    counter: a slice would share the fused tensor's, and layer-wise mode's in-place write of
+    `up` during backward would then fail the backward still pending for `gate`."""
+    if src.start is None:
+        return tensor
+    rows = tensor[src.start:src.stop]
+    return torch.empty(0, dtype=rows.dtype, device=rows.device).set_(
+        rows.untyped_storage(), rows.storage_offset(), rows.shape, rows.stride())
 
 
 def build_model(tensors: dict[str, torch.Tensor], config: PretrainedConfig, *,
