@@ -350,37 +350,43 @@ def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor, *,
 
 def _project_rank1_triton(grads: list[Tensor], projs: list[Tensor], low: Tensor,
                           tiles: ProjectionTiles) -> list[Tensor]:
-    """Partial sums of the chunks land in zero-initialised rows and are reduced in a fixed
-    order for the whole group (deterministic); a chunk no program covers stays zero, so the
-    grid holds only programs with work."""
-    sizes = [max(g.shape) for g in grads]
-    splits = max(tiles.rows.splits, tiles.cols.splits)
-    dot_parts = torch.zeros(splits, low.numel(), dtype=torch.float32, device=low.device)
-    sq_parts = torch.zeros_like(dot_parts)
-    offset = 0
-    streamed: dict[bool, list] = {True: [], False: []}
-    for g, p, size in zip(grads, projs, sizes, strict=True):
-        m, n = g.shape
-        along_rows = m >= n
-        t = tiles.rows if along_rows else tiles.cols
-        if t.stages:
-            streamed[along_rows].append((g, p, offset))
-            offset += size
+    """Each orientation's partial sums (R's and the squares', one row per chunk of the
+    reduced dimension) land in a buffer of its own, zero-initialised when cut in chunks (a
+    chunk no program covers stays zero, so the grid holds only programs with work), and are
+    reduced in a fixed order (deterministic); R is then gathered into `low` in the
+    matrices' order. One orientation's chunks never widen the other's buffer."""
+    work: dict[bool, list[tuple[Tensor, Tensor, int]]] = {True: [], False: []}
+    widths = {True: 0, False: 0}
+    at = []  # (orientation, offset) of each matrix's sums
+    for g, p in zip(grads, projs, strict=True):
+        along_rows = g.shape[0] >= g.shape[1]
+        work[along_rows].append((g, p, widths[along_rows]))
+        at.append((along_rows, widths[along_rows]))
+        widths[along_rows] += max(g.shape)
+    sums = {}
+    for along_rows, items in work.items():
+        if not items:
             continue
-        step = t.bn if along_rows else t.bm
-        chunk = triton.cdiv(triton.cdiv(n if along_rows else m, t.splits), step) * step
-        programs = triton.cdiv(m, t.bm) if along_rows else triton.cdiv(n, t.bn)
-        _project_rank1_kernel[(programs, t.splits)](
-            g, p, dot_parts[:, offset:], sq_parts[:, offset:], m, n, chunk, low.numel(),
-            ALONG_ROWS=along_rows, BM=t.bm, BN=t.bn, STEP=step, num_warps=t.warps)
-        offset += size
-    for along_rows, work in streamed.items():
-        if work:
-            _stream(work, tiles.rows if along_rows else tiles.cols, along_rows, dot_parts,
-                    sq_parts)
-    torch.sum(dot_parts, 0, out=low)
-    squares = list(sq_parts.sum(0).split(sizes))
-    return list(torch._foreach_sqrt(torch._foreach_norm(squares, 1)))
+        t = tiles.rows if along_rows else tiles.cols
+        width = widths[along_rows]
+        fill = torch.zeros if t.splits > 1 else torch.empty  # one chunk: every sum written
+        parts = fill(2, t.splits, width, dtype=torch.float32, device=low.device)
+        if t.stages:
+            _stream(items, t, along_rows, parts[0], parts[1])
+        else:
+            for g, p, offset in items:
+                m, n = g.shape
+                step = t.bn if along_rows else t.bm
+                chunk = triton.cdiv(triton.cdiv(n if along_rows else m, t.splits), step) * step
+                programs = triton.cdiv(m, t.bm) if along_rows else triton.cdiv(n, t.bn)
+                _project_rank1_kernel[(programs, t.splits)](
+                    g, p, parts[0, :, offset:], parts[1, :, offset:], m, n, chunk, width,
+                    ALONG_ROWS=along_rows, BM=t.bm, BN=t.bn, STEP=step, num_warps=t.warps)
+        sums[along_rows] = parts.sum(1) if t.splits > 1 else parts[:, 0]
+    views = [sums[o][:, offset:offset + max(g.shape)] for g, (o, offset) in
+             zip(grads, at, strict=True)]
+    torch.cat([v[0] for v in views], out=low)
+    return list(torch._foreach_sqrt(torch._foreach_norm([v[1] for v in views], 1)))
 
 
 class _Plan(NamedTuple):
@@ -421,7 +427,7 @@ def _stream(work: list[tuple[Tensor, Tensor, int]], t: Tiles, along_rows: bool,
         starts = [sum(plan.programs for plan in batch[:i]) for i in range(len(batch))]
         args = [tuple(plan[k] for plan in batch) for k in range(7)]
         _project_rank1_stream_kernel[(starts[-1] + batch[-1].programs,)](
-            *args, tuple(starts), dot_parts, sq_parts, dot_parts.shape[1],
+            *args, tuple(starts), dot_parts, sq_parts, dot_parts.stride(0),
             ALONG_ROWS=along_rows, BM=t.bm, BN=t.bn, V=min(t.bn, 16 // batch[0].g.element_size()),
             EVEN=not along_rows and all(plan.n % t.bn == 0 for plan in batch),
             STAGES=t.stages, K=len(batch), num_warps=t.warps)
