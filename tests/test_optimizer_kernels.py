@@ -44,7 +44,7 @@ def _interpreted(child: str) -> str:
 
 def test_streaming_projection_kernel_in_the_interpreter():
     """The streaming rank-1 projection (Tiles.stages >= 1) on shapes that leave partial tiles,
-    partial chunks, single rows and columns, each G and P between NaNs: R within fp32's
+    partial chunks, single rows and columns, reading nothing but G and P: R within fp32's
     summation bound of the float64 product, ||G|| as torch's, every output written; `group`
     only changes the launches (one per `group` matrices of one orientation and dtype), never
     a bit of the sums; and the optimizer with these tiles (fused) steps as the torch path
@@ -53,18 +53,39 @@ def test_streaming_projection_kernel_in_the_interpreter():
     assert out.count("ok ") == 5, out
 
 
-STREAM_SHAPES = ((96, 40), (24, 700), (300, 300), (200, 300), (1, 40), (40, 1), (16, 512),
+STREAM_SHAPES = ((99, 40), (24, 700), (163, 150), (100, 150), (1, 40), (40, 1), (16, 512),
                  (3, 130))
 
 
 def _streaming_child():
+    import numpy as np
+    from triton.runtime import interpreter
+
     from optimizer import kernels
     from optimizer.kernels import ProjectionTiles, Tiles
 
-    def guarded(x):  # x inside NaNs: an unmasked read past either end spoils a result
+    spans = []  # the bytes of every G and P: the projection may read those alone
+    builder = interpreter.interpreter_builder
+    real_load = builder.create_masked_load
+
+    def checked_load(ptrs, mask, *rest):
+        if spans:
+            size = ptrs.get_element_ty().primitive_bitwidth // 8
+            at = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape).astype(bool)]
+            inside = np.zeros(at.shape, dtype=bool)
+            for lo, hi in spans:
+                inside |= (at >= lo) & (at + size <= hi)
+            assert inside.all(), f"{int((~inside).sum())} reads outside every G and P"
+        return real_load(ptrs, mask, *rest)
+
+    builder.create_masked_load = checked_load
+
+    def guarded(x):  # x between NaNs too: a read past either end also spoils a sum
         room = torch.full((x.numel() + 2 * 2048,), float("nan"), dtype=x.dtype)
         room[2048:2048 + x.numel()] = x.flatten()
-        return room[2048:2048 + x.numel()].view(x.shape)
+        x = room[2048:2048 + x.numel()].view(x.shape)
+        spans.append((x.data_ptr(), x.data_ptr() + x.numel() * x.element_size()))
+        return x
 
     assert kernels.INTERPRET
     launches = []
@@ -122,6 +143,8 @@ def _streaming_child():
             assert torch.equal(seen[one][1], seen[each][1])
         print("ok projection", sorted({str(d) for d in dtypes}))
 
+    assert spans, "no read was checked"
+    spans.clear()  # the optimizer's tensors are its own
     # the optimizer with streaming tiles (fused) against the torch path
     for tiles in (one, piped):
         results = []
