@@ -1,4 +1,4 @@
-"""The two Triton kernels of a step, and the `fused` flag that picks them.
+"""The Triton kernels of a step, and the `fused` flag that picks them.
 
 * The in-place weight write, ``W <- (W + c * D) * (1 - decay)`` with rounding, as one pass:
   the only part of a step that touches the served weights, so the part serving waits for. It
@@ -9,7 +9,9 @@
   16 random bits per element from Triton's Philox, keyed by a device-side seed counter
   (advanced once per step, so graph replays draw fresh bits).
 * APOLLO-Mini's rank-1 projection and the gradient's norm in one read of G, in launch shapes
-  (`Tiles`) passed in by the caller.
+  (`Tiles`) passed in by the caller, which also pick one of two kernels: the tile kernel (one
+  launch per matrix) or the streaming kernel (one launch for many matrices, built to keep
+  more bytes of G in flight).
 
 Elsewhere (CPU, fp16, or no Triton) the same maths runs as torch ops (optimizer/rounding.py
 for the write).
@@ -140,8 +142,8 @@ if triton is not None:
         in the thread that holds it (along rows: V neighbouring columns, one 16-byte load;
         along columns: the tile's rows), and P is read in the tile's own layout, so the loop
         has no barrier and registers go to loads in flight. STAGES >= 2 pipelines the loop's
-        loads through shared memory (Triton's cp.async pipeliner). EVEN (columns only): every
-        n is a multiple of BN, so column tiles need no mask."""
+        loads through shared memory instead (Triton's cp.async pipeliner). EVEN (columns
+        only): every n is a multiple of BN, so column tiles need no mask."""
         pid = tl.program_id(0)
         g_ptr = G[0]
         p_ptr = P[0]
