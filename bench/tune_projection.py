@@ -48,15 +48,6 @@ COLS = [
 ]
 
 
-def spec(t: Tiles) -> str:
-    """bm x bn x splits x warps[x stages x group], as bench.optimizer's --tiles reads it
-    (trailing defaults left out)."""
-    fields = list(dataclasses.astuple(t))
-    while len(fields) > 4 and fields[-1] == dataclasses.fields(Tiles)[len(fields) - 1].default:
-        fields.pop()
-    return "x".join(str(v) for v in fields)
-
-
 def candidates(orientation: str, quick: bool) -> list[Tiles]:
     """The kept tiles, then the list above; quick: the kept tiles, the first streaming and
     the first pipelined candidate (the CPU dry run's path through both kernels)."""
@@ -121,19 +112,19 @@ def tune(orientation: str, a: argparse.Namespace, time_of) -> tuple[Tiles, list[
     kept = getattr(DEFAULT_TILES, orientation)
     for seconds, tiles in sorted(results, key=lambda r: r[0]):
         mark = " (kept)" if tiles == kept else ""
-        print(f"| {orientation} | {spec(tiles)}{mark} | {1e3 * seconds:.3f} "
+        print(f"| {orientation} | {tiles.spec()}{mark} | {1e3 * seconds:.3f} "
               f"| {nbytes / seconds / 1e9:.0f} | {seconds / floor:.2f}x | {seconds / base:.2f}x |")
     for tiles, why in failed:
-        print(f"| {orientation} | {spec(tiles)} | failed: {why} | | | |")
+        print(f"| {orientation} | {tiles.spec()} | failed: {why} | | | |")
     best_seconds, best = min(results, key=lambda r: r[0])
     reference = time_of(lambda: torch._foreach_norm(grads, 2))
     again = time_of(lambda: run(dataclasses.replace(DEFAULT_TILES, **{orientation: best})))
-    print(f"\n{orientation}: {len(shapes)} matrices, {nbytes / 1e9:.3f} GB; best {spec(best)} "
+    print(f"\n{orientation}: {len(shapes)} matrices, {nbytes / 1e9:.3f} GB; best {best.spec()} "
           f"{1e3 * best_seconds:.3f} ms (again: {1e3 * again:.3f} ms) = "
           f"{best_seconds / floor:.2f}x the HBM floor ({1e3 * floor:.3f} ms at "
           f"{a.bandwidth / 1e12:.1f} TB/s), {best_seconds / reference:.2f}x torch._foreach_norm "
           f"over the same gradients ({1e3 * reference:.3f} ms, one read); kept "
-          f"{1e3 * base:.3f} ms\n")
+          f"{1e3 * base:.3f} ms" + ("" if device.type == "cuda" else " (CPU: wall clock)") + "\n")
     return best, [best_seconds, floor, reference]
 
 
@@ -164,7 +155,7 @@ def main() -> None:
           + ("" if device.type == "cuda" else " (CPU dry run: wall clock, not a timing)"))
     if device.type != "cuda":  # nothing was timed: the kept tiles stay
         best = {"rows": DEFAULT_TILES.rows, "cols": DEFAULT_TILES.cols}
-    print(f"best: --tiles rows={spec(best['rows'])},cols={spec(best['cols'])}")
+    print(f"best: --tiles rows={best['rows'].spec()},cols={best['cols'].spec()}")
 
 
 if __name__ == "__main__":

@@ -311,6 +311,14 @@ class Tiles:
         if self.group > 1 and self.stages == 0:
             raise ValueError("Tiles: group > 1 needs the streaming kernel (stages >= 1)")
 
+    def spec(self) -> str:
+        """'bm x bn x splits x warps[x stages x group]', trailing defaults left out: the form
+        the benches' --tiles option reads (Tiles(*fields))."""
+        fields = [self.bm, self.bn, self.splits, self.warps, self.stages, self.group]
+        while len(fields) > 4 and fields[-1] == (0, 1)[len(fields) - 5]:
+            fields.pop()
+        return "x".join(str(v) for v in fields)
+
 
 @dataclass(frozen=True)
 class ProjectionTiles:

@@ -165,10 +165,13 @@ def _streaming_child():
     print("ok launches", len(launches))
 
 
-def test_tiles_reject_shapes_the_kernels_cannot_take():
+def test_tiles_reject_shapes_the_kernels_cannot_take_and_print_as_the_benches_read():
     from optimizer import Tiles
 
-    Tiles(8, 1024, 16, 4, 3, 64)  # a streaming candidate of the tuner
+    for fields in ((4, 512, 1, 4), (8, 1024, 16, 4, 3, 64), (8, 1024, 1, 4, 1, 1)):
+        tiles = Tiles(*fields)
+        assert Tiles(*(int(v) for v in tiles.spec().split("x"))) == tiles
+    assert Tiles(4, 512, 1, 4, 0, 1).spec() == "4x512x1x4"  # as before the streaming kernel
     for bad in ((3, 64, 1), (4, 64, 1, 6), (4, 64, 0), (4, 64, 1, 4, -1), (4, 64, 1, 4, 1, 0),
                 (4, 64, 1, 4, 0, 2)):  # group > 1 needs the streaming kernel
         with pytest.raises(ValueError):
