@@ -1,4 +1,4 @@
-"""The two Triton kernels of a step, and the `fused` flag that picks them.
+"""The Triton kernels of a step, and the `fused` flag that picks them.
 
 * The in-place weight write, ``W <- (W + c * D) * (1 - decay)`` with rounding, as one pass:
   the only part of a step that touches the served weights, so the part serving waits for. It
@@ -9,7 +9,9 @@
   16 random bits per element from Triton's Philox, keyed by a device-side seed counter
   (advanced once per step, so graph replays draw fresh bits).
 * APOLLO-Mini's rank-1 projection and the gradient's norm in one read of G, in launch shapes
-  (`Tiles`) passed in by the caller.
+  (`Tiles`) passed in by the caller, which also pick one of two kernels: the tile kernel (one
+  launch per matrix) or the streaming kernel (one launch for many matrices, built to keep
+  more bytes of G in flight).
 
 Elsewhere (CPU, fp16, or no Triton) the same maths runs as torch ops (optimizer/rounding.py
 for the write).
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -126,6 +129,106 @@ if triton is not None:
         tl.store(sq_ptr + split * stride_split + out, sq, mask=keep)
 
 
+    @triton.jit
+    def _project_rank1_stream_kernel(G, P, M, N, OUT, CHUNK, TILES, STARTS, dot_ptr, sq_ptr,
+                                     stride_split, ALONG_ROWS: tl.constexpr, BM: tl.constexpr,
+                                     BN: tl.constexpr, V: tl.constexpr, EVEN: tl.constexpr,
+                                     STAGES: tl.constexpr, K: tl.constexpr):
+        """The same sums as _project_rank1_kernel, for K matrices of one orientation in one
+        launch (tuples of pointers and sizes; program ids STARTS[i].. belong to matrix i, tile
+        fastest, then the chunk of the reduced dimension), built to keep many bytes of G in
+        flight per SM: the loop's loads carry no mask (a masked tail after it; rows past m are
+        clamped and their sums dropped), each loaded tile is folded into small accumulators
+        in the thread that holds it (along rows: V neighbouring columns, one 16-byte load;
+        along columns: the tile's rows), and P is read in the tile's own layout, so the loop
+        has no barrier and registers go to loads in flight. STAGES >= 2 pipelines the loop's
+        loads through shared memory instead (Triton's cp.async pipeliner). EVEN (columns
+        only): every n is a multiple of BN, so column tiles need no mask."""
+        pid = tl.program_id(0)
+        g_ptr = G[0]
+        p_ptr = P[0]
+        m = M[0]
+        n = N[0]
+        out_at = OUT[0]
+        chunk = CHUNK[0]
+        tiles = TILES[0]
+        first = STARTS[0]
+        for i in tl.static_range(1, K):
+            if pid >= STARTS[i]:
+                g_ptr = G[i]
+                p_ptr = P[i]
+                m = M[i]
+                n = N[i]
+                out_at = OUT[i]
+                chunk = CHUNK[i]
+                tiles = TILES[i]
+                first = STARTS[i]
+        local = pid - first
+        tile = local % tiles
+        split = local // tiles
+        lo = split * chunk
+        if ALONG_ROWS:
+            rows = tile * BM + tl.arange(0, BM)
+            base = g_ptr + tl.minimum(rows, m - 1)[:, None].to(tl.int64) * n
+            zero = tl.zeros([BM, 1], dtype=tl.int32)
+            hi = tl.minimum(lo + chunk, n)
+            full = lo + (hi - lo) // BN * BN
+            acc_dot = tl.zeros([BM, BN // V], dtype=tl.float32)
+            acc_sq = tl.zeros([BM, BN // V], dtype=tl.float32)
+            for start in tl.range(lo, full, BN, num_stages=STAGES):
+                cols = start + tl.arange(0, BN)
+                if STAGES > 1:  # through shared memory anyway: read P once per tile
+                    pv = tl.load(p_ptr + cols, eviction_policy="evict_last")[None, :]
+                else:  # in G's layout: no conversion through shared memory in the loop
+                    pv = tl.load(p_ptr + cols[None, :] + zero, eviction_policy="evict_last")
+                g = tl.load(base + cols[None, :], eviction_policy="evict_first").to(tl.float32)
+                acc_dot += tl.sum(tl.reshape(g * pv, [BM, BN // V, V]), axis=2)
+                acc_sq += tl.sum(tl.reshape(g * g, [BM, BN // V, V]), axis=2)
+            for start in range(full, hi, BN):  # the last chunk's partial tile
+                cols = start + tl.arange(0, BN)[None, :] + zero
+                pv = tl.load(p_ptr + cols, mask=cols < hi, other=0.0)
+                g = tl.load(base + cols, mask=cols < hi, other=0.0).to(tl.float32)
+                acc_dot += tl.sum(tl.reshape(g * pv, [BM, BN // V, V]), axis=2)
+                acc_sq += tl.sum(tl.reshape(g * g, [BM, BN // V, V]), axis=2)
+            out = rows
+            keep = rows < m
+            dot = tl.sum(acc_dot, axis=1)
+            sq = tl.sum(acc_sq, axis=1)
+        else:
+            cols = tile * BN + tl.arange(0, BN)
+            col_ok = cols < n
+            hi = tl.minimum(lo + chunk, m)
+            full = lo + (hi - lo) // BM * BM
+            acc_dot = tl.zeros([BN], dtype=tl.float32)
+            acc_sq = tl.zeros([BN], dtype=tl.float32)
+            for start in tl.range(lo, full, BM, num_stages=STAGES):
+                rows = start + tl.arange(0, BM)
+                offs = rows[:, None].to(tl.int64) * n + cols[None, :]
+                if EVEN:
+                    g = tl.load(g_ptr + offs, eviction_policy="evict_first").to(tl.float32)
+                else:
+                    g = tl.load(g_ptr + offs, mask=col_ok[None, :], other=0.0,
+                                eviction_policy="evict_first").to(tl.float32)
+                pv = tl.load(p_ptr + rows, eviction_policy="evict_last")[:, None]
+                acc_dot += tl.sum(g * pv, axis=0)
+                acc_sq += tl.sum(g * g, axis=0)
+            for start in range(full, hi, BM):  # the last chunk's partial tile
+                rows = start + tl.arange(0, BM)
+                g = tl.load(g_ptr + rows[:, None].to(tl.int64) * n + cols[None, :],
+                            mask=(rows[:, None] < hi) & col_ok[None, :], other=0.0)
+                pv = tl.load(p_ptr + rows, mask=rows < hi, other=0.0)[:, None]
+                g = g.to(tl.float32)
+                acc_dot += tl.sum(g * pv, axis=0)
+                acc_sq += tl.sum(g * g, axis=0)
+            out = cols
+            keep = col_ok
+            dot = acc_dot
+            sq = acc_sq
+        at = split * stride_split + out_at + out
+        tl.store(dot_ptr + at, dot, mask=keep)
+        tl.store(sq_ptr + at, sq, mask=keep)
+
+
 def unsupported(t: Tensor) -> str | None:
     """Why the Triton kernels cannot take `t`, or None if they can."""
     if triton is None:
@@ -185,12 +288,36 @@ def write_triton_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: 
 class Tiles:
     """How the rank-1 projection kernel covers one orientation of G: BM x BN tiles, the
     reduced dimension cut into `splits` chunks (partial sums, each its own program), `warps`
-    warps per program. bench/tune_projection.py times the candidates on a GPU."""
+    warps per program. `stages` picks the kernel: 0 the tile kernel (one launch per matrix,
+    BM x BN accumulators, masked tiles); >= 1 the streaming kernel (unmasked loop, folded
+    accumulators; >= 2: its loads pipelined through that many shared-memory buffers), which
+    covers up to `group` matrices per launch. bench/tune_projection.py times the candidates
+    on a GPU."""
 
     bm: int
     bn: int
     splits: int
     warps: int = 4
+    stages: int = 0
+    group: int = 1
+
+    def __post_init__(self):
+        for name in ("bm", "bn", "warps"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"Tiles.{name} must be a power of two, got {value}")
+        if self.splits < 1 or self.stages < 0 or self.group < 1:
+            raise ValueError(f"Tiles: splits and group must be >= 1, stages >= 0: {self}")
+        if self.group > 1 and self.stages == 0:
+            raise ValueError("Tiles: group > 1 needs the streaming kernel (stages >= 1)")
+
+    def spec(self) -> str:
+        """'bm x bn x splits x warps[x stages x group]', trailing defaults left out: the form
+        the benches' --tiles option reads (Tiles(*fields))."""
+        fields = [self.bm, self.bn, self.splits, self.warps, self.stages, self.group]
+        while len(fields) > 4 and fields[-1] == (0, 1)[len(fields) - 5]:
+            fields.pop()
+        return "x".join(str(v) for v in fields)
 
 
 @dataclass(frozen=True)
@@ -233,28 +360,87 @@ def project_rank1_(grads: list[Tensor], projs: list[Tensor], low: Tensor, *,
 
 def _project_rank1_triton(grads: list[Tensor], projs: list[Tensor], low: Tensor,
                           tiles: ProjectionTiles) -> list[Tensor]:
-    """Partial sums of the chunks land in zero-initialised rows and are reduced in a fixed
-    order for the whole group (deterministic); a chunk no program covers stays zero, so the
-    grid holds only programs with work."""
-    sizes = [max(g.shape) for g in grads]
-    splits = max(tiles.rows.splits, tiles.cols.splits)
-    dot_parts = torch.zeros(splits, low.numel(), dtype=torch.float32, device=low.device)
-    sq_parts = torch.zeros_like(dot_parts)
-    offset = 0
-    for g, p, size in zip(grads, projs, sizes, strict=True):
-        m, n = g.shape
-        along_rows = m >= n
+    """Each orientation's partial sums (R's and the squares', one row per chunk of the
+    reduced dimension) land in a buffer of its own, zero-initialised when cut in chunks (a
+    chunk no program covers stays zero, so the grid holds only programs with work), and are
+    reduced in a fixed order (deterministic); R is then gathered into `low` in the
+    matrices' order. One orientation's chunks never widen the other's buffer."""
+    work: dict[bool, list[tuple[Tensor, Tensor, int]]] = {True: [], False: []}
+    widths = {True: 0, False: 0}
+    at = []  # (orientation, offset) of each matrix's sums
+    for g, p in zip(grads, projs, strict=True):
+        along_rows = g.shape[0] >= g.shape[1]
+        work[along_rows].append((g, p, widths[along_rows]))
+        at.append((along_rows, widths[along_rows]))
+        widths[along_rows] += max(g.shape)
+    sums = {}
+    for along_rows, items in work.items():
+        if not items:
+            continue
         t = tiles.rows if along_rows else tiles.cols
-        step = t.bn if along_rows else t.bm
-        chunk = triton.cdiv(triton.cdiv(n if along_rows else m, t.splits), step) * step
-        programs = triton.cdiv(m, t.bm) if along_rows else triton.cdiv(n, t.bn)
-        _project_rank1_kernel[(programs, t.splits)](
-            g, p, dot_parts[:, offset:], sq_parts[:, offset:], m, n, chunk, low.numel(),
-            ALONG_ROWS=along_rows, BM=t.bm, BN=t.bn, STEP=step, num_warps=t.warps)
-        offset += size
-    torch.sum(dot_parts, 0, out=low)
-    squares = list(sq_parts.sum(0).split(sizes))
-    return list(torch._foreach_sqrt(torch._foreach_norm(squares, 1)))
+        width = widths[along_rows]
+        fill = torch.zeros if t.splits > 1 else torch.empty  # one chunk: every sum written
+        parts = fill(2, t.splits, width, dtype=torch.float32, device=low.device)
+        if t.stages:
+            _stream(items, t, along_rows, parts[0], parts[1])
+        else:
+            for g, p, offset in items:
+                m, n = g.shape
+                step = t.bn if along_rows else t.bm
+                chunk = triton.cdiv(triton.cdiv(n if along_rows else m, t.splits), step) * step
+                programs = triton.cdiv(m, t.bm) if along_rows else triton.cdiv(n, t.bn)
+                _project_rank1_kernel[(programs, t.splits)](
+                    g, p, parts[0, :, offset:], parts[1, :, offset:], m, n, chunk, width,
+                    ALONG_ROWS=along_rows, BM=t.bm, BN=t.bn, STEP=step, num_warps=t.warps)
+        sums[along_rows] = parts.sum(1) if t.splits > 1 else parts[:, 0]
+    views = [sums[o][:, offset:offset + max(g.shape)] for g, (o, offset) in
+             zip(grads, at, strict=True)]
+    torch.cat([v[0] for v in views], out=low)
+    return list(torch._foreach_sqrt(torch._foreach_norm([v[1] for v in views], 1)))
+
+
+class _Plan(NamedTuple):
+    """One matrix of a streaming launch: the kernel's per-matrix arguments, in its order."""
+
+    g: Tensor
+    p: Tensor
+    m: int
+    n: int
+    offset: int  # of its sums in the partial-sum rows
+    chunk: int  # of the reduced dimension per program
+    tiles: int  # BM x BN tiles across the kept dimension
+    programs: int  # tiles x chunks
+
+
+def _stream(work: list[tuple[Tensor, Tensor, int]], t: Tiles, along_rows: bool,
+            dot_parts: Tensor, sq_parts: Tensor) -> None:
+    """The streaming kernel over (G, P, output offset) of one orientation: up to t.group
+    matrices of one dtype per launch, those with the longest chunks first (their programs
+    start first, the short ones fill the end of the launch)."""
+    step = t.bn if along_rows else t.bm
+    plans = []
+    for g, p, offset in work:
+        m, n = g.shape
+        reduced = n if along_rows else m
+        chunk = triton.cdiv(triton.cdiv(reduced, t.splits), step) * step
+        tiles = triton.cdiv(m, t.bm) if along_rows else triton.cdiv(n, t.bn)
+        plans.append(_Plan(g, p, m, n, offset, chunk, tiles,
+                           tiles * triton.cdiv(reduced, chunk)))
+    plans.sort(key=lambda plan: (str(plan.g.dtype), -plan.chunk))  # stable
+    batches: list[list[_Plan]] = []
+    for plan in plans:
+        if batches and len(batches[-1]) < t.group and batches[-1][0].g.dtype == plan.g.dtype:
+            batches[-1].append(plan)
+        else:
+            batches.append([plan])
+    for batch in batches:
+        starts = [sum(plan.programs for plan in batch[:i]) for i in range(len(batch))]
+        args = [tuple(plan[k] for plan in batch) for k in range(7)]
+        _project_rank1_stream_kernel[(starts[-1] + batch[-1].programs,)](
+            *args, tuple(starts), dot_parts, sq_parts, dot_parts.stride(0),
+            ALONG_ROWS=along_rows, BM=t.bm, BN=t.bn, V=min(t.bn, 16 // batch[0].g.element_size()),
+            EVEN=not along_rows and all(plan.n % t.bn == 0 for plan in batch),
+            STAGES=t.stages, K=len(batch), num_warps=t.warps)
 
 
 def write_(p: Tensor, direction: Tensor, coef: Tensor, decay: float, ok: Tensor,
