@@ -71,8 +71,7 @@ def parse_tiles(text: str) -> ProjectionTiles:
 
 
 def format_tiles(tiles: ProjectionTiles) -> str:
-    return ",".join(f"{k}={t.bm}x{t.bn}x{t.splits}x{t.warps}"
-                    for k, t in (("rows", tiles.rows), ("cols", tiles.cols)))
+    return ",".join(f"{k}={t.spec()}" for k, t in (("rows", tiles.rows), ("cols", tiles.cols)))
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
