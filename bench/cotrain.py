@@ -1,7 +1,8 @@
 """Co-training beside a server, side by side on Llama-3-8B shapes: what training the served
 weights costs when the trainer keeps its own copy and syncs it (torch AdamW, as weight-sync
 trainers beside vLLM do) and when it trains the served tensors in place (APOLLO-Mini,
-standard and layer-wise), on the same batch and the same trained parameters.
+standard and layer-wise), on batches of one size (a fresh random sequence each step) and the
+same trained parameters.
 
     python -m bench.cotrain --device cuda --logdir DIR [--layers N] [--tokens T]
     python -m bench.cotrain --device cpu                # tiny shapes: the kit's dry run
@@ -179,18 +180,28 @@ class Clock:
 
 @dataclass
 class Ctx:
-    """What every mode shares: the export, the batch, the settings."""
+    """What every mode shares: the export, the batches, the settings. Every step trains a
+    fresh random sequence (as live training sees new examples): on one repeated batch the
+    first mode memorises it, and the next modes, on the same served weights, would start at
+    loss ~0 (the learn-then-stop check then refuses to step at all)."""
 
     export: object
     config: object
     coordinator: VllmCoordinator
-    encoded: Encoded
+    tokens: int
+    gen: torch.Generator
     device: torch.device
     settings: Settings
     guard_layers: int
 
+    def fresh(self) -> Encoded:
+        """A new random sequence; its second half is the target."""
+        ids = torch.randint(0, self.config.vocab_size, (self.tokens,), generator=self.gen)
+        ids = ids.tolist()
+        return Encoded(ids, [IGNORE_INDEX] * (self.tokens // 2) + ids[self.tokens // 2:])
+
     def batch(self):
-        return collate([self.encoded], 0, self.device)
+        return collate([self.fresh()], 0, self.device)
 
 
 class Mode:
@@ -201,7 +212,6 @@ class Mode:
 
     def __init__(self, ctx: Ctx):
         self.ctx, self.clock = ctx, Clock(ctx.device)
-        self.ids, self.labels, self.mask = ctx.batch()
         self.loss: torch.Tensor | None = None
         self.opt = None
 
@@ -210,7 +220,8 @@ class Mode:
         return self.clock.take_ms()
 
     def plain_loss(self) -> torch.Tensor:
-        self.loss = causal_lm_loss(self.model, self.ids, self.labels, self.mask)
+        ids, labels, mask = self.ctx.batch()
+        self.loss = causal_lm_loss(self.model, ids, labels, mask)
         return self.loss
 
     def state_bytes(self) -> int:
@@ -277,8 +288,7 @@ class InPlace(Mode):
         self.layerwise = layerwise
         self.handles = self.opt.layerwise(write_guard=self._param_window) if layerwise \
             else []
-        self.objective = Objective([ctx.encoded], 0, ctx.device, Weights.of(ctx.settings)) \
-            if learned_check else None
+        self.learned_check = learned_check
         self.note = ""
         if guard:
             self._fit_guard(ctx.guard_layers)
@@ -316,8 +326,10 @@ class InPlace(Mode):
                      "protected")
 
     def step(self) -> None:
-        if self.objective is not None:
-            self.loss, done = self.objective(self.model)  # the learn-then-stop check
+        if self.learned_check:  # the learn-then-stop check, as the server runs it per batch
+            objective = Objective([self.ctx.fresh()], 0, self.ctx.device,
+                                  Weights.of(self.ctx.settings))
+            self.loss, done = objective(self.model)
         else:
             self.plain_loss()
         self.loss.backward()
@@ -361,7 +373,7 @@ class ServerStep(Mode):
                                coordinator=ctx.coordinator, stats=self.stats)
 
     def step(self) -> float:
-        outcome = self.stepper.run([self.ctx.encoded], 1)  # one step (then one more forward)
+        outcome = self.stepper.run([self.ctx.fresh()], 1)  # one step (then one more forward)
         if outcome.failed or outcome.steps != 1:
             raise RuntimeError(f"the server's step failed: {outcome.failed or outcome.note}")
         self.loss = torch.tensor(outcome.loss)
@@ -556,11 +568,9 @@ def main() -> None:
         log(f"owner: {owner.nbytes / 2**30:.2f} GiB of served weights built on {device} and "
             f"exported in {owner.build_seconds:.1f} s")
         export = attach(export_dir, timeout=60)
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, config.vocab_size, (tokens,), generator=g).tolist()
-        encoded = Encoded(ids, [IGNORE_INDEX] * (tokens // 2) + ids[tokens // 2:])
         settings = Settings(export_dir=str(export_dir))  # the server's defaults
-        ctx = Ctx(export, config, VllmCoordinator(export), encoded, device, settings,
+        ctx = Ctx(export, config, VllmCoordinator(export), tokens,
+                  torch.Generator().manual_seed(0), device, settings,
                   a.guard_layers or (2 if size == "8b" else 1))
         watch = ["model.layers.0.self_attn.qkv_proj.weight",
                  f"model.layers.{layers - 1}.mlp.down_proj.weight"]
