@@ -330,10 +330,12 @@ class ProjectionTiles:
     cols: Tiles
 
 
-# The kept tiles of the H200 tuning (bench/RESULTS.md). Other shapes are passed in: the
-# optimizer's `tiles=` option, or project_rank1_(tiles=...) (bench/tune_projection.py).
-DEFAULT_TILES = ProjectionTiles(rows=Tiles(bm=4, bn=512, splits=1),
-                                cols=Tiles(bm=32, bn=64, splits=8))
+# The best tiles of the H200 tuning (bench/RESULTS.md, 2026-11-29: the streaming kernel,
+# 64 matrices per launch; 0.81 ms for 8 Llama-3-8B layers' gradients, 1.12x one read at
+# 4.8 TB/s; the tile kernel's 4x512x1 / 32x64x8 took 1.35 ms). Other shapes are passed in:
+# the optimizer's `tiles=` option, or project_rank1_(tiles=...) (bench/tune_projection.py).
+DEFAULT_TILES = ProjectionTiles(rows=Tiles(bm=8, bn=512, splits=1, warps=2, stages=1, group=64),
+                                cols=Tiles(bm=4, bn=1024, splits=8, warps=4, stages=1, group=64))
 # The optimizer's param groups hold them: torch.load(weights_only=True) may rebuild them.
 torch.serialization.add_safe_globals([Tiles, ProjectionTiles])
 
