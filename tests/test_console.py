@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -30,6 +32,8 @@ from server.settings import parse_args
 from tests.support.app import app_client
 from tests.support.browser import chromium
 from tests.support.fine_tuning import FINAL, chat
+from tests.support.server_proc import kill, start_server
+from tests.support.tiny_models import make_tiny_chat_model
 
 STATIC = Path(__file__).resolve().parent.parent / "server" / "console"
 QUICK = dict(lr=1e-2, max_steps_per_batch=3, learned_prob=1.0, guard="none", drift_probes=0)
@@ -251,6 +255,26 @@ def test_without_the_key_the_stream_shows_no_examples_or_jobs(keyed_url):
         assert snap["status"]["examples_trained"] + snap["status"]["examples_queued"] == 1
     snap = next(snapshots(keyed_url, {"authorization": "Bearer train-key"}))
     assert snap["auth"]["ok"] and [e["id"] for e in snap["examples"]] == r.json()["ids"]
+
+
+def test_sigterm_stops_the_server_while_a_page_is_open(tmp_path, default_model_dir,
+                                                      owner_factory):
+    """`python -m server` with a console's stream open: SIGTERM (the launcher's Ctrl-C) still
+    stops it at once, the lifespan's shutdown included."""
+    _, export_dir = owner_factory(make_tiny_chat_model(tmp_path / "model", default_model_dir))
+    proc, url = start_server(export_dir, "--journal", "off", "--drift-probes", "0",
+                             "--guard", "none", stderr=subprocess.PIPE)
+    try:
+        stream = snapshots(url)
+        assert next(stream)["status"]["optimizer_steps"] == 0
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        proc.wait(30)  # uvicorn ends itself by the signal it caught, once it has shut down
+        print(f"stopped {time.monotonic() - t0:.1f} s after SIGTERM")
+        assert "Application shutdown complete" in proc.stderr.read()
+        assert len(list(stream)) <= 1  # the stream ended (at most one more snapshot)
+    finally:
+        kill(proc)
 
 
 def test_a_shutdown_ends_open_streams(tokenizer):

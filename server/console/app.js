@@ -35,7 +35,8 @@
   const num = (x, digits = 4) => (x === null || x === undefined ? "–" :
     Math.abs(x) >= 1e4 || (x !== 0 && Math.abs(x) < 1e-3) ? x.toExponential(2) :
     String(Number(x.toPrecision(digits))));
-  const ms = (s) => (s === null || s === undefined ? "–" : `${(s * 1000).toFixed(0)} ms`);
+  const ms = (s) => (s === null || s === undefined ? "–" : s >= 10 ? `${s.toFixed(1)} s` :
+    `${(s * 1000).toFixed(0)} ms`);
   const secs = (s) => (s === null || s === undefined ? "–" : `${s.toFixed(2)} s`);
   const bytes = (b) => (b === null || b === undefined ? "–" : b < 1024 ? `${b} B` :
     b < 1 << 20 ? `${(b / 1024).toFixed(1)} KiB` : b < 1 << 30 ?
