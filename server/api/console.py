@@ -53,7 +53,7 @@ def page() -> Response:
 @router.get("/console/events")
 async def events(request: Request, engine: EngineDep, settings: SettingsDep,
                  watch: str = Query("", max_length=WATCHED * 40)) -> StreamingResponse:
-    ids = [i for i in watch.split(",") if i][:WATCHED]
+    ids = [i for i in watch.split(",") if i][-WATCHED:]  # the newest
     authorized = key_given(request, settings)
     timeline, stopping = request.app.state.timeline, request.app.state.stopping
 

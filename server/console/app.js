@@ -372,7 +372,7 @@
     if (state.stream) state.stream.abort();
     const ctl = new AbortController();
     state.stream = ctl;
-    const watch = [...state.lessons.keys()].join(",");
+    const watch = [...state.lessons.keys()].slice(-64).join(",");  // the newest lessons
     const url = `/console/events${watch ? `?watch=${encodeURIComponent(watch)}` : ""}`;
     let first = true;
     (async () => {
