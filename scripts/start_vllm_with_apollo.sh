@@ -179,8 +179,9 @@ VLLM_PID=$!
 wait_healthy "http://127.0.0.1:$VLLM_PORT/health" "$VLLM_PID" vLLM "${VLLM_START_TIMEOUT:-900}"
 
 echo "launcher: starting the training server on $BIND_HOST:$TRAIN_PORT" >&2
+# --vllm-url: the browser console's chat goes through the training server to vLLM.
 setsid "$PY" -m server --export-dir "$EXPORT_DIR" --host "$BIND_HOST" --port "$TRAIN_PORT" \
-  "${TRAIN_EXTRA[@]}" &
+  --vllm-url "http://127.0.0.1:$VLLM_PORT" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} &
 TRAIN_PID=$!
 "$PY" -m hooks record "$STATE" train "$TRAIN_PID"
 wait_healthy "http://127.0.0.1:$TRAIN_PORT/health" "$TRAIN_PID" "training server" 600
@@ -192,6 +193,7 @@ cat <<EOF
   training server:    http://$BIND_HOST:$TRAIN_PORT      (/train /status /health /versions
                       /rollback; OpenAI files and fine-tuning jobs at /v1:
                       docs/fine-tuning.md)
+  console (browser):  http://$BIND_HOST:$TRAIN_PORT/     chat, teach, watch it learn
   ready after $((SECONDS - start)) s. Teach it:
 
   curl -s http://$BIND_HOST:$TRAIN_PORT/train -H 'content-type: application/json' \

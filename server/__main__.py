@@ -5,7 +5,7 @@ import sys
 
 import uvicorn
 
-from server.app import create_app
+from server.app import Server, create_app
 from server.engine.example_log import ExampleLogError
 from server.engine.exclusive import AlreadyRunning
 from server.engine.wiring import attach_engine
@@ -25,8 +25,12 @@ def main() -> None:
     except (AlreadyRunning, ExampleLogError, UntrustedExport) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)
-    uvicorn.run(create_app(settings, build=lambda _: engine), host=settings.host,
-                port=settings.port, log_level="info")
+    app = create_app(settings, build=lambda _: engine)
+    server = Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                   log_level="info"), app.state.stopping)
+    server.run()
+    if not server.started:  # as uvicorn.run: the start-up failed
+        sys.exit(3)
 
 
 if __name__ == "__main__":

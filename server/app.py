@@ -7,17 +7,20 @@ surrogate, which JSON lets a client send) must still encode, as a 422, never a 5
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from server.api import observe, openai_files, openai_jobs, training, versions
+from server.api import chat, console, observe, openai_files, openai_jobs, training, versions
 from server.api.guards import RequestGuard
 from server.api.openai_schemas import OpenAIError
+from server.api.timeline import Timeline
 from server.engine.wiring import Engine, attach_engine
 from server.settings import Settings
 
@@ -36,7 +39,10 @@ def create_app(settings: Settings,
     async def lifespan(app: FastAPI):
         engine = app.state.engine = build(settings)
         engine.start()
+        timeline = app.state.timeline = Timeline(engine.trainer)  # the console's charts
+        timeline.start()
         yield
+        timeline.stop()
         engine.stop()
 
     app = FastAPI(title="vLLM live co-training", lifespan=lifespan,
@@ -54,14 +60,31 @@ def create_app(settings: Settings,
     async def _openai(request: Request, exc: OpenAIError) -> AsciiJSON:
         return AsciiJSON(exc.body(), status_code=exc.status)
     app.state.settings = settings
+    app.state.stopping = threading.Event()  # set when the server starts shutting down
     app.include_router(observe.router)
     app.include_router(training.router)
     app.include_router(versions.router)
     app.include_router(versions.changes)
     app.include_router(openai_files.router)
     app.include_router(openai_jobs.router)
+    app.include_router(chat.router)
+    app.include_router(console.router)
     app.add_middleware(RequestGuard, bind_host=settings.host,
                        allowed_hosts=settings.allowed_hosts,
                        max_body_bytes=settings.max_body_bytes,
                        max_upload_bytes=settings.max_upload_bytes)
     return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server. A shutdown (SIGTERM, Ctrl-C) waits for open connections to finish
+    their responses, and an open console page's event stream never finishes: it is told to
+    end (app.state.stopping) first."""
+
+    def __init__(self, config: uvicorn.Config, stopping: threading.Event):
+        super().__init__(config)
+        self.stopping = stopping
+
+    def handle_exit(self, sig, frame) -> None:
+        self.stopping.set()
+        super().handle_exit(sig, frame)

@@ -24,6 +24,7 @@ def _opt(default: Any, help: str, *, choices: tuple[str, ...] | None = None,
 
 
 KEY_ENV = "VLLM_APOLLO_API_KEY"
+VLLM_KEY_ENV = "VLLM_API_KEY"
 
 
 def is_loopback(host: str) -> bool:
@@ -106,6 +107,12 @@ class Settings:
     api_key_file: str | None = _opt(None, "file holding the API key that endpoints changing "
                                           f"the model require (or set {KEY_ENV}); required to "
                                           "listen beyond loopback")
+    vllm_url: str = _opt("", "vLLM's OpenAI-compatible server (e.g. http://127.0.0.1:8000), "
+                             "which POST /v1/chat/completions here forwards to (the browser "
+                             "console's chat); the launcher sets it; empty: no chat")
+    # vLLM's own key, for that forwarding (the launcher's VLLM_API_KEY); never on the command
+    # line. Used only when this server has a key of its own, which callers must then give.
+    vllm_api_key: str | None = _opt(None, "vLLM's API key", env=VLLM_KEY_ENV, cli=False)
     allowed_hosts: str = _opt("", "comma-separated host names requests may address besides "
                                   "loopback ones and the bind address (the Host header; "
                                   "guards against DNS rebinding); '*' allows any")
@@ -167,6 +174,8 @@ class Settings:
             raise ValueError(f"refusing to listen on {self.host} without an API key: anyone who "
                              "reaches it could retrain the model; give --api-key-file FILE or "
                              f"set {KEY_ENV}")
+        if self.vllm_url and not re.fullmatch(r"https?://[^/?#\s]+/?", self.vllm_url):
+            raise ValueError(f"--vllm-url must be http(s)://HOST:PORT, not {self.vllm_url!r}")
         if self.history_keep not in ("all", "off") and not (
                 self.history_keep.isdigit()):
             raise ValueError("--history-keep must be a number, all or off")
@@ -228,6 +237,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         args = vars(parser.parse_args(argv))
         args["api_key"] = read_key(args["api_key_file"]) if args["api_key_file"] else \
             os.environ.get(KEY_ENV) or None
+        args["vllm_api_key"] = os.environ.get(VLLM_KEY_ENV) or None
         return Settings(**args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))

@@ -31,12 +31,17 @@ def get_trainer(engine: EngineDep) -> Trainer:
 TrainerDep = Annotated[Trainer, Depends(get_trainer)]
 
 
-def require_key(request: Request, settings: SettingsDep) -> None:
-    """With an API key configured: 'Authorization: Bearer KEY' or 401."""
+def key_given(request: Request, settings: Settings) -> bool:
+    """No API key configured, or the request carries it ('Authorization: Bearer KEY')."""
     key = settings.api_key
     if not key:
-        return
+        return True
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), key.encode()):
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), key.encode())
+
+
+def require_key(request: Request, settings: SettingsDep) -> None:
+    """With an API key configured: 'Authorization: Bearer KEY' or 401."""
+    if not key_given(request, settings):
         raise HTTPException(401, "missing or invalid bearer token",
                             headers={"WWW-Authenticate": "Bearer"})
