@@ -29,6 +29,17 @@ def pytest_collection_modifyitems(items):
     items[:] = rest[:first] + group + rest[first:]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _monitor_cache(tmp_path_factory):
+    """In-process apps (tests/support/app.py) keep the drift reference and guard made from
+    their starting weights here, for the next app that starts from the same weights."""
+    from tests.support import app
+
+    app.MONITOR_CACHE = tmp_path_factory.mktemp("monitor-cache")
+    yield
+    app.MONITOR_CACHE = None
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     from server.default_model import build
