@@ -6,6 +6,7 @@ import pytest
 from tests.support.stack import Stack
 from tests.support.standin_owner import OwnerProcess
 from tests.support.tiny_models import make_tiny_model
+from tests.support.zygote import Zygote
 
 ROOT = Path(__file__).resolve().parent.parent
 STOPS = "stops_default_stack"
@@ -79,13 +80,20 @@ def tiny_model(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def owner_zygote():
+    """Stand-in owners are forked from one process that imported them once."""
+    with Zygote("tests.support.standin_owner") as zygote:
+        yield zygote
+
+
 @pytest.fixture
-def owner_factory(tmp_path):
+def owner_factory(tmp_path, owner_zygote):
     owners = []
 
     def make(model_dir: Path) -> tuple[OwnerProcess, Path]:
         export_dir = tmp_path / f"export{len(owners)}"
-        owners.append(OwnerProcess(model_dir, export_dir))
+        owners.append(OwnerProcess(model_dir, export_dir, zygote=owner_zygote))
         return owners[-1], export_dir
 
     yield make

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import traceback
 import uuid
 
@@ -48,8 +49,15 @@ class Child:
             self._ended(self.zygote._ask(["poll", self.pid]))
         return self.returncode
 
-    def wait(self) -> int:
-        """The exit status as Popen gives it (-9: killed by SIGKILL); closes the socket."""
+    def wait(self, timeout: float | None = None) -> int:
+        """The exit status as Popen gives it (-9: killed by SIGKILL); closes the socket.
+        subprocess.TimeoutExpired after `timeout` seconds."""
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+            while self.poll() is None:
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(f"zygote child {self.pid}", timeout)
+                time.sleep(0.05)
         if self.returncode is None:
             self._ended(self.zygote._ask(["wait", self.pid]))
         return self.returncode
