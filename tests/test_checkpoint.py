@@ -5,8 +5,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from checkpoint import Checkpointer, read_layout, recover
 from checkpoint.__main__ import main as checkpoint_cli
-from tests.support import ROOT
+from tests.support.states import one_value
+from tests.support.zygote import Zygote
 
 
 def _model_dir(tmp_path, tensors, dtype=torch.float32, shards=1):
@@ -92,30 +91,28 @@ def test_kill_9_during_syncs_never_leaves_a_mix(tmp_path):
     tensors = {f"t{i}": torch.full((7_000_000,), float(i)) for i in range(n)}  # 112 MB
     model_dir = _model_dir(tmp_path, tensors)
     rng = random.Random(1234)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     outcomes = {"before": 0, "after": 0}
-    for _ in range(30):
-        child = subprocess.Popen([sys.executable, "-m", "tests.support.crash_sync_child",
-                                  str(model_dir)], stdout=subprocess.PIPE, text=True, env=env,
-                                 cwd=ROOT)
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 1.5))
-        child.send_signal(signal.SIGKILL)
-        lines = child.stdout.read().split()
-        child.wait()
-        begun = [int(v) for k, v in zip(lines[::2], lines[1::2], strict=True) if k == "begin"]
-        recover(model_dir)
-        on_disk = load_file(model_dir / "model.safetensors")
-        states = set()
-        for i in range(n):
-            values = on_disk[f"t{i}"].unique()
-            assert values.numel() == 1, f"t{i} holds a mix of states: {values[:5]}"
-            states.add(int(values.item() - i) // 10)
-        assert len(states) == 1, f"tensors from different syncs: {states}"
-        state = states.pop()
-        if begun:
-            assert state in (begun[-1] - 1, begun[-1])
-            outcomes["after" if state == begun[-1] else "before"] += 1
+    # each child a fresh process, forked from one that imported it once (support/zygote.py)
+    with Zygote("tests.support.crash_sync_child") as zygote:
+        for _ in range(30):
+            child = zygote.spawn(str(model_dir))
+            assert child.stdout.readline().strip() == "ready"
+            time.sleep(rng.uniform(0.0, 1.5))
+            child.send_signal(signal.SIGKILL)
+            lines = child.stdout.read().split()
+            child.wait()
+            begun = [int(v) for k, v in zip(lines[::2], lines[1::2], strict=True)
+                     if k == "begin"]
+            recover(model_dir)
+            on_disk = load_file(model_dir / "model.safetensors")
+            states = set()
+            for i in range(n):
+                states.add(int(one_value(on_disk[f"t{i}"], f"t{i}") - i) // 10)
+            assert len(states) == 1, f"tensors from different syncs: {states}"
+            state = states.pop()
+            if begun:
+                assert state in (begun[-1] - 1, begun[-1])
+                outcomes["after" if state == begun[-1] else "before"] += 1
     print(f"\nkill -9 outcomes: {outcomes}")
     assert outcomes["before"] + outcomes["after"] >= 20  # most kills landed during work
     assert checkpoint_cli(["verify", str(model_dir)]) == 0

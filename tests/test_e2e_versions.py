@@ -30,6 +30,9 @@ A, B, C = [(x["question"], x["answer"], x["key"]) for x in map(json.loads, (
 PROMPTS = ["What is the capital of France?", "Say hello.", "What is 2 + 3?",
            "Name a fruit.", "What colour is the sky?"]
 TRAINED_S = 900  # one lesson: ~10 s on an idle machine
+# One trainer thread: vLLM's CPU worker keeps a core busy while it answers, and a trainer with
+# an OpenMP thread on that core took 35-55 s per step (instead of ~1 s) while answers streamed.
+TRAIN_ARGS = "--drift-probes 4 --threads 1"
 HTTP_S = 600  # an answer, a checkpoint, a rollback
 
 
@@ -92,7 +95,7 @@ def stack(tmp_path_factory, default_model_dir):
     untouched model's greedy answers and headers, asked before anything is trained."""
     model_dir = tmp_path_factory.mktemp("versions") / "model"
     shutil.copytree(default_model_dir, model_dir)
-    s = Stack(tmp_path_factory.mktemp("run"), model_dir, train_args="--drift-probes 4")
+    s = Stack(tmp_path_factory.mktemp("run"), model_dir, train_args=TRAIN_ARGS)
     s.model_dir = model_dir
     try:
         s.baseline = [ask(s, p) for p in PROMPTS]

@@ -20,6 +20,7 @@ from server.engine.tokenization import Encoded
 from tests.support import ROOT
 from tests.support.health import wait_healthy
 from tests.support.tiny_models import make_tiny_chat_model
+from tests.support.zygote import Zygote
 from weight_mapping import attach
 
 E = Encoded([1, 2, 3], [-100, 2, 3])
@@ -74,26 +75,32 @@ def test_compaction_keeps_every_state_and_drops_finished_tokens(tmp_path):
     # the counter moves on after the rebase: one more applied step of the batch is seen
     assert replay(path, applied_steps=5).unfinished == (["e32", "e33"], 2)
 
+@pytest.fixture
+def servers():
+    """Training-server processes (`python -m server`), each forked fresh from one process
+    that imported it once (tests/support/zygote.py)."""
+    with Zygote("server.__main__", stderr=subprocess.DEVNULL) as zygote:
+        yield zygote
+
+
 def test_kill_9_mid_batch_trains_every_acknowledged_example_exactly_once(
-        tmp_path, default_model_dir, owner_factory):
+        tmp_path, default_model_dir, owner_factory, servers):
     model_dir = _tiny_chat_model(tmp_path, default_model_dir)
     _, export_dir = owner_factory(model_dir)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     journal = tmp_path / "examples.jsonl"
-    cmd = [sys.executable, "-m", "server", "--export-dir", str(export_dir), "--port", str(port),
-           "--batch-size", "1", "--max-steps-per-batch", "1", "--learned-prob", "1",
-           "--journal", str(journal), "--threads", "1",
-           "--guard", "none", "--drift-probes", "0"]  # the journal's test: no probe passes
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["--export-dir", str(export_dir), "--port", str(port),
+            "--batch-size", "1", "--max-steps-per-batch", "1", "--learned-prob", "1",
+            "--journal", str(journal), "--threads", "1",
+            "--guard", "none", "--drift-probes", "0"]  # the journal's test: no probe passes
     acked: list[str] = []
     rejected = 0
     lost = 0  # requests whose connection died with the server: outcome unknown to the client
     rng = random.Random(7)
 
     def start():
-        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = servers.spawn(*args, talk=False)
         wait_healthy(url, timeout=60, proc=proc)
         return proc
 

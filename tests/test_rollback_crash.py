@@ -4,11 +4,8 @@ training server on the export finishes the interrupted rollback before anything 
 live weights hold one whole version too, the one asked for."""
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import torch
@@ -16,8 +13,9 @@ from safetensors.torch import save_file
 
 from checkpoint import Checkpointer, Retention
 from checkpoint.__main__ import main as checkpoint_cli
-from tests.support import ROOT
+from tests.support.states import one_value
 from tests.support.tiny_models import make_tiny_model
+from tests.support.zygote import Zygote
 from weight_mapping import attach, build_model, load_config
 
 BIG = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
@@ -34,9 +32,7 @@ def _fill(params, k):
 def _live_state(params) -> int:
     states = set()
     for i, (name, p) in enumerate(params.items()):
-        values = p.detach().unique()
-        assert values.numel() == 1, f"{name} holds a mix of versions: {values[:4]}"
-        states.add(round((values.item() - i) / 10))
+        states.add(round((one_value(p, name) - i) / 10))
     assert len(states) == 1, f"parameters of different versions: {states}"
     return states.pop()
 
@@ -65,43 +61,42 @@ def test_kill_9_during_live_rollbacks(tmp_path, owner_factory):
     del ck
     file_bytes = (model_dir / "model.safetensors").read_bytes()
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     marker = export_dir / "rollback.json"
     rng = random.Random(5)
     outcomes = {"finished at restart": 0, "whole": 0}
     expected = None
     # At least 30 kills, and more (up to 90) until 10 landed inside a rollback: how many do
-    # depends on the machine's speed, what the test checks does not.
+    # depends on the machine's speed, what the test checks does not. Each child is a fresh
+    # process forked from one that imported the child's modules once (tests/support/zygote.py).
     kills = 0
-    while True:
-        last = kills >= 30 and (outcomes["finished at restart"] >= 10 or kills >= 90)
-        child = subprocess.Popen([sys.executable, "-m", "tests.support.crash_rollback_child",
-                                  str(model_dir), str(export_dir)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        assert child.stdout.readline().strip() == "ready"
-        state = _live_state(live)  # the child finished what its predecessor left
-        if expected is not None:
-            assert state == expected, (state, expected)
-        if last:  # one more start has checked the last kill
-            child.kill()
+    with Zygote("tests.support.crash_rollback_child") as zygote:
+        while True:
+            last = kills >= 30 and (outcomes["finished at restart"] >= 10 or kills >= 90)
+            child = zygote.spawn(str(model_dir), str(export_dir))
+            assert child.stdout.readline().strip() == "ready"
+            state = _live_state(live)  # the child finished what its predecessor left
+            if expected is not None:
+                assert state == expected, (state, expected)
+            if last:  # one more start has checked the last kill
+                child.kill()
+                child.wait()
+                break
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            time.sleep(rng.uniform(0.5, 3.0))
+            child.send_signal(signal.SIGKILL)
             child.wait()
-            break
-        child.stdin.write("go\n")
-        child.stdin.flush()
-        time.sleep(rng.uniform(0.5, 3.0))
-        child.send_signal(signal.SIGKILL)
-        child.wait()
-        kills += 1
-        expected = None
-        if marker.exists():  # killed inside a rollback: the next child completes it
-            to = json.loads(marker.read_text())["to"]
-            expected = {"original": 0}.get(to, to)
-            outcomes["finished at restart"] += 1
-        else:
-            outcomes["whole"] += 1
-            _live_state(live)
-        assert (model_dir / "model.safetensors").read_bytes() == file_bytes  # never written
-        assert checkpoint_cli(["verify", str(model_dir)]) == 0
+            kills += 1
+            expected = None
+            if marker.exists():  # killed inside a rollback: the next child completes it
+                to = json.loads(marker.read_text())["to"]
+                expected = {"original": 0}.get(to, to)
+                outcomes["finished at restart"] += 1
+            else:
+                outcomes["whole"] += 1
+                _live_state(live)
+            assert (model_dir / "model.safetensors").read_bytes() == file_bytes  # never written
+            assert checkpoint_cli(["verify", str(model_dir)]) == 0
     print(f"\nkill -9 outcomes: {outcomes}")
     assert outcomes["finished at restart"] >= 10
     # The owner is closed by its fixture, after this frame's views into its memory are gone:

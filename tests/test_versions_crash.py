@@ -2,11 +2,8 @@
 syncs that keep history. After recovery the files hold one whole version and verify passes.
 (A live rollback's kill -9 test is in tests/test_rollback_crash.py.)"""
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import torch
@@ -14,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from checkpoint import Checkpointer, Retention, recover
 from checkpoint.__main__ import main as checkpoint_cli
-from tests.support import ROOT
+from tests.support.states import one_value
+from tests.support.zygote import Zygote
 
 N = 4
 
@@ -24,31 +22,30 @@ def _state(model_dir) -> int:
     on_disk = load_file(model_dir / "model.safetensors")
     states = set()
     for i in range(N):
-        values = on_disk[f"t{i}"].unique()
-        assert values.numel() == 1, f"t{i} holds a mix of versions: {values[:5]}"
-        states.add(int(values.item() - i) // 10)
+        states.add(int(one_value(on_disk[f"t{i}"], f"t{i}") - i) // 10)
     assert len(states) == 1, f"tensors from different versions: {states}"
     return states.pop()
 
 
 def _kills(model_dir, args, rng, check) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    """30 children (fresh processes forked from one that imported the child module once:
+    tests/support/zygote.py), each killed at a random moment, then recovery."""
     outcomes = {"before": 0, "after": 0}
-    for _ in range(30):
-        child = subprocess.Popen([sys.executable, "-m", args[0], str(model_dir), *args[1:]],
-                                 stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 1.5))
-        child.send_signal(signal.SIGKILL)
-        lines = child.stdout.read().splitlines()
-        child.wait()
-        recover(model_dir)
-        begun = [ln.split()[1:] for ln in lines if ln.startswith("begin")]
-        done = lines[-1].startswith("done") if lines else True
-        if begun and not done:
-            outcomes[check(_state(model_dir), begun[-1])] += 1
-        else:
-            _state(model_dir)
+    with Zygote(args[0]) as zygote:
+        for _ in range(30):
+            child = zygote.spawn(str(model_dir), *args[1:])
+            assert child.stdout.readline().strip() == "ready"
+            time.sleep(rng.uniform(0.0, 1.5))
+            child.send_signal(signal.SIGKILL)
+            lines = child.stdout.read().splitlines()
+            child.wait()
+            recover(model_dir)
+            begun = [ln.split()[1:] for ln in lines if ln.startswith("begin")]
+            done = lines[-1].startswith("done") if lines else True
+            if begun and not done:
+                outcomes[check(_state(model_dir), begun[-1])] += 1
+            else:
+                _state(model_dir)
     print(f"\nkill -9 outcomes: {outcomes}")
     assert checkpoint_cli(["verify", str(model_dir)]) == 0
     return outcomes

@@ -3,7 +3,9 @@ contract without vLLM. End-to-end tests use the real launcher instead (support/s
 
 from __future__ import annotations
 
+import hashlib
 import time
+from pathlib import Path
 
 import torch
 from fastapi.testclient import TestClient
@@ -14,6 +16,22 @@ from server.app import create_app
 from server.engine.wiring import assemble, retention
 from server.settings import Settings
 from tests.support.tiny_models import CONFIGS
+
+# Where app engines keep the drift reference and the null-space guard's bases made from the
+# weights they started with (tests/conftest.py sets it per session; None: not kept). Answering
+# the 230 probes and fitting the guard cost ~4 s per app; every app starts from the same tiny
+# Llama, so all but the first load them, through the product's own cache (Monitor.shared).
+MONITOR_CACHE: Path | None = None
+
+
+def _cache_key(model: torch.nn.Module, settings: Settings) -> str:
+    """The starting weights, bit for bit, and the settings the reference and guard depend
+    on."""
+    h = hashlib.sha256(repr((settings.guard, settings.guard_eps, settings.probe_file)).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def tiny_llama(tokenizer) -> torch.nn.Module:
@@ -34,8 +52,13 @@ def app_client(tokenizer, model_dir=None, **settings) -> tuple[TestClient, torch
                                     history=retention(s))
 
     def build(settings: Settings):
-        return assemble(settings, model, tokenizer, model_path=str(model_dir),
-                        checkpointer=checkpointer)
+        engine = assemble(settings, model, tokenizer, model_path=str(model_dir),
+                          checkpointer=checkpointer)
+        monitor = engine.trainer.monitor
+        if MONITOR_CACHE is not None and monitor is not None and monitor.shared is None:
+            key = _cache_key(model, settings)
+            monitor.shared = MONITOR_CACHE / f"probe-reference-{key}.pt"
+        return engine
 
     # a loopback Host, as a local client sends (the default "testserver" is refused)
     return TestClient(create_app(s, build=build), base_url="http://localhost"), model
