@@ -194,6 +194,25 @@ def test_null_space_guard_leaves_protected_inputs_unchanged():
     assert not torch.allclose(layer(x), x @ (layer.weight + 0.5 * layer.weight.grad).T)
 
 
+def test_guard_bases_loaded_from_disk_protect_as_exactly_as_fitted(tmp_path):
+    """The bases are kept in fp16 (a restart loads them): loaded, they must still make the
+    gradient miss the protected span (I - B Bᵀ a projector), not leak ~0.1% into it."""
+    from server.engine.nullspace import NullSpaceGuard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
+    fitted = NullSpaceGuard(model, eps=1e-3)
+    fitted._install({"0": "0"}, {"0": torch.linalg.qr(torch.randn(64, 20))[0]})
+    fitted.save(tmp_path / "guard.pt", "tag")
+    fitted.remove()
+    loaded = NullSpaceGuard(model, eps=1e-3)
+    assert loaded.load(tmp_path / "guard.pt", "tag")
+    layer, basis = model[0], model[0].null_guard_basis
+    layer(torch.randn(16, 64)).pow(2).sum().backward()
+    leak = (layer.weight.grad @ basis).norm() / layer.weight.grad.norm()
+    assert leak <= 1e-5, f"{leak:.1e} of the gradient lies in the protected span"
+
+
 def test_the_guarded_update_leaves_the_protected_inputs_unchanged(tokenizer):
     """Through the server: after a lesson with --guard nullspace every trained matrix's
     change ΔW maps the protected input directions to (numerically) zero, and norms stay."""

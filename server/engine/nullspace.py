@@ -138,7 +138,10 @@ class NullSpaceGuard:
         if saved["eps"] != self.eps or saved["tag"] != tag or \
                 set(saved["key_of"]) != set(self.layers):
             return False
-        self._install(saved["key_of"], saved["bases"])
+        # Kept in fp16, a basis is orthonormal to ~1e-3 only, and I - B Bᵀ then lets ~0.1% of
+        # an update into the directions it protects: orthonormalised again (same span).
+        bases = {k: torch.linalg.qr(b.float())[0].contiguous() for k, b in saved["bases"].items()}
+        self._install(saved["key_of"], bases)
         log.info("null-space guard: %d layers, bases from %s", len(self.layers), path)
         return True
 
