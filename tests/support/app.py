@@ -22,9 +22,11 @@ def tiny_llama(tokenizer) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(CONFIGS["llama"](vocab_size=len(tokenizer)))
 
 
-def app_client(tokenizer, model_dir=None, **settings) -> tuple[TestClient, torch.nn.Module]:
+def app_client(tokenizer, model_dir=None, coordinator=None,
+               **settings) -> tuple[TestClient, torch.nn.Module]:
     """A client of an app whose engine trains a tiny model in this process; with `model_dir`
-    the model is saved there first and checkpoints write into it."""
+    the model is saved there first and checkpoints write into it; `coordinator`: what it
+    coordinates with (default: nothing, engine/coordination.Standalone)."""
     model = tiny_llama(tokenizer)
     s = Settings(export_dir="unused", **settings)
     checkpointer = None
@@ -35,7 +37,7 @@ def app_client(tokenizer, model_dir=None, **settings) -> tuple[TestClient, torch
 
     def build(settings: Settings):
         return assemble(settings, model, tokenizer, model_path=str(model_dir),
-                        checkpointer=checkpointer)
+                        checkpointer=checkpointer, coordinator=coordinator)
 
     # a loopback Host, as a local client sends (the default "testserver" is refused)
     return TestClient(create_app(s, build=build), base_url="http://localhost"), model
