@@ -86,11 +86,13 @@ def _release(worker) -> None:
     worker._apollo_lock.release_step()
 
 
-def _step_size(scheduler_output) -> tuple[int, int]:
-    """(tokens, requests) vLLM scheduled for this step; zeros if it does not say."""
+def _step_size(scheduler_output) -> tuple[int, int] | None:
+    """(tokens, requests) vLLM scheduled for this step; None if it does not say."""
+    tokens = getattr(scheduler_output, "total_num_scheduled_tokens", None)
     per_request = getattr(scheduler_output, "num_scheduled_tokens", None)
-    return (int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0),
-            len(per_request) if isinstance(per_request, dict) else 0)
+    if not isinstance(tokens, int) or not isinstance(per_request, dict):
+        return None
+    return tokens, len(per_request)
 
 
 def _acquire(worker, lock: StepLock, scheduler_output=None) -> None:
@@ -106,8 +108,10 @@ def _acquire(worker, lock: StepLock, scheduler_output=None) -> None:
         worker._apollo_waited.add(waited)
     worker._apollo_held = held
     record = getattr(worker, "_apollo_load", None)
-    if record is not None:
-        tokens, requests = _step_size(scheduler_output)
+    size = _step_size(scheduler_output)
+    # an empty step (vLLM runs one to retire finished requests) is no serving load
+    if record is not None and size != (0, 0):
+        tokens, requests = size or (0, 0)
         record.step_started(time.monotonic_ns(), tokens=tokens, requests=requests,
                             lock_wait_ns=waited)
     if not held:

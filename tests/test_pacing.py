@@ -184,6 +184,9 @@ print("ready", flush=True)
 for _ in range(int(sys.argv[2])):
     execute(worker, out)
     sample(worker, None)
+empty = types.SimpleNamespace(total_num_scheduled_tokens=0, num_scheduled_tokens={})
+execute(worker, empty)  # vLLM retiring finished requests: no load
+sample(worker, None)
 print("done", flush=True)
 """
 
