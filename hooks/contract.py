@@ -3,7 +3,8 @@ names in the export directory, the format version, and the durable way each file
 Both sides import it, so the contract is written once.
 
 Per tensor-parallel rank r: ``rank{r}.handles`` (tensor handles), ``rank{r}.json`` (the
-manifest, written last), ``rank{r}.turnstile`` / ``rank{r}.lock`` (the step lock); shared by
+manifest, written last), ``rank{r}.turnstile`` / ``rank{r}.lock`` (the step lock),
+``rank{r}.load`` (the serving load record, hooks/load.py); shared by
 all ranks: ``{name}.counter`` (8-byte counters; ``weights.counter`` is the live weight version,
 packed as below). docs/architecture.md describes each.
 """
@@ -45,6 +46,11 @@ def handles_path(export_dir: str | os.PathLike, rank: int) -> Path:
 def lock_paths(export_dir: str | os.PathLike, rank: int) -> tuple[Path, Path]:
     d = Path(export_dir)
     return d / f"rank{rank}.turnstile", d / f"rank{rank}.lock"
+
+
+def load_path(export_dir: str | os.PathLike, rank: int) -> Path:
+    """The serving load record rank r's worker keeps (hooks/load.py)."""
+    return Path(export_dir) / f"rank{rank}.load"
 
 
 def trainer_lock_path(export_dir: str | os.PathLike) -> Path:

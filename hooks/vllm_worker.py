@@ -20,6 +20,7 @@ import torch
 from hooks.compat import check_version
 from hooks.consistency import STEP_LOCK_TIMEOUT, StepLock, UpdateCounter
 from hooks.export import export_module
+from hooks.load import LoadRecord
 from hooks.sharding import parameter_shards
 
 logger = logging.getLogger("vllm_apollo.hooks")
@@ -59,6 +60,7 @@ def _exporting_load_model(original, export_dir: str):
             self._apollo_lock = StepLock(export_dir, rank)
             self._apollo_waited = UpdateCounter(export_dir, f"rank{rank}.stall_ns")
             self._apollo_unlocked = UpdateCounter(export_dir, f"rank{rank}.unlocked_steps")
+            self._apollo_load = LoadRecord(export_dir, rank)  # for the trainer's pacing
         self._apollo_cuda = next(model.parameters()).is_cuda
         path = export_module(model, export_dir, model_path=self.model_config.model, rank=rank,
                              world_size=world,
@@ -72,6 +74,10 @@ def _exporting_load_model(original, export_dir: str):
 
 
 def _release(worker) -> None:
+    """End of an engine step: recorded in the load record, and the lock let go if held."""
+    record = getattr(worker, "_apollo_load", None)
+    if record is not None:
+        record.step_ended(time.monotonic_ns())
     if not getattr(worker, "_apollo_held", False):
         return  # a step that ran without the lock (hooks/consistency.py)
     if worker._apollo_cuda:  # the step's kernels must finish before a writer may start
@@ -80,16 +86,34 @@ def _release(worker) -> None:
     worker._apollo_lock.release_step()
 
 
-def _acquire(worker, lock: StepLock) -> None:
+def _step_size(scheduler_output) -> tuple[int, int] | None:
+    """(tokens, requests) vLLM scheduled for this step; None if it does not say."""
+    tokens = getattr(scheduler_output, "total_num_scheduled_tokens", None)
+    per_request = getattr(scheduler_output, "num_scheduled_tokens", None)
+    if not isinstance(tokens, int) or not isinstance(per_request, dict):
+        return None
+    return tokens, len(per_request)
+
+
+def _acquire(worker, lock: StepLock, scheduler_output=None) -> None:
     """The step lock for this engine step, waiting at most STEP_LOCK_TIMEOUT s; past it the
     step (and the next ones, until the holder lets go) run without it, counted and logged."""
     was_bypassing = lock.bypassing
     t0 = time.perf_counter_ns()
     held = lock.acquire_step(STEP_LOCK_TIMEOUT)
     waited = time.perf_counter_ns() - t0
-    if waited > 20_000:  # count real waits (for a writer), not the syscalls' cost
+    if waited <= 20_000:  # count real waits (for a writer), not the syscalls' cost
+        waited = 0
+    else:
         worker._apollo_waited.add(waited)
     worker._apollo_held = held
+    record = getattr(worker, "_apollo_load", None)
+    size = _step_size(scheduler_output)
+    # an empty step (vLLM runs one to retire finished requests) is no serving load
+    if record is not None and size != (0, 0):
+        tokens, requests = size or (0, 0)
+        record.step_started(time.monotonic_ns(), tokens=tokens, requests=requests,
+                            lock_wait_ns=waited)
     if not held:
         worker._apollo_unlocked.bump()
         if not was_bypassing:
@@ -112,7 +136,7 @@ def _locked_execute_model(original):
         if lock is None:
             return original(self, *args, **kwargs)
         if not getattr(self, "_apollo_held", False):
-            _acquire(self, lock)
+            _acquire(self, lock, args[0] if args else kwargs.get("scheduler_output"))
         try:
             out = original(self, *args, **kwargs)
         except BaseException:
@@ -132,8 +156,8 @@ def _locked_sample_tokens(original):
         try:
             return original(self, *args, **kwargs)
         finally:
-            if getattr(self, "_apollo_held", False):
-                _release(self)
+            if getattr(self, "_apollo_lock", None) is not None:
+                _release(self)  # ends the step (a no-op for the lock when not held)
 
     sample_tokens.__apollo_patched__ = True
     return sample_tokens

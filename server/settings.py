@@ -150,6 +150,14 @@ class Settings:
     served_model_name: str = _opt("", "comma-separated names vLLM serves the model under "
                                       "(its --served-model-name), accepted as a fine-tuning "
                                       "job's model besides the model's path")
+    train_share: float = _opt(1.0, "share of wall time the trainer's forward and backward may "
+                                   "take while vLLM is serving: after each chunk of training "
+                                   "work that overlapped serving it waits (1-F)/F times the "
+                                   "chunk's time, or until serving goes idle (docs/service.md"
+                                   "#training-in-the-gaps); 1: never wait")
+    train_max_wait: float = _opt(10.0, "most seconds the trainer waits for serving per "
+                                       "optimizer step (--train-share): at least one step per "
+                                       "this plus the step's own time, however busy serving is")
     optimizer_mode: str = _opt("standard", "standard: all gradients, then one step written "
                                            "atomically for vLLM; layerwise: each parameter "
                                            "stepped during backward (lowest memory; an engine "
@@ -168,6 +176,10 @@ class Settings:
                              "--dpo-sft-weight must be at least 0")
         if self.drift_budget > 0 and self.drift_probes <= 0:
             raise ValueError("--drift-budget needs --drift-probes > 0 (the gate measures them)")
+        if not 0 < self.train_share <= 1:
+            raise ValueError("--train-share must be in (0, 1]")
+        if self.train_max_wait < 0:
+            raise ValueError("--train-max-wait must be at least 0")
         if self.max_steps_per_batch < 1:
             raise ValueError("--max-steps-per-batch must be at least 1")
         if not self.api_key and not is_loopback(self.host):

@@ -22,6 +22,7 @@ from hooks.contract import (
     process_start,
     trainer_lock_path,
 )
+from hooks.load import LoadRecord
 from weight_mapping.sharded import ShardSpec
 from weight_mapping.trust import check_dir, load_handles, read_private
 
@@ -71,6 +72,10 @@ class Export:
     def step_lock(self) -> StepLock:
         """The lock vLLM's worker holds per engine step; write weights under .write()."""
         return StepLock(self.export_dir, int(self.manifest["rank"]))
+
+    def serving_load(self) -> LoadRecord:
+        """The load record rank 0's worker updates every engine step (hooks/load.py)."""
+        return LoadRecord(self.export_dir, 0)
 
     def update_counter(self, name: str = "updates") -> UpdateCounter:
         """"updates": bump it after applied updates and vLLM drops KV computed with old

@@ -7,7 +7,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import PlainTextResponse
 
 from server.api.deps import EngineDep
-from server.api.schemas import Health, Memory, Status
+from server.api.schemas import Health, Memory, PacingState, ServingLoadState, Status
 from weight_mapping import shares_storage
 
 router = APIRouter()
@@ -39,7 +39,18 @@ def status(engine: EngineDep) -> Status:
                   drift=_drift(engine), drift_budget=engine.settings.drift_budget or None,
                   undone_batches=s.undone_batches,
                   learned_without_steps=s.learned_without_steps,
-                  **_weights(engine))
+                  **_weights(engine), **_pacing(engine))
+
+
+def _pacing(engine) -> dict:
+    pacer = engine.trainer.pacer
+    now = pacer.meter.sample() if pacer.meter is not None else None
+    last = pacer.last
+    return {"pacing": PacingState(
+                train_share=pacer.share, max_wait_seconds=pacer.max_wait,
+                last_seen=ServingLoadState(**last.as_dict()) if last else None,
+                **vars(pacer.stats)),
+            "serving_load": ServingLoadState(**now.as_dict()) if now else None}
 
 
 def _weights(engine) -> dict:
@@ -83,6 +94,21 @@ def metrics(engine: EngineDep) -> str:
          is None else named),
         ("rollbacks_total", "counter", engine.versions.rollbacks if engine.versions else 0),
     ]
+    pacer = trainer.pacer
+    rows += [("train_share", "gauge", pacer.share),
+             ("trainer_waited_seconds_total", "counter", pacer.stats.waited_seconds),
+             ("trainer_waits_total", "counter", pacer.stats.waits),
+             ("trainer_capped_waits_total", "counter", pacer.stats.capped_waits),
+             ("trainer_busy_chunks_total", "counter", pacer.stats.busy_chunks),
+             ("trainer_busy_train_seconds_total", "counter", pacer.stats.busy_train_seconds)]
+    if pacer.meter is not None and (load := pacer.meter.sample()) is not None:
+        rows += [("serving_busy", "gauge", load.busy),
+                 ("serving_engine_steps_total", "counter", load.engine_steps),
+                 ("serving_engine_steps_per_second", "gauge", load.engine_steps_per_second),
+                 ("serving_busy_share", "gauge", load.busy_share),
+                 ("serving_tokens_per_second", "gauge", load.tokens_per_second),
+                 ("serving_requests", "gauge", load.requests),
+                 ("serving_lock_wait_seconds_total", "counter", load.lock_wait_seconds)]
     drift = _drift(engine)
     if drift is not None:
         rows += [("drift_mean_kl", "gauge", drift["mean_kl"]),

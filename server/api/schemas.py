@@ -309,6 +309,33 @@ class Memory(BaseModel):
     uss_bytes: int  # this process's unique memory
 
 
+class ServingLoadState(BaseModel):
+    """vLLM's load as the trainer reads it from the worker's record (no HTTP)."""
+
+    busy: bool  # an engine step is running or ended less than 0.25 s ago
+    engine_steps: int
+    engine_steps_per_second: float  # over the last ~2 s
+    busy_share: float  # share of that time inside engine steps
+    tokens_per_second: float
+    requests: int  # in the latest engine step
+    seconds_since_step: float | None
+    lock_wait_seconds: float  # engine steps' total wait for the trainer's writes
+
+
+class PacingState(BaseModel):
+    """How the trainer paced itself around serving (--train-share)."""
+
+    train_share: float
+    max_wait_seconds: float  # per optimizer step (--train-max-wait)
+    waited_seconds: float  # total time the trainer waited for serving
+    waits: int  # chunks of training work it delayed
+    capped_waits: int  # waits cut short by --train-max-wait
+    chunks: int
+    busy_chunks: int  # chunks that overlapped serving
+    busy_train_seconds: float  # their time
+    last_seen: ServingLoadState | None  # the load it saw at its latest chunk
+
+
 class Status(BaseModel):
     optimizer_steps: int
     last_loss: float | None
@@ -333,3 +360,5 @@ class Status(BaseModel):
     weight_version: int = 0  # bumped by every change of the live weights
     weight_checkpoint: int | None = None  # the checkpoint version they equal, if any
     last_rollback: RollbackResult | None = None
+    pacing: PacingState | None = None
+    serving_load: ServingLoadState | None = None  # now; None: no vLLM load record

@@ -1,5 +1,6 @@
 """How the trainer's in-place writes meet vLLM's engine steps: the step lock, the
-prefix-cache policy and the applied-step counter (hooks/consistency.py is vLLM's side).
+prefix-cache policy, the applied-step counter (hooks/consistency.py is vLLM's side) and the
+serving load vLLM's worker publishes (hooks/load.py; the trainer paces itself by it).
 
 `Standalone` is the same interface with nothing to coordinate with (unit tests, a model
 trained on its own); `VllmCoordinator` talks to vLLM's export."""
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 
 from server.engine.distributed import Group
 from server.engine.weight_version import WeightVersion
-from weight_mapping import WEIGHT_VERSION, Export
+from weight_mapping import WEIGHT_VERSION, Export, LoadSnapshot
 
 
 class Standalone:
@@ -40,6 +41,10 @@ class Standalone:
 
     def vllm_stall_seconds(self) -> float:
         return 0.0
+
+    def serving_load(self) -> LoadSnapshot | None:
+        """vLLM's load record, read now; None: no serving to pace against."""
+        return None
 
     def vllm_unlocked_steps(self) -> int:
         return 0
@@ -69,6 +74,8 @@ class VllmCoordinator(Standalone):
         self._vllm_unlocked = export.update_counter("rank0.unlocked_steps")
         if self._leader:  # read by vLLM's response header (hooks/version_header.py)
             self.version = WeightVersion(export.update_counter(WEIGHT_VERSION))
+        # rank 0's worker keeps it; the other trainer ranks follow rank 0's pace anyway
+        self._load = export.serving_load() if self._leader else None
         self._policy = prefix_cache_reset
         self._interval = None if prefix_cache_reset in ("always", "never") \
             else float(prefix_cache_reset)
@@ -97,6 +104,9 @@ class VllmCoordinator(Standalone):
     def vllm_stall_seconds(self) -> float:
         """Time vLLM's worker actually waited for writes, as it measured it."""
         return self._vllm_waited.read() / 1e9
+
+    def serving_load(self) -> LoadSnapshot | None:
+        return self._load.read() if self._load is not None else None
 
     def vllm_unlocked_steps(self) -> int:
         """Engine steps vLLM ran without the step lock because a writer held it past the

@@ -5,6 +5,9 @@ vLLM's tensors, runs inside `coordinator.write()`, which excludes vLLM's engine 
 --strict-drift the window spans the whole batch and its drift measurement). Before each step
 the batch's own forward pass says whether its targets are already learned; if so it stops. A
 non-finite loss or gradient ends the batch with nothing written (standard mode).
+
+The work runs in chunks (forward; backward with the step; the drift probes), and before each
+one the `Pacer` may wait while vLLM is serving (--train-share, server/engine/pacing.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from server.engine.coordination import Standalone
 from server.engine.drift import Drift
 from server.engine.locality import Monitor, PreImage
 from server.engine.objective import Objective, Weights
+from server.engine.pacing import LoadMeter, Pacer
 from server.engine.records import TrainerStats
 from server.engine.tokenization import Encoded
 from server.settings import Settings
@@ -84,6 +88,8 @@ class Stepper:
         self.guard = settings.guard
         self.guard_probes, self.guard_weight = settings.guard_probes, settings.guard_weight
         self.device = next(model.parameters()).device
+        self.pacer = Pacer(LoadMeter(coordinator.serving_load), settings.train_share,
+                           settings.train_max_wait)
         # Held while weights change (optimizer step) and while a checkpoint reads them, so a
         # checkpoint is a snapshot between two steps.
         self.weights_lock = threading.Lock()
@@ -148,7 +154,8 @@ class Stepper:
             outcome = self._steps(batch, max_steps, beta)
             if outcome.failed or outcome.steps == 0 or not self.measure:
                 return outcome
-            outcome.drift = self.monitor.measure_next(self.model)
+            with self.pacer.chunk(wait=not self._held):
+                outcome.drift = self.monitor.measure_next(self.model)
             if gated and not outcome.drift.mean_kl <= self.budget:
                 with self._window():
                     preimage.restore()
@@ -169,8 +176,9 @@ class Stepper:
                 if steps:
                     self.stats.trained_tokens += sum(e.num_targets for e in batch)
                 return Outcome(steps, note=f"stopped after {steps} steps: cancelled")
-            t0 = time.perf_counter()
-            loss, done = objective(self.model)
+            t0, waited0 = time.perf_counter(), self.pacer.stats.waited_seconds
+            with self.pacer.chunk(wait=not self._held):
+                loss, done = objective(self.model)
             if FAULT == "nan-loss":
                 loss = loss * float("nan")
             value = float(loss.detach())
@@ -185,19 +193,23 @@ class Stepper:
             if steps == max_steps:
                 note = f"not fully learned in {steps} steps (--max-steps-per-batch)"
                 break
-            if self.guard == "distill" and self.monitor is not None:
-                loss = loss + self.guard_weight * self.monitor.guard_loss(self.model,
-                                                                          self.guard_probes)
-            applied = self._backward_and_step(loss)
+            with self.pacer.chunk(wait=not self._held):
+                if self.guard == "distill" and self.monitor is not None:
+                    loss = loss + self.guard_weight * self.monitor.guard_loss(
+                        self.model, self.guard_probes)
+                applied = self._backward_and_step(loss)
             self.optimizer.zero_grad(set_to_none=True)
             if not applied:
                 return Outcome(steps, failed="non-finite gradient; " + (
                     "the parameters with finite gradients were updated (layer-wise mode)"
                     if self.layerwise else self._changed(steps)))
             steps += 1
+            self.pacer.step_done()
             self.stats.optimizer_steps += 1
             self.stats.last_loss = value
-            self.stats.last_step_seconds = time.perf_counter() - t0
+            # the step's own time: what it waited for serving is not part of it
+            self.stats.last_step_seconds = time.perf_counter() - t0 - (
+                self.pacer.stats.waited_seconds - waited0)
             self.stats.train_seconds += self.stats.last_step_seconds
             log.info("step %d loss %.4f (%d examples, step %d of at most %d, %.2fs, write "
                      "%.1f ms)", self.stats.optimizer_steps, value, len(batch), steps,

@@ -87,6 +87,11 @@ class Trainer:
         return self.stepper.weights_lock
 
     @property
+    def pacer(self):
+        """How the trainer paces itself around serving (engine/pacing.py)."""
+        return self.stepper.pacer
+
+    @property
     def stepped(self) -> set[int]:
         """id() of the parameters stepped since the last checkpoint."""
         return self.stepper.stepped

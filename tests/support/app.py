@@ -40,9 +40,11 @@ def tiny_llama(tokenizer) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(CONFIGS["llama"](vocab_size=len(tokenizer)))
 
 
-def app_client(tokenizer, model_dir=None, **settings) -> tuple[TestClient, torch.nn.Module]:
+def app_client(tokenizer, model_dir=None, coordinator=None,
+               **settings) -> tuple[TestClient, torch.nn.Module]:
     """A client of an app whose engine trains a tiny model in this process; with `model_dir`
-    the model is saved there first and checkpoints write into it."""
+    the model is saved there first and checkpoints write into it; `coordinator`: what it
+    coordinates with (default: nothing, engine/coordination.Standalone)."""
     model = tiny_llama(tokenizer)
     s = Settings(export_dir="unused", **settings)
     checkpointer = None
@@ -53,7 +55,7 @@ def app_client(tokenizer, model_dir=None, **settings) -> tuple[TestClient, torch
 
     def build(settings: Settings):
         engine = assemble(settings, model, tokenizer, model_path=str(model_dir),
-                          checkpointer=checkpointer)
+                          checkpointer=checkpointer, coordinator=coordinator)
         monitor = engine.trainer.monitor
         if MONITOR_CACHE is not None and monitor is not None and monitor.shared is None:
             key = _cache_key(model, settings)
