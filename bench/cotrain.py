@@ -15,6 +15,9 @@ the served weights live in the owner and are mapped here without being allocated
 every row counts exactly what training adds to them (a trainer copy included). Each row
 runs guarded: an error (an OOM) is reported in its row and the next row still runs.
 bench/gpu_check.py runs this as one step of the GPU kit.
+
+Over 300 lines on purpose: the bench and its stand-in owner are one program the GPU kit copies
+and runs as a unit, and its rows are only comparable when set up by the same code side by side.
 """
 
 from __future__ import annotations

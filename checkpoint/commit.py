@@ -16,6 +16,9 @@ And two ways to make the sync atomic:
   Recovery undoes a sync whose record exists but whose version is not listed.
 * **no history** (a redo log, checkpoint/journal.py): the new chunks go to the journal, files
   written whole are named in it; it commits by its rename, and recovery replays it.
+
+Over 300 lines on purpose: the write ways and the atomicity ways share one commit order, and
+crash safety depends on reading that order whole.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ Beside the model, in ``MODEL_DIR/.apollo/history/``:
 The directory may come from anyone, like the model: nothing in it is trusted. Names must be
 plain, every chunk must lie inside one tensor of the layout, blobs are regular files opened
 without following links, and every byte read back is checked against its CRC.
+
+Over 300 lines on purpose: the store's format, its untrusting reader and its retention are one
+file format; split, a writer could drift from what the reader checks.
 """
 
 from __future__ import annotations

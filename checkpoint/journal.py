@@ -24,6 +24,9 @@ renames it over ``F``. It may also carry the history store's new ``versions.json
 ``durable=False`` skips the fsyncs: still all-or-nothing when a *process* dies (the page
 cache survives it), but an OS crash or power loss may then lose or tear the last sync — the
 same guarantee as transformers' save_pretrained, which never fsyncs.
+
+Over 300 lines on purpose: the journal's format, its replay checks and recovery are one
+protocol.
 """
 
 from __future__ import annotations

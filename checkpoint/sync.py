@@ -10,6 +10,9 @@ When the tensors the optimizer stepped make up most of a file (`whole_share`), t
 written whole without checksumming first (training changes every element of what it trains):
 the checksums that become the next baseline are computed while the new file is fsynced.
 Every sync is a version (checkpoint/commit.py); with `history` the bytes it overwrote are kept.
+
+Over 300 lines on purpose: change detection and the per-file choice (whole or chunks) are one
+decision made against the same checksums, which also become the next baseline.
 """
 
 from __future__ import annotations

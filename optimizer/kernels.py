@@ -15,6 +15,10 @@
 
 Elsewhere (CPU, fp16, or no Triton) the same maths runs as torch ops (optimizer/rounding.py
 for the write).
+
+Over 300 lines on purpose: each kernel sits beside the code that launches it and picks its
+launch shapes; split, the `fused` path could drift from the shapes it was tuned and checked
+with.
 """
 
 from __future__ import annotations

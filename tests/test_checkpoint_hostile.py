@@ -3,6 +3,9 @@ symbolic and hard links, files replaced behind its back, read-only directories.
 
 Every attack is checked by its effect: a sentinel outside the model directory keeps its bytes
 and mtime, no file appears outside, and the model's own files are unchanged when refused.
+
+Over 300 lines on purpose: one subject (hostile model directories) with one short test per
+attack, all checked by the same sentinel.
 """
 
 import json

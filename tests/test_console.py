@@ -3,7 +3,10 @@ event stream it lives on, the chat proxy to vLLM (against a stand-in vLLM that r
 reaches it) and the keys. A real HTTP server (uvicorn in a thread) around a tiny model, since
 the stream never ends and FastAPI's TestClient waits for a response's end. The page in
 Chromium against that server (jobs, pairs and labels, a server without versions); against the
-real launcher on the default model: test_console_e2e.py."""
+real launcher on the default model: test_console_e2e.py.
+
+Over 300 lines on purpose: one subject (the console's server side) with many short cases
+sharing one server fixture."""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """The OpenAI-compatible files and fine-tuning jobs, driven by the official `openai` client
 against a real training-server process (weights held by a stand-in owner, as vLLM holds
-them); with real vLLM: test_e2e_fine_tuning.py."""
+them); with real vLLM: test_e2e_fine_tuning.py.
+
+Over 300 lines on purpose: one subject (the OpenAI-compatible API) with many short cases
+sharing one server process."""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """checkpoint/: every checkpoint a version; the history store keeps what each overwrote, so the
 files can be reverted to any kept version bit for bit; retention; a damaged or hostile store
-changes nothing."""
+changes nothing.
+
+Over 300 lines on purpose: one subject (the history store) with one short test per behaviour or
+attack."""
 
 import json
 import os

@@ -5,6 +5,9 @@ demonstration, OpenAI's fine-tuning form), `prompt` + `completion` (TRL's form: 
 demonstration, or with `label` a thumbs up / down on that answer), and `input` +
 `preferred_output` + `non_preferred_output` (OpenAI's DPO form: a preference pair). Each
 becomes a `Lesson`: plain conversations the engine's tokenizer encodes.
+
+Over 300 lines on purpose: every request and response model of the API in one place, as
+FastAPI's layout keeps them; each model is short.
 """
 
 from __future__ import annotations

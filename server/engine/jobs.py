@@ -20,6 +20,9 @@ A "dpo" job's lines are preference pairs, encoded as /train encodes one (`prefer
 `encode_lesson`) and trained by the same trainer, so the DPO loss, learn-then-stop and the
 locality guard apply as they do to /train's pairs; its batches carry the job's β as they
 carry its learning-rate scale.
+
+Over 300 lines on purpose: exactly-once across kill -9 is one protocol (journal a slice, submit
+it, take it up after a restart, cancel it) whose steps must be read together.
 """
 
 from __future__ import annotations

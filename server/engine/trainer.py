@@ -7,6 +7,9 @@ outcome in the example log, and runs the after-batch hooks.
 A batch is a run of queued examples of one group (live examples have none; a fine-tuning job
 is one), so a job's batches are its own: its batch size, learning-rate scale and β hold, and a
 cancelled job's batch can stop at the next step without cutting a live example short.
+
+Over 300 lines on purpose: the queue and its one worker thread are one concurrency unit
+(submit, halt, drain, stop share one lock), read together or not at all.
 """
 
 from __future__ import annotations

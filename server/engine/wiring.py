@@ -3,6 +3,9 @@
 `attach_engine` maps vLLM's export (starting the other trainer ranks under tensor
 parallelism) and hands the model to `assemble`, which adds the optimizer, the example log,
 the trainer and the checkpoint service. Tests assemble an engine around a local model.
+
+Over 300 lines on purpose: it is the one place the engine is wired, so every part that is wired
+appears here.
 """
 
 from __future__ import annotations
