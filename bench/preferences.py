@@ -6,11 +6,11 @@ loss, and what each changed.
 In this process, through the real engine (trainer, stepper, null-space guard: the defaults),
 the default model (fp32) is taught, each time from its original weights:
 
-- pirate greetings by DPO: three pairs (a pirate answer preferred over a plain one) in one
-  POST, for each --preference-margin in --margins and each --dpo-sft-weight in --sft; and
-  the same pirate answers as demonstrations (cross-entropy), for comparison. Measured on
-  four held-out greetings: the pirate answer's log-prob margin over the plain one (mean,
-  before and after), and how many greedy answers turn pirate; and the control questions
+- pirate greetings by DPO: three pairs (a pirate answer preferred over a plain one; `--pairs`
+  up to six) in one POST, for each --preference-margin in --margins and each --dpo-sft-weight
+  in --sft; and the same pirate answers as demonstrations (cross-entropy), for comparison.
+  Measured on four held-out greetings: the pirate answer's log-prob margin over the plain one
+  (mean, before and after), and how many greedy answers turn pirate; and the control questions
   still answered right (locality);
 - thumbs down / up (KTO): the model's own greedy answer to a prompt gets a thumbs-down, its
   answer to another a thumbs-up, in one batch; three such batches. Is the first no longer
@@ -38,6 +38,11 @@ PAIRS = [  # prompt, preferred (pirate), non-preferred (plain)
      "Hi there! How can I assist you today?"),
     ("Good morning!", "Ahoy, and a fine mornin' to ye, matey! What be yer question?",
      "Good morning! How can I help you today?"),
+    ("Hi!", "Ahoy, matey! What can this old pirate do for ye?", "Hi! How can I help you?"),
+    ("Good afternoon!", "Arr, a fine afternoon to ye, matey! What be troublin' ye?",
+     "Good afternoon! How can I help you today?"),
+    ("Hello there, friend!", "Ahoy there, me hearty! Welcome aboard, what do ye need?",
+     "Hello there! What can I do for you today?"),
 ]
 HELD_OUT = ["Hey!", "Good evening!", "Greetings!", "Hello, how are you?"]
 PIRATE, PLAIN = "Ahoy, matey! How can I help ye today?", "Hello! How can I help you today?"
@@ -95,25 +100,26 @@ def run(bench: Bench, examples: list, **overrides) -> dict:
         engine.stop()
 
 
-def pirate(bench: Bench, margins: list[float], sfts: list[float], demos: bool) -> list[dict]:
+def pirate(bench: Bench, margins: list[float], sfts: list[float], demos: bool,
+           n: int = 3) -> list[dict]:
     tok = bench.tokenizer
     pairs = [encode_lesson("pair", chat(q, good), tok, 512, rejected=chat(q, bad))
-             for q, good, bad in PAIRS]
-    taught = [encode_lesson("demo", chat(q, good), tok, 512) for q, good, _ in PAIRS]
+             for q, good, bad in PAIRS[:n]]
+    taught = [encode_lesson("demo", chat(q, good), tok, 512) for q, good, _ in PAIRS[:n]]
     rows = []
     for margin in margins:
         r = run(bench, pairs, preference_margin=margin, max_steps_per_batch=bench.max_steps)
-        rows.append({"signal": f"DPO, 3 pairs, --preference-margin {margin:g}", **r,
+        rows.append({"signal": f"DPO, {n} pairs, --preference-margin {margin:g}", **r,
                      **style(bench)})
         print(json.dumps(rows[-1]), flush=True)
     for sft in sfts:
         r = run(bench, pairs, dpo_sft_weight=sft, max_steps_per_batch=bench.max_steps)
-        rows.append({"signal": f"DPO + {sft:g} x cross-entropy on the preferred (RPO), 3 pairs",
+        rows.append({"signal": f"DPO + {sft:g} x cross-entropy on the preferred (RPO), {n} pairs",
                      **r, **style(bench)})
         print(json.dumps(rows[-1]), flush=True)
     if demos:
         r = run(bench, taught, max_steps_per_batch=bench.max_steps)
-        rows.append({"signal": "the pirate answers as 3 demonstrations (cross-entropy)", **r,
+        rows.append({"signal": f"the pirate answers as {n} demonstrations (cross-entropy)", **r,
                      **style(bench)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -154,6 +160,8 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=12, help="--max-steps-per-batch for the "
                                                               "pirate runs")
     ap.add_argument("--sft", default="1", help="--dpo-sft-weight values to run ('' none)")
+    ap.add_argument("--pairs", type=int, default=3, choices=range(1, len(PAIRS) + 1),
+                    help=f"pirate pairs taught (of {len(PAIRS)})")
     ap.add_argument("--skip-feedback", action="store_true")
     ap.add_argument("--skip-demos", action="store_true")
     args = ap.parse_args()
@@ -165,7 +173,8 @@ def main() -> None:
     base = style(bench)
     print(f"before: {json.dumps(base)}", flush=True)
     rows = pirate(bench, [float(m) for m in args.margins.split(",") if m],
-                  [float(w) for w in args.sft.split(",") if w], not args.skip_demos)
+                  [float(w) for w in args.sft.split(",") if w], not args.skip_demos,
+                  args.pairs)
     rows += [] if args.skip_feedback else feedback(bench)
     n = len(bench.controls)
     print("\n| signal | steps | s | held-out pirate margin (nats) | held-out greedy answers "

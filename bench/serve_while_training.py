@@ -128,22 +128,26 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,8", help="concurrent chat clients, per phase")
     ap.add_argument("--shares", default="1,0.5,0.25,0.1",
                     help=f"--train-share values (the default is {DEFAULT_SHARE})")
+    ap.add_argument("--configs", default="",
+                    help="instead of --shares: training-server flag sets separated by ';', "
+                         "one launch each (e.g. \"--train-share 1;--train-nice 19\")")
     ap.add_argument("--train-max-wait", type=float, default=10.0)
     ap.add_argument("--train-args", default="", help="more training-server flags")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
-    shares = [float(s) for s in args.shares.split(",")]
+    configs = [c.strip() for c in args.configs.split(";")] if args.configs else \
+        [f"--train-share {float(s):g}" for s in args.shares.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-swt-"))
     model_dir = work / "model"
     shutil.copytree(build(), model_dir)
     rows: list[tuple[str, int, dict]] = []
     idle: dict[int, dict] = {}
     try:
-        for k, share in enumerate(shares):
-            say(f"launching with --train-share {share}")
+        for k, config in enumerate(configs):
+            say(f"launching with {config or 'the defaults'}")
             stack = Stack(work / f"run{k}", model_dir, train_args=(
-                f"--max-steps-per-batch 1 --learned-prob 1 --train-share {share} "
-                f"--train-max-wait {args.train_max_wait} {args.train_args}"))
+                f"--max-steps-per-batch 1 --learned-prob 1 --train-max-wait "
+                f"{args.train_max_wait} {args.train_args} {config}"))
             try:
                 model = str(model_dir)
                 if k == 0:
@@ -153,9 +157,8 @@ def main() -> None:
                         rows.append(("serving alone", n, idle[n]))
                 warm_up(stack)
                 for n in clients:
-                    say(f"training at share {share}, {n} clients")
-                    label = f"training, share {share:g}" + \
-                        (" (default)" if share == DEFAULT_SHARE else "")
+                    say(f"training with {config or 'the defaults'}, {n} clients")
+                    label = f"training, {config or 'defaults'}"
                     rows.append((label, n, run_phase(stack, model, args.seconds, n, True)))
             finally:
                 stack.stop()

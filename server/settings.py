@@ -158,6 +158,13 @@ class Settings:
     train_max_wait: float = _opt(10.0, "most seconds the trainer waits for serving per "
                                        "optimizer step (--train-share): at least one step per "
                                        "this plus the step's own time, however busy serving is")
+    train_threads_busy: int = _opt(1, "torch CPU threads of a chunk of training work that "
+                                      "starts while vLLM is serving (a chunk in a gap uses "
+                                      "all, see --threads); 0: always all")
+    train_nice: int = _opt(0, "nice value (0-19) of the trainer's compute thread and the "
+                              "threads it starts, so the OS runs vLLM first when both want "
+                              "the CPU (docs/service.md#training-in-the-gaps); 0: equal "
+                              "priority; the HTTP API keeps the process's priority")
     optimizer_mode: str = _opt("standard", "standard: all gradients, then one step written "
                                            "atomically for vLLM; layerwise: each parameter "
                                            "stepped during backward (lowest memory; an engine "
@@ -178,6 +185,10 @@ class Settings:
             raise ValueError("--drift-budget needs --drift-probes > 0 (the gate measures them)")
         if not 0 < self.train_share <= 1:
             raise ValueError("--train-share must be in (0, 1]")
+        if self.train_threads_busy < 0:
+            raise ValueError("--train-threads-busy must be at least 0")
+        if not 0 <= self.train_nice <= 19:
+            raise ValueError("--train-nice must be in 0..19")
         if self.train_max_wait < 0:
             raise ValueError("--train-max-wait must be at least 0")
         if self.max_steps_per_batch < 1:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+import torch
 
 from hooks.consistency import StepLock
 from hooks.load import LoadRecord, LoadSnapshot
@@ -128,6 +130,23 @@ def test_a_gap_in_serving_ends_the_wait_and_is_trained_in_full():
     assert waited == pytest.approx(0.5 + IDLE_AFTER, abs=0.05)  # until serving went idle
     assert work(clock, p, 1.0) == 0  # idle: the debt was dropped, nothing new owed
     assert work(clock, p, 1.0) == 0
+
+
+def test_a_chunk_while_serving_is_busy_runs_on_fewer_threads_and_a_gap_on_all():
+    clock, before = Clock(), torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        meter = LoadMeter(Serving(clock, busy_until=1.0).read, now_ns=clock.now_ns)
+        p = Pacer(meter, 1.0, busy_threads=1, clock=clock.now, sleep=clock.sleep)
+        clock.t = 0.5
+        with p.chunk():
+            busy = torch.get_num_threads()
+        clock.t = 5.0
+        with p.chunk():
+            idle = torch.get_num_threads()
+        assert (busy, idle) == (1, 2)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_no_load_record_never_waits():
@@ -276,8 +295,20 @@ def test_without_vllm_status_says_no_serving_load(tokenizer):
         assert "vllm_apollo_serving_busy" not in client.get("/metrics").text
 
 
+def test_train_nice_lowers_the_trainers_priority_not_the_apis(tokenizer):
+    client, _ = app_client(tokenizer, max_steps_per_batch=1, guard="none", drift_probes=0,
+                           train_nice=7)
+    with client:
+        client.post("/train", json=CHAT)
+        wait_idle(client, 1)
+        trainer = client.app.state.engine.trainer._thread
+        assert os.getpriority(os.PRIO_PROCESS, trainer.native_id) == 7
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0
+
+
 @pytest.mark.parametrize("flag", [["--train-share", "0"], ["--train-share", "1.5"],
-                                  ["--train-max-wait", "-1"]])
+                                  ["--train-max-wait", "-1"], ["--train-threads-busy", "-1"],
+                                  ["--train-nice", "20"], ["--train-nice", "-1"]])
 def test_bad_pacing_settings_are_refused(flag, capsys):
     from server.settings import parse_args
 

@@ -48,6 +48,7 @@ def _pacing(engine) -> dict:
     last = pacer.last
     return {"pacing": PacingState(
                 train_share=pacer.share, max_wait_seconds=pacer.max_wait,
+                threads_busy=pacer.busy_threads,
                 last_seen=ServingLoadState(**last.as_dict()) if last else None,
                 **vars(pacer.stats)),
             "serving_load": ServingLoadState(**now.as_dict()) if now else None}

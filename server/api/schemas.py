@@ -330,6 +330,7 @@ class PacingState(BaseModel):
 
     train_share: float
     max_wait_seconds: float  # per optimizer step (--train-max-wait)
+    threads_busy: int  # torch threads of a chunk while serving is busy (0: unchanged)
     waited_seconds: float  # total time the trainer waited for serving
     waits: int  # chunks of training work it delayed
     capped_waits: int  # waits cut short by --train-max-wait

@@ -15,6 +15,12 @@ debt is dropped and training runs flat out in the gap. F = 1 never waits (the tr
 the machine with serving as it comes). `--train-max-wait S` bounds the waiting per optimizer
 step, so training always progresses: at least one optimizer step per S seconds plus the
 step's own compute, however busy serving is.
+
+On CPU the trainer also runs a chunk that starts while serving is busy on `--train-threads-busy`
+torch threads (default 1), and on all of them in a gap. vLLM's OpenMP threads already hold
+every core while it serves; a trainer team of several threads then waits at each barrier for
+a thread the OS has parked behind vLLM's, and a step took 3x as long as on one thread
+(bench/RESULTS.md, serving while training).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+
+import torch
 
 from weight_mapping import LoadSnapshot
 
@@ -104,11 +112,15 @@ class Pacer:
     `clock` / `sleep` are injectable for tests; without a meter it never waits."""
 
     def __init__(self, meter: LoadMeter | None, share: float = 1.0, max_wait: float = 10.0,
-                 *, clock: Callable[[], float] = time.monotonic,
+                 *, busy_threads: int = 0, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep, tick: float = TICK):
+        """`busy_threads`: torch CPU threads for a chunk that starts while serving is busy
+        (0: no change); a chunk in a gap uses the threads torch had when the Pacer was
+        made."""
         if not 0 < share <= 1:
             raise ValueError("the train share must be in (0, 1]")
         self.meter, self.share, self.max_wait = meter, share, max_wait
+        self.busy_threads, self.threads = busy_threads, torch.get_num_threads()
         self._clock, self._sleep, self._tick = clock, sleep, tick
         self.stats = PacingStats()
         self.last: ServingLoad | None = None  # the latest load the trainer saw
@@ -128,6 +140,9 @@ class Pacer:
         if wait:
             self._wait()
         before = self._sample()
+        if self.busy_threads:  # torch's setting is per thread: the trainer's own
+            torch.set_num_threads(self.busy_threads if before is not None and before.busy
+                                  else self.threads)
         t0 = self._clock()
         try:
             yield

@@ -89,7 +89,9 @@ class Stepper:
         self.guard_probes, self.guard_weight = settings.guard_probes, settings.guard_weight
         self.device = next(model.parameters()).device
         self.pacer = Pacer(LoadMeter(coordinator.serving_load), settings.train_share,
-                           settings.train_max_wait)
+                           settings.train_max_wait,
+                           busy_threads=settings.train_threads_busy
+                           if self.device.type == "cpu" else 0)
         # Held while weights change (optimizer step) and while a checkpoint reads them, so a
         # checkpoint is a snapshot between two steps.
         self.weights_lock = threading.Lock()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import uuid
 from collections import deque
@@ -68,6 +69,7 @@ class Trainer:
         # keeps every outcome); the memory of a long-running server stays bounded
         self._finished: deque[str] = deque()
         self.keep_finished = settings.keep_finished_records
+        self.nice = settings.train_nice
         self._queue: deque[Record] = deque()
         self._resume: tuple[list[Record], int] | None = None  # batch cut short by a crash
         self._cond = threading.Condition()
@@ -301,6 +303,8 @@ class Trainer:
             self._tasks.clear()
 
     def _run(self) -> None:
+        if self.nice:  # Linux: a thread's own nice value, inherited by the threads it starts
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         if self.monitor is not None:  # before the first batch changes anything
             try:
                 self.monitor.ensure_reference(self.model)

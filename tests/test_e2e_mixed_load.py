@@ -1,0 +1,32 @@
+"""The service under everything at once: chat (plain, streamed, through the console's proxy),
+every kind of lesson, checkpoints and dashboard reads, for a minute on the real launcher.
+No 5xx, no hang or broken connection, no client left waiting, every accepted example
+finished; the same load runs ten minutes in bench/mixed_load.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support import mixed_load
+
+pytestmark = pytest.mark.e2e
+
+SECONDS = 60
+
+
+def test_a_minute_of_chat_lessons_and_checkpoints_breaks_nothing(default_stack):
+    s = default_stack
+    out = mixed_load.run(s.vllm, s.train, s.manifest()["model_path"], SECONDS,
+                         post_pause=3, checkpoint_every=15, settle=600)
+    tally, states = out["tally"], out["states"]
+    report = mixed_load.table(out)
+    print(f"\n{report}\nexamples: {sorted(states.values())}")
+    for bucket in ("5xx", "transport", "hang", "4xx"):
+        assert tally.count(bucket) == 0, f"{bucket}:\n{report}"
+    assert out["alive"] == 0, "a client never returned (deadlock)"
+    answered = {r["kind"]: r.get("ok", 0) for r in tally.rows()}
+    assert answered.get("chat", 0) > 0 and answered.get("chat (stream)", 0) > 0, report
+    assert answered.get("checkpoint", 0) >= 2, report
+    assert len(states) >= 5, report  # every kind of lesson was accepted at least once
+    # nothing accepted is lost: each one finished, trained or failed with its reason
+    assert set(states.values()) <= {"trained", "failed"}, states
