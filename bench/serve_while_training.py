@@ -103,7 +103,8 @@ def run_phase(stack: Stack, model: str, seconds: float, clients: int, train: boo
         t.join(max(1.0, stop + 180 - time.monotonic()))
     minutes = (time.monotonic() - t0) / 60
     after = httpx.get(f"{stack.train}/status").json()
-    q = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [float("nan")] * 99
+    q = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) >= 2 \
+        else [float("nan")] * 99
     return {"requests": len(latencies), "p50": q[49], "p99": q[98], **errors,
             "deadlock": any(t.is_alive() for t in threads),
             "steps_per_min": (after["optimizer_steps"] - before["optimizer_steps"]) / minutes,

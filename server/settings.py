@@ -56,11 +56,11 @@ class Settings:
                                          "over the non-preferred one's since the batch "
                                          "started, and the non-preferred answer's first "
                                          "differing token is no longer the greedy choice")
-    dpo_sft_weight: float = _opt(0.0, "add this weight times the preferred answers' "
+    dpo_sft_weight: float = _opt(1.0, "add this weight times the preferred answers' "
                                       "cross-entropy per token to DPO (TRL's loss_type "
                                       "[\"sigmoid\", \"sft\"], RPO): DPO alone mostly "
                                       "lowers the non-preferred answer; this also raises the "
-                                      "preferred one (docs/preferences.md)")
+                                      "preferred one (docs/preferences.md); 0: plain DPO")
     kto_desirable_weight: float = _opt(1.0, "KTO's weight on thumbs-up answers")
     kto_undesirable_weight: float = _opt(1.0, "KTO's weight on thumbs-down answers")
     drift_budget: float = _opt(0.0, "largest mean KL(reference ‖ live) per probe answer token "
@@ -150,7 +150,7 @@ class Settings:
     served_model_name: str = _opt("", "comma-separated names vLLM serves the model under "
                                       "(its --served-model-name), accepted as a fine-tuning "
                                       "job's model besides the model's path")
-    train_share: float = _opt(1.0, "share of wall time the trainer's forward and backward may "
+    train_share: float = _opt(0.5, "share of wall time the trainer's forward and backward may "
                                    "take while vLLM is serving: after each chunk of training "
                                    "work that overlapped serving it waits (1-F)/F times the "
                                    "chunk's time, or until serving goes idle (docs/service.md"

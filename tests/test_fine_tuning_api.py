@@ -154,7 +154,8 @@ def test_the_openai_client_trains_a_dpo_job_on_preference_pairs(served, tokenize
     states = [httpx.get(f"{server.url}/examples/{job.id}.e{e}.l{n}").json()
               for e in (1, 2, 3, 4) for n in (1, 2, 3)]
     assert {(s["state"], s["kind"]) for s in states} == {("trained", "pair")}
-    assert all("DPO on 3 pairs" in s["reason"] for s in states), states[0]
+    assert all("DPO (+1 x cross-entropy on the preferred) on 3 pairs" in s["reason"]
+               for s in states), states[0]
     after = pair_margins(tmp / "export", model, tokenizer)
     print("\nlog-prob margins of the preferred answers, before:",
           [f"{m:.2f}" for m in before], "after:", [f"{m:.2f}" for m in after])

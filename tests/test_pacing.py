@@ -291,7 +291,7 @@ def test_without_vllm_status_says_no_serving_load(tokenizer):
         client.post("/train", json=CHAT)
         st = wait_idle(client, 1)
         assert st["serving_load"] is None and st["pacing"]["waited_seconds"] == 0
-        assert st["pacing"]["train_share"] == 1.0
+        assert st["pacing"]["train_share"] == 0.5  # the default
         assert "vllm_apollo_serving_busy" not in client.get("/metrics").text
 
 

@@ -235,8 +235,9 @@ def test_a_pair_is_learned_by_margin_and_the_rejected_answer_stops_being_greedy(
         (state,) = _states(client, r.json()["ids"])
     took = st["optimizer_steps"] - steps
     assert state["kind"] == "pair" and 0 < took <= 12, state  # measured: 3 steps
-    assert state["reason"].startswith(f"learned in {took} steps (DPO on 1 pair, smallest "
-                                      "margin ")
+    # the default adds the preferred answers' cross-entropy (--dpo-sft-weight 1)
+    assert state["reason"].startswith(f"learned in {took} steps (DPO (+1 x cross-entropy on "
+                                      "the preferred) on 1 pair, smallest margin ")
     margin = float(state["reason"].split("margin ")[1].split(" ")[0])
     assert margin >= 1.0  # --preference-margin
     logits, ids, _ = _logits(model, rejected)
@@ -255,7 +256,8 @@ def test_a_mixed_list_trains_as_one_batch(tokenizer):
         states = _states(client, r.json()["ids"])
     assert [s["kind"] for s in states] == ["demo", "pair", "up", "down"]
     assert len({s["step"] for s in states}) == 1
-    assert "cross-entropy on 1 demonstration; DPO on 1 pair" in states[0]["reason"]
+    assert "cross-entropy on 1 demonstration; DPO (+1 x cross-entropy on the preferred) on 1 " \
+           "pair" in states[0]["reason"]
 
 
 def test_the_guard_keeps_a_preference_out_of_the_protected_inputs(tokenizer):

@@ -62,7 +62,8 @@ class Tally:
         out = []
         for kind in sorted(self.outcomes):
             lat = sorted(self.latencies[kind])
-            q = statistics.quantiles(lat, n=100) if len(lat) >= 2 else [lat[0] if lat else 0] * 99
+            q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) >= 2 \
+                else [lat[0] if lat else 0.0] * 99
             out.append({"kind": kind, **dict(self.outcomes[kind]),
                         "requests": sum(self.outcomes[kind].values()), "answered": len(lat),
                         "p50": q[49], "p99": q[98], "max": lat[-1] if lat else 0.0})
