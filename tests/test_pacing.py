@@ -1,6 +1,9 @@
 """Training in the gaps: the pacer against fake load records and a fake clock, the hook's
 load record written by the hook's own step wrappers in another process, and /status and
-/metrics showing what the trainer waited and saw."""
+/metrics showing what the trainer waited and saw, the trainer's threads and priority.
+
+Over 300 lines on purpose: one subject (pacing) with many short cases sharing one fake clock
+and one fake vLLM."""
 
 from __future__ import annotations
 
