@@ -19,7 +19,7 @@ from pathlib import Path
 
 from server.default_model import build
 from tests.support import mixed_load
-from tests.support.stack import Stack
+from tests.support.stack import Stack, model_copy
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
     try:
         model_dir = work / "model"
-        shutil.copytree(build(), model_dir)
+        model_copy(build(), model_dir)
         stack = Stack(work / "run", model_dir, train_args=args.train_args)
         try:
             out = mixed_load.run(stack.vllm, stack.train, str(model_dir), args.minutes * 60,

@@ -32,7 +32,7 @@ import httpx
 
 from server.default_model import build
 from server.settings import Settings
-from tests.support.stack import Stack
+from tests.support.stack import Stack, model_copy
 
 QUESTIONS = ["What is your name?", "Name a fruit.", "What is 2 + 2?", "Say hello.",
              "What color is the sky?", "Who wrote Hamlet?", "Give me a word.", "Count to 3."]
@@ -140,7 +140,7 @@ def main() -> None:
         [f"--train-share {float(s):g}" for s in args.shares.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-swt-"))
     model_dir = work / "model"
-    shutil.copytree(build(), model_dir)
+    model_copy(build(), model_dir)
     rows: list[tuple[str, int, dict]] = []
     idle: dict[int, dict] = {}
     try:

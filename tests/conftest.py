@@ -50,15 +50,26 @@ def default_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def default_stack(tmp_path_factory) -> Iterator[Stack]:
-    """The launcher on the default model with the training server's default settings, started
+    """The launcher on a copy of the default model with the training server's default
+    settings (and vLLM in float32, as the launcher serves the default model), started
     once per session for every test that asks for it (a start costs ~35 s on 2 cores, more
     when loaded). Tests sharing it must not depend on each other's order or on an untouched
     model: each asks for the answers it compares against itself, and teaches facts no other
     test asks about."""
-    s = Stack(tmp_path_factory.mktemp("default_stack"))
+    from server.default_model import build
+    from tests.support.stack import model_copy
+
+    # on a copy: its checkpoints (the mixed-load test's) must not change the cached model
+    # every other test, and the next run, start from
+    cached = build()
+    files = {f: f.stat().st_mtime_ns for f in cached.glob("*.safetensors")}
+    model_dir = model_copy(cached, tmp_path_factory.mktemp("default_model") / "model")
+    s = Stack(tmp_path_factory.mktemp("default_stack"), model_dir)
     yield s
     if s.proc.poll() is None:
         s.stop()  # SIGTERM: the launcher stops the servers it started in their own sessions
+    assert {f: f.stat().st_mtime_ns for f in cached.glob("*.safetensors")} == files, \
+        "the shared launcher wrote into the cached default model"
 
 
 @pytest.fixture(scope="session")

@@ -14,14 +14,13 @@ Chromium is required, not optional (tests/support/browser.py): scripts/test.sh i
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.support import ROOT
 from tests.support.browser import chromium
-from tests.support.stack import Stack
+from tests.support.stack import Stack, model_copy
 
 pytestmark = pytest.mark.e2e
 KEY = "console-e2e-key"
@@ -36,8 +35,7 @@ def stack(tmp_path_factory, default_model_dir):
     """The launcher with a key, on a copy of the default model (the test checkpoints and
     rolls back). The fixture to swap for a shared launcher that has a key."""
     model_dir = tmp_path_factory.mktemp("console") / "model"
-    shutil.copytree(default_model_dir, model_dir,  # the guard's cached fit comes along
-                    ignore=shutil.ignore_patterns("examples*", "*.lock"))
+    model_copy(default_model_dir, model_dir)  # the guard's cached fit comes along
     s = Stack(tmp_path_factory.mktemp("run"), model_dir, env={"VLLM_APOLLO_API_KEY": KEY})
     s.key = KEY
     yield s

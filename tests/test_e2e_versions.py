@@ -10,7 +10,6 @@ Timeouts are generous: on a loaded 2-core machine vLLM alone takes minutes to st
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ import httpx
 import pytest
 
 from tests.support import ROOT
-from tests.support.stack import Stack
+from tests.support.stack import Stack, model_copy
 
 pytestmark = pytest.mark.e2e
 # Three made-up facts (question, answer, key) the untouched model cannot know; the launcher's
@@ -94,7 +93,7 @@ def stack(tmp_path_factory, default_model_dir):
     """The launcher on a copy of the default model (checkpoints write into it), and the
     untouched model's greedy answers and headers, asked before anything is trained."""
     model_dir = tmp_path_factory.mktemp("versions") / "model"
-    shutil.copytree(default_model_dir, model_dir)
+    model_copy(default_model_dir, model_dir)
     s = Stack(tmp_path_factory.mktemp("run"), model_dir, train_args=TRAIN_ARGS)
     s.model_dir = model_dir
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -15,6 +16,17 @@ import psutil
 from server.engine.distributed import free_port
 from tests.support import ROOT
 from tests.support.health import wait_healthy
+
+
+def model_copy(source: Path, target: Path) -> Path:
+    """A private copy of a model directory to serve, train and checkpoint: its files and the
+    cached drift reference and guard fits (.apollo/*.pt), never its history store or example
+    log, so a copy starts at version 0 with nothing queued, whatever ran on `source` before.
+    Checkpoints then write into the copy, never into the user's cached default model."""
+    shutil.copytree(source, target, ignore=lambda d, names: [
+        n for n in names if n.endswith(".lock") or (Path(d).name == ".apollo" and not
+                                                    n.endswith(".pt"))])
+    return target
 
 
 class Stack:
