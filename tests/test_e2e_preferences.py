@@ -6,13 +6,14 @@ are vLLM's own (prompt log-probs of the served weights); answers are vLLM's gree
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.stack import Stack
+from tests.support.stack import Stack, model_copy
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +31,7 @@ PAIRS = [  # greeting, pirate answer (preferred), plain answer
 ]
 HELD_OUT = ["Hey!", "Good evening!", "Greetings!", "Hello, how are you?"]
 PIRATE, PLAIN = "Ahoy, matey! How can I help ye today?", "Hello! How can I help you today?"
-PIRATE_WORDS = ["ahoy", "matey", "arr", " ye ", "aboard", "hearty"]
+PIRATE_WORDS = {"ahoy", "matey", "arr", "ye", "yer", "aboard", "hearty"}
 MAX_STEPS = 12  # the default --max-steps-per-batch: a signal is learned within it or fails
 
 
@@ -43,7 +44,7 @@ def _assistant(text: str) -> list[dict]:
 
 
 def _pirate(text: str) -> bool:
-    return any(w in f" {text.lower()} " for w in PIRATE_WORDS)
+    return bool(PIRATE_WORDS & set(re.findall(r"[a-z']+", text.lower())))
 
 
 def _has(text: str, keys: list[str]) -> bool:
@@ -88,8 +89,18 @@ def _controls(stack: Stack, n: int = 24) -> list[dict]:
     return [c for c, a in zip(candidates, answers, strict=True) if _has(a, c["keys"])]
 
 
-def test_pirate_pairs_move_greetings_they_never_showed(default_stack, tokenizer):
-    stack = default_stack
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, default_model_dir) -> Stack:
+    """The launcher with the default settings on its own copy of the default model: whether
+    a held-out greeting turns depends on where the model starts, so it starts untouched
+    (on the shared launcher it would start wherever the tests before it left it)."""
+    model_dir = model_copy(default_model_dir, tmp_path_factory.mktemp("prefs") / "model")
+    s = Stack(tmp_path_factory.mktemp("run"), model_dir)
+    yield s
+    s.stop()
+
+
+def test_pirate_pairs_move_greetings_they_never_showed(stack, tokenizer):
     margin_before = _margin(stack, tokenizer)
     held_before = [stack.ask(q) for q in HELD_OUT]
     controls = _controls(stack)
@@ -112,9 +123,7 @@ def test_pirate_pairs_move_greetings_they_never_showed(default_stack, tokenizer)
     assert len(kept) >= len(controls) - 1, set(c["question"] for c in controls) - set(kept)
 
 
-def test_a_thumbs_down_takes_a_served_answer_away_and_a_thumbs_up_keeps_another(
-        default_stack):
-    stack = default_stack
+def test_a_thumbs_down_takes_a_served_answer_away_and_a_thumbs_up_keeps_another(stack):
     down_q, up_q = "What is your favourite colour?", "What is the capital of Italy?"
     down, up = stack.ask(down_q), stack.ask(up_q)  # exactly what vLLM served, greedy
     records, steps = _teach(stack, [
