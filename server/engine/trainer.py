@@ -306,9 +306,12 @@ class Trainer:
         if self.nice:  # Linux: a thread's own nice value, inherited by the threads it starts
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         if self.monitor is not None:  # before the first batch changes anything
-            try:
-                self.monitor.ensure_reference(self.model)
-                self.monitor.ensure_guard(self.model)
+            try:  # one chunk: on one thread while vLLM serves (engine/pacing.py); on two,
+                # behind vLLM's threads, a first start under chat load trained nothing for
+                # ten minutes (bench/mixed_load.py)
+                with self.pacer.chunk(wait=False):
+                    self.monitor.ensure_reference(self.model)
+                    self.monitor.ensure_guard(self.model)
             except Exception:  # the stepper tries again before each batch, which fails
                 log.exception("the drift reference or the guard could not be made")
         try:
