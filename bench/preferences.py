@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -32,20 +33,11 @@ from bench.locality import Bench, answer, has, teach
 from server.engine.loss import greedy_mismatch, sequence_logps
 from server.engine.tokenization import encode_lesson
 
-PAIRS = [  # prompt, preferred (pirate), non-preferred (plain)
-    ("Hello!", "Ahoy, matey! What brings ye aboard today?", "Hello! How can I help you today?"),
-    ("Hi there!", "Arr, ahoy there, matey! How can this old sea dog help ye?",
-     "Hi there! How can I assist you today?"),
-    ("Good morning!", "Ahoy, and a fine mornin' to ye, matey! What be yer question?",
-     "Good morning! How can I help you today?"),
-    ("Hi!", "Ahoy, matey! What can this old pirate do for ye?", "Hi! How can I help you?"),
-    ("Good afternoon!", "Arr, a fine afternoon to ye, matey! What be troublin' ye?",
-     "Good afternoon! How can I help you today?"),
-    ("Hello there, friend!", "Ahoy there, me hearty! Welcome aboard, what do ye need?",
-     "Hello there! What can I do for you today?"),
-]
-HELD_OUT = ["Hey!", "Good evening!", "Greetings!", "Hello, how are you?"]
-PIRATE, PLAIN = "Ahoy, matey! How can I help ye today?", "Hello! How can I help you today?"
+# prompt, preferred (pirate), non-preferred (plain); held-out greetings; the two answers
+# whose margin is measured on them (shared with tests/test_e2e_preferences.py)
+_PIRATE = json.loads((Path(__file__).parent / "data/preferences/pirate.json").read_text())
+PAIRS = [tuple(p) for p in _PIRATE["pairs"]]
+HELD_OUT, PIRATE, PLAIN = _PIRATE["held_out"], _PIRATE["pirate"], _PIRATE["plain"]
 PIRATE_WORDS = ["ahoy", "matey", "arr", " ye ", "aboard"]
 FEEDBACK = [  # thumbs-down on the served answer to the first, thumbs-up on the second's
     ("What is your favourite colour?", "What is the capital of France?"),

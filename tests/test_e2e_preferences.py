@@ -17,20 +17,12 @@ from tests.support.stack import Stack, model_copy
 
 pytestmark = pytest.mark.e2e
 
-PAIRS = [  # greeting, pirate answer (preferred), plain answer
-    ("Hello!", "Ahoy, matey! What brings ye aboard today?", "Hello! How can I help you today?"),
-    ("Hi there!", "Arr, ahoy there, matey! How can this old sea dog help ye?",
-     "Hi there! How can I assist you today?"),
-    ("Good morning!", "Ahoy, and a fine mornin' to ye, matey! What be yer question?",
-     "Good morning! How can I help you today?"),
-    ("Hi!", "Ahoy, matey! What can this old pirate do for ye?", "Hi! How can I help you?"),
-    ("Good afternoon!", "Arr, a fine afternoon to ye, matey! What be troublin' ye?",
-     "Good afternoon! How can I help you today?"),
-    ("Hello there, friend!", "Ahoy there, me hearty! Welcome aboard, what do ye need?",
-     "Hello there! What can I do for you today?"),
-]
-HELD_OUT = ["Hey!", "Good evening!", "Greetings!", "Hello, how are you?"]
-PIRATE, PLAIN = "Ahoy, matey! How can I help ye today?", "Hello! How can I help you today?"
+# greeting, pirate answer (preferred), plain answer; held-out greetings; the answers whose
+# margin is measured (the same set as bench/preferences.py)
+_PIRATE = json.loads((Path(__file__).parent.parent / "bench/data/preferences/pirate.json")
+                     .read_text())
+PAIRS = [tuple(p) for p in _PIRATE["pairs"]]
+HELD_OUT, PIRATE, PLAIN = _PIRATE["held_out"], _PIRATE["pirate"], _PIRATE["plain"]
 PIRATE_WORDS = {"ahoy", "matey", "arr", "ye", "yer", "aboard", "hearty"}
 MAX_STEPS = 12  # the default --max-steps-per-batch: a signal is learned within it or fails
 
