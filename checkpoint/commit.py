@@ -34,7 +34,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import checkpoint.journal as journal
-from checkpoint.durable import Buffer, fsync_dir, pwrite_all, unlink_if_present, write_all
+from checkpoint.durable import (
+    Buffer,
+    Flusher,
+    fsync_dir,
+    pwrite_all,
+    unlink_if_present,
+    write_all,
+)
 from checkpoint.history import (
     INDEX,
     PACK,
@@ -54,22 +61,27 @@ from checkpoint.layout import TensorSlot, read_layout
 NEW = journal.NEW_SUFFIX
 
 
-def copy_range(src: int, dst: int, offset: int, count: int) -> None:
-    """`count` bytes at `offset` of `src` to the same offset of `dst`, in the kernel."""
+def copy_range(src: int, dst: int, offset: int, count: int,
+               flush: Flusher | None = None) -> None:
+    """`count` bytes at `offset` of `src` to the same offset of `dst`, in the kernel;
+    `flush` is told of every piece (at most its `every` bytes each)."""
     done = 0
     while done < count:
+        piece = min(count - done, flush.every) if flush is not None else count - done
         try:
-            n = os.copy_file_range(src, dst, count - done, offset + done, offset + done)
+            n = os.copy_file_range(src, dst, piece, offset + done, offset + done)
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
             n = 0
         if n == 0:  # not supported here: a plain copy
-            data = os.pread(src, min(count - done, 1 << 20), offset + done)
+            data = os.pread(src, min(piece, 1 << 20), offset + done)
             if not data:
                 raise OSError(errno.EIO, "the source file is shorter than its layout")
             n = pwrite_all(dst, data, offset + done)
         done += n
+        if flush is not None:
+            flush.wrote(n)
 
 
 def start_versions(store: Store, slots: Mapping[str, TensorSlot], chunk_bytes: int) -> Versions:
@@ -121,11 +133,13 @@ class Transaction:
         fd = os.open(new, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      stat.S_IMODE(os.fstat(old).st_mode))
         self.whole[name] = fd
+        flush = Flusher(fd, self.durable)  # prepare() fsyncs what is left
         pos = 0
         for offset, data in parts:
-            copy_range(old, fd, pos, offset - pos)
+            copy_range(old, fd, pos, offset - pos, flush)
             pos = offset + pwrite_all(fd, data, offset)
-        copy_range(old, fd, pos, size - pos)
+            flush.wrote(len(data))
+        copy_range(old, fd, pos, size - pos, flush)
         self.bytes_written += size
 
     def add_writes(self, writes: Iterable[journal.Write]) -> None:

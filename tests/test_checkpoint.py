@@ -175,6 +175,42 @@ def test_a_write_that_makes_no_progress_raises_and_the_next_sync_finishes_it(tmp
     assert all(torch.equal(on_disk[k], live[k]) for k in live)
 
 
+def test_a_file_written_whole_is_flushed_as_it_goes(tmp_path, monkeypatch):
+    """A sync that rewrites a whole file never leaves more than FLUSH_BYTES of it unflushed
+    (an fsync elsewhere, the example log's, would wait for all of it); the file is right."""
+    import checkpoint.durable as durable
+
+    torch.manual_seed(0)
+    tensors = {f"model.layers.{i}.w": torch.randn(128, 256) for i in range(8)}  # 1 MiB
+    model_dir = _model_dir(tmp_path, tensors)
+    live = {k: v.clone() for k, v in tensors.items()}
+    ck = Checkpointer(model_dir, live, chunk_bytes=16 * 1024, history=None)
+    with torch.no_grad():
+        for k in list(live)[:6]:
+            live[k].add_(1e-3)  # most of the file: written whole
+    monkeypatch.setattr(durable, "FLUSH_BYTES", 64 * 1024)
+    unflushed, worst = {}, [0]
+    real = {f: getattr(os, f) for f in ("pwrite", "copy_file_range", "fdatasync", "fsync")}
+
+    def count(fd, n):
+        unflushed[fd] = unflushed.get(fd, 0) + n
+        worst[0] = max(worst[0], unflushed[fd])
+        return n
+
+    monkeypatch.setattr(os, "pwrite", lambda fd, d, o: count(fd, real["pwrite"](fd, d, o)))
+    monkeypatch.setattr(os, "copy_file_range", lambda src, dst, n, *a: count(
+        dst, real["copy_file_range"](src, dst, n, *a)))
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (unflushed.pop(fd, 0),
+                                                     real["fdatasync"](fd))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (unflushed.pop(fd, 0), real["fsync"](fd))[1])
+    result = ck.sync()
+    monkeypatch.undo()
+    assert result.whole_files == 1 and result.bytes_written > 8 * 64 * 1024
+    assert worst[0] <= 64 * 1024 + 16 * 1024  # the flush interval and one chunk
+    on_disk = _load_all(model_dir)
+    assert all(torch.equal(on_disk[k], live[k]) for k in live)
+
+
 def test_durable_helpers(tmp_path, monkeypatch):
     from checkpoint.durable import atomic_replace, fsync_dir, pwrite_all, write_all
 

@@ -1,7 +1,8 @@
 """The service under everything at once: chat (plain, streamed, through the console's proxy),
 every kind of lesson, checkpoints and dashboard reads, for a minute on the real launcher.
-No 5xx, no hang or broken connection, no client left waiting, every accepted example
-finished; the same load runs ten minutes in bench/mixed_load.py."""
+No 5xx, no hang or broken connection, no client left waiting, optimizer steps and a
+checkpoint version made during the load, every accepted example finished; the same load runs
+ten minutes in bench/mixed_load.py."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ def test_a_minute_of_chat_lessons_and_checkpoints_breaks_nothing(default_stack):
     assert out["alive"] == 0, "a client never returned (deadlock)"
     answered = {r["kind"]: r.get("ok", 0) for r in tally.rows()}
     assert answered.get("chat", 0) > 0 and answered.get("chat (stream)", 0) > 0, report
-    assert answered.get("checkpoint", 0) >= 2, report
+    # lessons were learned while people chatted, and a checkpoint made a version of them
+    assert out["steps_under_load"] >= 1, report
+    assert any(c.get("version") is not None for c in out["checkpoints"]), \
+        f"no checkpoint under the load wrote a version: {out['checkpoints']}\n{report}"
     assert len(states) >= 5, report  # every kind of lesson was accepted at least once
     # nothing accepted is lost: each one finished, trained or failed with its reason
     assert set(states.values()) <= {"trained", "failed"}, states

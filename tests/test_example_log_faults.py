@@ -253,3 +253,36 @@ def test_the_example_log_is_never_written_through_a_link(tmp_path):
     with pytest.raises(Exception, match="symbolic link"):
         ExampleLog(tmp_path / "log/examples.jsonl")
     assert target.read_text() == "precious\n"
+
+
+def test_reads_do_not_wait_for_a_slow_example_log_fsync(tokenizer, tmp_path, monkeypatch):
+    """A POST /train waits for its fsync (nothing is acknowledged before it is durable), but
+    /status and /metrics do not: a disk busy with a checkpoint's writes stalled every read
+    behind the accepting request's fsync."""
+    import threading
+
+    client, _ = app_client(tokenizer, journal=str(tmp_path / "examples.jsonl"),
+                           max_steps_per_batch=1)
+    with client:
+        fd = client.app.state.engine.example_log._fd
+        real, slow = os.fsync, threading.Event()
+
+        def fsync(f):
+            if f == fd:
+                slow.set()
+                time.sleep(3.0)
+            return real(f)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        posted = {}
+        poster = threading.Thread(target=lambda: posted.update(
+            r=client.post("/train", json=CHAT)))
+        poster.start()
+        assert slow.wait(10)
+        t0 = time.monotonic()
+        for path in ("/status", "/metrics", "/health"):
+            assert client.get(path).status_code == 200
+        took = time.monotonic() - t0
+        poster.join()
+        assert posted["r"].status_code == 202
+        assert took < 1.5, f"reads waited {took:.1f} s for the example log's fsync"

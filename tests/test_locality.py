@@ -236,3 +236,48 @@ def test_the_guarded_update_leaves_the_protected_inputs_unchanged(tokenizer):
     for n, p in model.named_parameters():
         if p.dim() == 1:
             assert torch.equal(p.detach(), before[n]), n  # norms frozen under the guard
+
+
+def test_the_reference_batched_by_length_keeps_each_probe_its_own_answer(tokenizer):
+    """Probes are answered in batches of similar lengths: every answer and its top-k are
+    still the probe's own (the same as answering it alone)."""
+    from tests.support.app import tiny_llama
+
+    model = tiny_llama(tokenizer).eval()
+    prompts = drift.prompt_ids(tokenizer, drift.load_probes())[:12]
+    prompts = prompts[::-1]  # lengths in no order
+    stop = {tokenizer.eos_token_id}
+    batched = drift.build_reference(model, prompts, pad_id=0, stop_ids=stop, batch=5)
+    alone = drift.build_reference(model, prompts, pad_id=0, stop_ids=stop, batch=1)
+    assert len({len(p) for p in prompts}) > 1
+    assert batched.answers == alone.answers
+    for a, b in zip(batched.top_logp, alone.top_logp, strict=True):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_the_guard_fit_skips_the_head_and_matches_the_whole_model(tokenizer):
+    """Unless the LM head is guarded, the fit runs the decoder only (no vocabulary-wide
+    logits): the bases equal those of a fit through the whole model."""
+    from server.engine.nullspace import NullSpaceGuard
+    from tests.support.app import tiny_llama
+
+    model = tiny_llama(tokenizer).eval()
+    model.get_output_embeddings().weight.requires_grad_(False)
+    seqs = drift.prompt_ids(tokenizer, drift.load_probes())[:9]
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    fast = NullSpaceGuard(model, eps=1e-2)
+    fast.fit(model, seqs, pad_id=0, batch=4)
+    assert not calls  # the head never ran
+    handle.remove()
+    fast_bases = {n: m.null_guard_basis.clone() for n, m in fast.layers.items()}
+    fast.remove()
+    model.get_output_embeddings().weight.requires_grad_(True)  # guarded: the whole model
+    whole = NullSpaceGuard(model, eps=1e-2)
+    whole.fit(model, seqs, pad_id=0, batch=4)
+    assert set(whole.layers) == set(fast_bases) | {"lm_head"}
+    for name, b1 in fast_bases.items():
+        b2 = whole.layers[name].null_guard_basis
+        assert b1.shape == b2.shape, name
+        # the same span: each basis projects the other onto itself
+        assert torch.allclose(b1 @ (b1.T @ b2), b2, atol=1e-3), name

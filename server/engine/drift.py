@@ -10,10 +10,11 @@ live) per answer token over those k tokens plus one bucket for the rest of the v
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,29 +98,44 @@ def digest_of(prompts: list[list[int]]) -> str:
 
 @torch.no_grad()
 def build_reference(model: nn.Module, prompts: list[list[int]], *, pad_id: int,
-                    stop_ids: set[int], batch: int = 32) -> Reference:
-    """Greedy answers (up to ANSWER_TOKENS, ending at a stop token) and their top-k."""
-    device = next(model.parameters()).device
+                    stop_ids: set[int], batch: int = 32,
+                    pace: Callable[[], contextlib.AbstractContextManager] =
+                    contextlib.nullcontext) -> Reference:
+    """Greedy answers (up to ANSWER_TOKENS, ending at a stop token) and their top-k.
+    `pace()`: the context each batch of prompts runs in (the trainer's pacing chunk).
+    Batched by length: padding is computed too.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers, top_ids, top_logp = [], [], []
-    for lo in range(0, len(prompts), batch):
-        chunk = prompts[lo:lo + batch]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
-        mask = (torch.arange(width, device=device) >= torch.tensor(
-            [width - len(p) for p in chunk], device=device)[:, None]).long()
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=ANSWER_TOKENS, pad_token_id=pad_id,
-                             eos_token_id=sorted(stop_ids) or None, output_logits=True,
-                             return_dict_in_generate=True)
-        logp = torch.stack(out.logits, 1).float().log_softmax(-1)  # (b, new, vocab)
-        values, indices = logp.topk(TOP_K, dim=-1)
-        for i in range(len(chunk)):
-            new = out.sequences[i, width:].tolist()
-            n = next((j + 1 for j, t in enumerate(new) if t in stop_ids), len(new))
-            answers.append(new[:n])
-            top_ids.append(indices[i, :n].cpu())
-            top_logp.append(values[i, :n].cpu())
-    return Reference(prompts, answers, top_ids, top_logp, digest_of(prompts))
+    for lo in range(0, len(order), batch):
+        with pace():
+            _answer(model, [prompts[i] for i in order[lo:lo + batch]], pad_id, stop_ids,
+                    answers, top_ids, top_logp)
+    back = sorted(range(len(order)), key=order.__getitem__)  # position of prompt i
+    return Reference(prompts, [answers[j] for j in back], [top_ids[j] for j in back],
+                     [top_logp[j] for j in back], digest_of(prompts))
+
+
+def _answer(model: nn.Module, chunk: list[list[int]], pad_id: int, stop_ids: set[int],
+            answers: list, top_ids: list, top_logp: list) -> None:
+    """One batch of build_reference: appends to its three lists."""
+    device = next(model.parameters()).device
+    width = max(map(len, chunk))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+    mask = (torch.arange(width, device=device) >= torch.tensor(
+        [width - len(p) for p in chunk], device=device)[:, None]).long()
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                         max_new_tokens=ANSWER_TOKENS, pad_token_id=pad_id,
+                         eos_token_id=sorted(stop_ids) or None, output_logits=True,
+                         return_dict_in_generate=True)
+    logp = torch.stack(out.logits, 1).float().log_softmax(-1)  # (b, new, vocab)
+    values, indices = logp.topk(TOP_K, dim=-1)
+    for i in range(len(chunk)):
+        new = out.sequences[i, width:].tolist()
+        n = next((j + 1 for j, t in enumerate(new) if t in stop_ids), len(new))
+        answers.append(new[:n])
+        top_ids.append(indices[i, :n].cpu())
+        top_logp.append(values[i, :n].cpu())
 
 
 @dataclass

@@ -8,8 +8,10 @@ same lock as an optimizer step. No second copy lives in accelerator memory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,6 +22,8 @@ from server.engine.drift import Drift, Reference
 from server.engine.nullspace import NullSpaceGuard
 
 log = logging.getLogger("vllm_apollo.drift")
+
+Pace = Callable[[], contextlib.AbstractContextManager]  # one chunk of work (engine/pacing.py)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -71,8 +75,10 @@ class Monitor:
         self._turn = 0
         self._guard_turn = 0
 
-    def ensure_reference(self, model: nn.Module) -> Reference:
-        """Load the stored reference (a restart keeps it), or answer the probes now."""
+    def ensure_reference(self, model: nn.Module,
+                         pace: Pace = contextlib.nullcontext) -> Reference:
+        """Load the stored reference (a restart keeps it), or answer the probes now, each
+        batch of them in a `pace()` chunk."""
         if self.reference is not None:
             return self.reference
         digest = drift.digest_of(self.prompts)
@@ -91,7 +97,7 @@ class Monitor:
                 self._save(self.store)
                 log.info("drift reference: %d probes from %s", len(ref), self.shared)
                 return ref
-        self.rebase(model)
+        self.rebase(model, pace)
         self._save(self.shared)
         return self.reference
 
@@ -104,24 +110,24 @@ class Monitor:
         except OSError as exc:  # a read-only model directory: only the cache is lost
             log.warning("could not keep the drift reference at %s: %s", path, exc)
 
-    def ensure_guard(self, model: nn.Module) -> None:
+    def ensure_guard(self, model: nn.Module, pace: Pace = contextlib.nullcontext) -> None:
         """Fit the null-space guard (if configured) on the probes' inputs, once."""
         if self.null_space_eps is None or (self.guard is not None and self.guard.fitted):
             return
-        ref = self.ensure_reference(model)
+        ref = self.ensure_reference(model, pace)
         self.guard = NullSpaceGuard(model, self.null_space_eps)
         paths = [p.with_name(p.name.replace("probe-reference", "null-guard"))
                  for p in (self.store, self.shared) if p is not None]
         tag = f"{ref.digest}:{drift.digest_of([ref.prompts[i] for i in self.protected])}"
         for path in paths:
             try:
-                if path.exists() and self.guard.load(path, tag):
+                if path.exists() and self.guard.load(path, tag, pace):
                     self._save_guard(paths, tag)
                     return
             except (OSError, RuntimeError, KeyError, ValueError) as exc:
                 log.warning("ignoring the guard's bases in %s: %s", path, exc)
         self.guard.fit(model, [ref.prompts[i] + ref.answers[i] for i in self.protected],
-                       self.pad_id)
+                       self.pad_id, pace=pace)
         self._save_guard(paths, tag)
 
     def _save_guard(self, paths: list[Path], tag: str) -> None:
@@ -132,14 +138,14 @@ class Monitor:
                 except OSError as exc:
                     log.warning("could not keep the guard's bases at %s: %s", path, exc)
 
-    def rebase(self, model: nn.Module) -> None:
+    def rebase(self, model: nn.Module, pace: Pace = contextlib.nullcontext) -> None:
         """The live model's answers become the reference (an explicit request, or the first
         start)."""
         model_was_training = model.training
         model.eval()
         try:
             self.reference = drift.build_reference(model, self.prompts, pad_id=self.pad_id,
-                                                   stop_ids=self.stop_ids)
+                                                   stop_ids=self.stop_ids, pace=pace)
         finally:
             model.train(model_was_training)
         self.last = None

@@ -11,10 +11,11 @@ computes what it computed before. The projection acts on the activations inside 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -66,9 +67,11 @@ class NullSpaceGuard:
 
     @torch.no_grad()
     def fit(self, model: nn.Module, sequences: Sequence[list[int]], pad_id: int,
-            batch: int = 32) -> None:
+            batch: int = 32, pace: Callable[[], contextlib.AbstractContextManager] =
+            contextlib.nullcontext) -> None:
         """Input covariances over `sequences` (probe prompts with their answers), one per
-        distinct input (q/k/v, gate/up share theirs), then their protected bases."""
+        distinct input (q/k/v, gate/up share theirs), then their protected bases. `pace()`:
+        the context each forward batch and each basis runs in (the trainer's pacing chunk)."""
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         key_of: dict[str, str] = {}  # layer -> the first layer that read the same input
@@ -91,6 +94,14 @@ class NullSpaceGuard:
             return pre
 
         handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.layers.items()]
+        # the LM head's logits (vocabulary-wide, at every position) are not needed unless
+        # the head itself is guarded; batched by length, as padding is computed too
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") \
+            else None
+        body = model.get_decoder() if head is not None and head not in self.layers.values() \
+            and hasattr(model, "get_decoder") else None
+        body = body if isinstance(body, nn.Module) else model
+        sequences = sorted(sequences, key=len)
         try:
             for lo in range(0, len(sequences), batch):
                 chunk = sequences[lo:lo + batch]
@@ -100,12 +111,16 @@ class NullSpaceGuard:
                 mask = torch.arange(width, device=device)[None] < torch.tensor(
                     [len(s) for s in chunk], device=device)[:, None]
                 state["mask"] = mask.reshape(-1)
-                model(input_ids=ids, attention_mask=mask.long())
+                with pace():
+                    body(input_ids=ids, attention_mask=mask.long())
                 state["last"] = None
         finally:
             for h in handles:
                 h.remove()
-        bases = {key: self._basis(c) for key, c in cov.items()}
+        bases = {}
+        for key, c in cov.items():
+            with pace():
+                bases[key] = self._basis(c)
         self._install(key_of, bases)
         dims = [b.shape for b in bases.values()]
         log.info("null-space guard: %d layers, %d distinct inputs, %.0f of %.0f input "
@@ -131,16 +146,20 @@ class NullSpaceGuard:
                    tmp)
         tmp.replace(path)
 
-    def load(self, path: Path, tag: str) -> bool:
+    def load(self, path: Path, tag: str, pace: Callable[[], contextlib.AbstractContextManager]
+             = contextlib.nullcontext) -> bool:
         """Install bases fitted earlier on `tag` for these layers and this eps; False if they
-        do not fit (another model, probe set or eps)."""
+        do not fit (another model, probe set or eps). `pace()`: as in fit."""
         saved = torch.load(path, weights_only=True)
         if saved["eps"] != self.eps or saved["tag"] != tag or \
                 set(saved["key_of"]) != set(self.layers):
             return False
         # Kept in fp16, a basis is orthonormal to ~1e-3 only, and I - B Bᵀ then lets ~0.1% of
         # an update into the directions it protects: orthonormalised again (same span).
-        bases = {k: torch.linalg.qr(b.float())[0].contiguous() for k, b in saved["bases"].items()}
+        bases = {}
+        for k, b in saved["bases"].items():
+            with pace():
+                bases[k] = torch.linalg.qr(b.float())[0].contiguous()
         self._install(saved["key_of"], bases)
         log.info("null-space guard: %d layers, bases from %s", len(self.layers), path)
         return True

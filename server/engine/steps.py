@@ -148,8 +148,8 @@ class Stepper:
         drift gate. `beta`: the preference loss's β for this batch (a DPO job's), else
         --beta."""
         if self.monitor is not None:  # no batch changes weights before the reference exists
-            self.monitor.ensure_reference(self.model)
-            self.monitor.ensure_guard(self.model)
+            self.monitor.ensure_reference(self.model, self.pacer.chunk)
+            self.monitor.ensure_guard(self.model, self.pacer.chunk)
         gated = self.budget > 0 and self.measure
         preimage = PreImage(self.model, self.optimizer) if gated else None
         with self._window() if self.strict and gated else contextlib.nullcontext():

@@ -73,11 +73,17 @@ class Trainer:
         self._queue: deque[Record] = deque()
         self._resume: tuple[list[Record], int] | None = None  # batch cut short by a crash
         self._cond = threading.Condition()
+        # one submit at a time, from its checks to its enqueue: its fsync happens outside
+        # _cond, so reads of the queue (/status) never wait for the disk
+        self._admit = threading.Lock()
         self._stop = False
         self._last: Callable | None = None  # run by the worker when it stops
         self._in_flight = 0  # examples taken from the queue, not yet finished
         self._tasks: deque[tuple[Callable, Future]] = deque()
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
+        # set once the worker's one-time preparation (drift reference, guard) is over, made
+        # or failed: the work after it is the examples' and the tasks'
+        self.prepared = threading.Event()
         self.after_batch: list[Callable[[], None]] = []  # run by the worker after each batch
         self.on_trained: list[Callable[[list[str]], None]] = []  # ids of each trained batch
         # Why the worker can no longer train (an outcome it could not log, an error that
@@ -145,30 +151,32 @@ class Trainer:
         """Log (fsync) and queue all of `examples`, or none (raises QueueFull, Unavailable,
         or the example log's NotLogged / LogBroken). `ids`: the caller's own (a job's, which
         must be new), else random ones; `group`, `lr_scale`, `beta`: see Record."""
-        with self._cond:
-            if self.fatal:
-                raise Unavailable(self.fatal)
-            if ids is not None and (len(ids) != len(examples) or len(set(ids)) != len(ids)
-                                    or any(i in self.records for i in ids)):
-                raise ValueError("example ids must be new and one per example")
-            if len(self._queue) + self._in_flight + len(examples) > self.max_queue:
-                raise QueueFull(len(self._queue) + self._in_flight, self.max_queue)
-            tokens = sum(e.tokens for e in examples)
-            if self._tokens + tokens > self.max_queue_tokens:
-                raise QueueFull(self._tokens, self.max_queue_tokens, "tokens")
+        with self._admit:
+            with self._cond:  # the worker only takes from the queue meanwhile
+                if self.fatal:
+                    raise Unavailable(self.fatal)
+                if ids is not None and (len(ids) != len(examples) or len(set(ids)) != len(ids)
+                                        or any(i in self.records for i in ids)):
+                    raise ValueError("example ids must be new and one per example")
+                if len(self._queue) + self._in_flight + len(examples) > self.max_queue:
+                    raise QueueFull(len(self._queue) + self._in_flight, self.max_queue)
+                tokens = sum(e.tokens for e in examples)
+                if self._tokens + tokens > self.max_queue_tokens:
+                    raise QueueFull(self._tokens, self.max_queue_tokens, "tokens")
             recs = [Record(id=i, encoded=e, group=group, lr_scale=lr_scale, beta=beta,
                            kind=e.kind)
                     for i, e in zip(ids or [uuid.uuid4().hex[:16] for _ in examples], examples,
                                     strict=True)]
-            if self.example_log is not None:
+            if self.example_log is not None:  # accepted once logged: queued whatever follows
                 self.example_log.accept([(r.id, r.encoded) for r in recs], group, lr_scale,
                                         beta)
-            for r in recs:
-                self.records[r.id] = r
-                self._queue.append(r)
-            self._tokens += tokens
-            self.stats.accepted += len(recs)
-            self._cond.notify()
+            with self._cond:
+                for r in recs:
+                    self.records[r.id] = r
+                    self._queue.append(r)
+                self._tokens += tokens
+                self.stats.accepted += len(recs)
+                self._cond.notify()
             return [r.id for r in recs]
 
     def withdraw(self, ids: list[str], reason: str) -> list[str]:
@@ -306,14 +314,13 @@ class Trainer:
         if self.nice:  # Linux: a thread's own nice value, inherited by the threads it starts
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
         if self.monitor is not None:  # before the first batch changes anything
-            try:  # one chunk: on one thread while vLLM serves (engine/pacing.py); on two,
-                # behind vLLM's threads, a first start under chat load trained nothing for
-                # ten minutes (bench/mixed_load.py)
-                with self.pacer.chunk(wait=False):
-                    self.monitor.ensure_reference(self.model)
-                    self.monitor.ensure_guard(self.model)
+            try:  # paced like training, a chunk per batch of probes or basis: one thread
+                # while vLLM serves, all in its gaps (engine/pacing.py)
+                self.monitor.ensure_reference(self.model, self.pacer.chunk)
+                self.monitor.ensure_guard(self.model, self.pacer.chunk)
             except Exception:  # the stepper tries again before each batch, which fails
                 log.exception("the drift reference or the guard could not be made")
+        self.prepared.set()
         try:
             self._serve()
         except BaseException as exc:  # nothing ends the worker silently (see self.fatal)

@@ -217,6 +217,23 @@ def _shared_reference(model_path: str, coordinator: Standalone | None) -> Path |
     while vLLM's weights still equal the files (no optimizer step applied since it loaded)."""
     if coordinator is None or coordinator.applied_steps() != 0:
         return None
+    return shared_reference_path(model_path)
+
+
+def prepare(model: nn.Module, tokenizer, model_path: str, settings: Settings) -> None:
+    """Answer the probes and fit the guard on `model`, the weights in `model_path`'s files,
+    into its cache (MODEL_DIR/.apollo): a server started on those files under `settings`
+    then trains from its first request instead of first spending minutes on them."""
+    param_groups(model, settings.lr, settings.train_embeddings,
+                 train_vectors=settings.guard != "nullspace")  # the layers the guard covers
+    monitor = _monitor(settings, tokenizer, None, None, shared_reference_path(model_path))
+    if monitor is not None:
+        monitor.ensure_reference(model)
+        monitor.ensure_guard(model)
+
+
+def shared_reference_path(model_path: str) -> Path | None:
+    """The cache of references made from the model's files as they are on disk now."""
     files = sorted(Path(model_path).glob("*.safetensors"))
     if not files:
         return None

@@ -40,6 +40,17 @@ def tiny_llama(tokenizer) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(CONFIGS["llama"](vocab_size=len(tokenizer)))
 
 
+class _Client(TestClient):
+    """Entered once the trainer's one-time preparation (drift reference, guard) is over: its
+    work (a pacing chunk) then cannot land between two reads a test compares."""
+
+    def __enter__(self):
+        client = super().__enter__()
+        trainer = self.app.state.engine.trainer
+        assert trainer.prepared.wait(120), "the trainer never finished its preparation"
+        return client
+
+
 def app_client(tokenizer, model_dir=None, coordinator=None,
                **settings) -> tuple[TestClient, torch.nn.Module]:
     """A client of an app whose engine trains a tiny model in this process; with `model_dir`
@@ -63,7 +74,7 @@ def app_client(tokenizer, model_dir=None, coordinator=None,
         return engine
 
     # a loopback Host, as a local client sends (the default "testserver" is refused)
-    return TestClient(create_app(s, build=build), base_url="http://localhost"), model
+    return _Client(create_app(s, build=build), base_url="http://localhost"), model
 
 
 def wait_idle(client: TestClient, finished: int, timeout: float = 120) -> dict:

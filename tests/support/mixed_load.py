@@ -89,6 +89,7 @@ def run(vllm: str, train: str, model: str, seconds: float, *, chat_clients: int 
     alive and the seconds the load and the settling took."""
     tally, stop = Tally(), time.monotonic() + seconds
     serial = iter(range(10**9))
+    checkpoints: list[dict] = []  # the answers of the checkpoints made under the load
 
     def call(kind: str, client: httpx.Client, method: str, url: str, **kw) -> httpx.Response:
         t0 = time.perf_counter()
@@ -136,7 +137,9 @@ def run(vllm: str, train: str, model: str, seconds: float, *, chat_clients: int 
         with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
             while time.monotonic() + checkpoint_every < stop:
                 time.sleep(checkpoint_every)
-                call("checkpoint", client, "POST", f"{train}/checkpoint")
+                r = call("checkpoint", client, "POST", f"{train}/checkpoint")
+                if r is not None and r.status_code == 200:
+                    checkpoints.append(r.json())
 
     def watch() -> None:
         with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
@@ -149,6 +152,7 @@ def run(vllm: str, train: str, model: str, seconds: float, *, chat_clients: int 
     threads += [threading.Thread(target=post, daemon=True) for _ in range(posters)]
     threads += [threading.Thread(target=checkpoint, daemon=True),
                 threading.Thread(target=watch, daemon=True)]
+    steps0 = httpx.get(f"{train}/status", timeout=60).json()["optimizer_steps"]
     t0 = time.monotonic()
     for t in threads:
         t.start()
@@ -156,9 +160,11 @@ def run(vllm: str, train: str, model: str, seconds: float, *, chat_clients: int 
         t.join(max(1.0, stop + REQUEST_TIMEOUT + 10 - time.monotonic()))
     alive = sum(t.is_alive() for t in threads)
     loaded = time.monotonic() - t0
+    steps = httpx.get(f"{train}/status", timeout=60).json()["optimizer_steps"]
     states = _settle(train, tally.accepted, settle)
     return {"tally": tally, "states": states, "alive": alive, "seconds": loaded,
-            "settled_after": time.monotonic() - t0 - loaded}
+            "settled_after": time.monotonic() - t0 - loaded, "checkpoints": checkpoints,
+            "steps_under_load": steps - steps0}
 
 
 def _settle(train: str, ids: list[str], timeout: float) -> dict[str, str]:
