@@ -82,14 +82,19 @@ def _bucket(status: int | str) -> str:
 
 def run(vllm: str, train: str, model: str, seconds: float, *, chat_clients: int = 3,
         posters: int = 2, post_pause: float = 1.0, checkpoint_every: float = 20.0,
-        settle: float = 900.0) -> dict:
+        settle: float = 900.0, max_seconds: float | None = None) -> dict:
     """Runs the load for `seconds` (each poster sends a lesson, waits `post_pause` s or as
-    long as a 429 asks, and sends the next), then waits up to `settle` s for every accepted
-    example to finish. Returns the tally, the examples' final states, the client threads still
-    alive and the seconds the load and the settling took."""
-    tally, stop = Tally(), time.monotonic() + seconds
+    long as a 429 asks, and sends the next) and, with `max_seconds`, on until an optimizer
+    step was made under it (at most that long: a slower machine gets the time it needs);
+    a checkpoint every `checkpoint_every` s and one as the load ends. Then waits up to
+    `settle` s for every accepted example to finish. Returns the tally, the examples' final
+    states, the client threads still alive, the seconds the load and the settling took, the
+    checkpoints' answers and the optimizer steps made under the load."""
+    tally, t_start = Tally(), time.monotonic()
+    stop = [t_start + seconds]  # moved on by watch() while no step was made (max_seconds)
     serial = iter(range(10**9))
     checkpoints: list[dict] = []  # the answers of the checkpoints made under the load
+    steps0 = httpx.get(f"{train}/status", timeout=60).json()["optimizer_steps"]
 
     def call(kind: str, client: httpx.Client, method: str, url: str, **kw) -> httpx.Response:
         t0 = time.perf_counter()
@@ -112,7 +117,7 @@ def run(vllm: str, train: str, model: str, seconds: float, *, chat_clients: int 
     def chat(k: int) -> None:
         with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
             i = k
-            while time.monotonic() < stop:
+            while time.monotonic() < stop[0]:
                 stream = i % 2 == 1
                 via_console = i % 3 == 2  # the training server's chat proxy, as the console
                 url = f"{train if via_console else vllm}/v1/chat/completions"
@@ -124,7 +129,7 @@ def run(vllm: str, train: str, model: str, seconds: float, *, chat_clients: int 
 
     def post() -> None:
         with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
-            while time.monotonic() < stop:
+            while time.monotonic() < stop[0]:
                 n = next(serial)
                 r = call("train", client, "POST", f"{train}/train", json=_lesson(n))
                 if r is not None and r.status_code == 202:
@@ -135,29 +140,40 @@ def run(vllm: str, train: str, model: str, seconds: float, *, chat_clients: int 
 
     def checkpoint() -> None:
         with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
-            while time.monotonic() + checkpoint_every < stop:
-                time.sleep(checkpoint_every)
+            last = time.monotonic()
+            while True:
+                now = time.monotonic()
+                if now < min(last + checkpoint_every, stop[0]):
+                    time.sleep(min(1.0, last + checkpoint_every - now, stop[0] - now))
+                    continue
+                last = now
                 r = call("checkpoint", client, "POST", f"{train}/checkpoint")
                 if r is not None and r.status_code == 200:
                     checkpoints.append(r.json())
+                if time.monotonic() >= stop[0]:
+                    return
 
     def watch() -> None:
         with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
-            while time.monotonic() < stop:
+            while time.monotonic() < stop[0]:
                 for path in ("/status", "/metrics", "/versions", "/health"):
-                    call("reads", client, "GET", f"{train}{path}")
+                    r = call("reads", client, "GET", f"{train}{path}")
+                    if path == "/status" and r is not None and r.status_code == 200 and \
+                            max_seconds is not None and \
+                            r.json()["optimizer_steps"] == steps0 and \
+                            stop[0] - time.monotonic() < 5:
+                        stop[0] = min(stop[0] + 5, t_start + max_seconds)
                 time.sleep(1.0)
 
     threads = [threading.Thread(target=chat, args=(k,), daemon=True) for k in range(chat_clients)]
     threads += [threading.Thread(target=post, daemon=True) for _ in range(posters)]
     threads += [threading.Thread(target=checkpoint, daemon=True),
                 threading.Thread(target=watch, daemon=True)]
-    steps0 = httpx.get(f"{train}/status", timeout=60).json()["optimizer_steps"]
     t0 = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(max(1.0, stop + REQUEST_TIMEOUT + 10 - time.monotonic()))
+        t.join(max(1.0, stop[0] + REQUEST_TIMEOUT + 10 - time.monotonic()))
     alive = sum(t.is_alive() for t in threads)
     loaded = time.monotonic() - t0
     steps = httpx.get(f"{train}/status", timeout=60).json()["optimizer_steps"]
