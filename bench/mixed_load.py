@@ -5,7 +5,8 @@ console's proxy), every kind of lesson, a checkpoint every 30 s and dashboard re
         [--train-args "..."]
 
 Prints one row per kind of request (answered, 429s, errors, hangs, p50 / p99 / max seconds),
-the accepted examples' final states and the seconds it took them to settle after the load.
+the optimizer steps and checkpoint versions made under the load, the accepted examples'
+final states and the seconds it took them to settle after the load.
 The one-minute version is tests/test_e2e_mixed_load.py.
 """
 
@@ -49,7 +50,10 @@ def main() -> None:
               f"training server: defaults {args.train_args}\n")
         print(mixed_load.table(out))
         states = collections.Counter(out["states"].values())
-        print(f"\naccepted examples: {len(out['states'])}, final states {dict(states)}, "
+        made = sum(c.get("version") is not None for c in out["checkpoints"])
+        print(f"\nunder the load: {out['steps_under_load']} optimizer steps, {made} of "
+              f"{len(out['checkpoints'])} checkpoints made a version")
+        print(f"accepted examples: {len(out['states'])}, final states {dict(states)}, "
               f"settled {out['settled_after']:.0f} s after the load; client threads left "
               f"running: {out['alive']}")
     finally:
