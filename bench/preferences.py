@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -32,13 +31,8 @@ import torch
 from bench.locality import Bench, answer, has, teach
 from server.engine.loss import greedy_mismatch, sequence_logps
 from server.engine.tokenization import encode_lesson
+from tests.support.pirate import HELD_OUT, PAIRS, PIRATE, PLAIN, is_pirate
 
-# prompt, preferred (pirate), non-preferred (plain); held-out greetings; the two answers
-# whose margin is measured on them (shared with tests/test_e2e_preferences.py)
-_PIRATE = json.loads((Path(__file__).parent / "data/preferences/pirate.json").read_text())
-PAIRS = [tuple(p) for p in _PIRATE["pairs"]]
-HELD_OUT, PIRATE, PLAIN = _PIRATE["held_out"], _PIRATE["pirate"], _PIRATE["plain"]
-PIRATE_WORDS = ["ahoy", "matey", "arr", " ye ", "aboard"]
 FEEDBACK = [  # thumbs-down on the served answer to the first, thumbs-up on the second's
     ("What is your favourite colour?", "What is the capital of France?"),
     ("Tell me a joke.", "What is 2 + 2?"),
@@ -72,7 +66,7 @@ def style(bench: Bench) -> dict:
     return {
         "margin": sum(logp(bench, q, PIRATE) - logp(bench, q, PLAIN) for q in HELD_OUT)
         / len(HELD_OUT),
-        "pirate": sum(has(" " + a.lower() + " ", PIRATE_WORDS) for a in answers),
+        "pirate": sum(map(is_pirate, answers)),
         "answers": answers,
         "controls": sum(has(a, c["keys"]) for a, c in zip(controls, bench.controls,
                                                           strict=True)),

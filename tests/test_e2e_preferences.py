@@ -6,24 +6,17 @@ are vLLM's own (prompt log-probs of the served weights); answers are vLLM's gree
 from __future__ import annotations
 
 import json
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support.pirate import HELD_OUT, PAIRS, PIRATE, PLAIN, is_pirate
 from tests.support.stack import Stack, model_copy
 
 pytestmark = pytest.mark.e2e
 
-# greeting, pirate answer (preferred), plain answer; held-out greetings; the answers whose
-# margin is measured (the same set as bench/preferences.py)
-_PIRATE = json.loads((Path(__file__).parent.parent / "bench/data/preferences/pirate.json")
-                     .read_text())
-PAIRS = [tuple(p) for p in _PIRATE["pairs"]]
-HELD_OUT, PIRATE, PLAIN = _PIRATE["held_out"], _PIRATE["pirate"], _PIRATE["plain"]
-PIRATE_WORDS = {"ahoy", "matey", "arr", "ye", "yer", "aboard", "hearty"}
 MAX_STEPS = 12  # the default --max-steps-per-batch: a signal is learned within it or fails
 
 
@@ -33,10 +26,6 @@ def _user(text: str) -> list[dict]:
 
 def _assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
-
-
-def _pirate(text: str) -> bool:
-    return bool(PIRATE_WORDS & set(re.findall(r"[a-z']+", text.lower())))
 
 
 def _has(text: str, keys: list[str]) -> bool:
@@ -109,8 +98,8 @@ def test_pirate_pairs_move_greetings_they_never_showed(stack, tokenizer):
           f"{len(kept)}/{len(controls)}; {records[0]['reason']}")
     assert {r["kind"] for r in records} == {"pair"} and 1 <= steps <= MAX_STEPS
     assert margin_after > margin_before + 5  # nats, on greetings not in the pairs
-    assert not any(map(_pirate, held_before))
-    assert any(map(_pirate, held_after)), held_after
+    assert not any(map(is_pirate, held_before))
+    assert any(map(is_pirate, held_after)), held_after
     assert len(controls) >= 12
     assert len(kept) >= len(controls) - 1, set(c["question"] for c in controls) - set(kept)
 

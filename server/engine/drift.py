@@ -106,19 +106,19 @@ def build_reference(model: nn.Module, prompts: list[list[int]], *, pad_id: int,
     Batched by length: padding is computed too.
     """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    answers, top_ids, top_logp = [], [], []
+    rows: dict[int, tuple] = {}  # prompt index -> (answer, top ids, top log-probs)
     for lo in range(0, len(order), batch):
         with pace():
-            _answer(model, [prompts[i] for i in order[lo:lo + batch]], pad_id, stop_ids,
-                    answers, top_ids, top_logp)
-    back = sorted(range(len(order)), key=order.__getitem__)  # position of prompt i
-    return Reference(prompts, [answers[j] for j in back], [top_ids[j] for j in back],
-                     [top_logp[j] for j in back], digest_of(prompts))
+            done = _answer(model, [prompts[i] for i in order[lo:lo + batch]], pad_id, stop_ids)
+        rows.update(zip(order[lo:lo + batch], done, strict=True))
+    ordered = [rows[i] for i in range(len(prompts))]
+    return Reference(prompts, [r[0] for r in ordered], [r[1] for r in ordered],
+                     [r[2] for r in ordered], digest_of(prompts))
 
 
-def _answer(model: nn.Module, chunk: list[list[int]], pad_id: int, stop_ids: set[int],
-            answers: list, top_ids: list, top_logp: list) -> None:
-    """One batch of build_reference: appends to its three lists."""
+def _answer(model: nn.Module, chunk: list[list[int]], pad_id: int,
+            stop_ids: set[int]) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """One batch of build_reference: each prompt's answer, top ids and top log-probs."""
     device = next(model.parameters()).device
     width = max(map(len, chunk))
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
@@ -130,12 +130,12 @@ def _answer(model: nn.Module, chunk: list[list[int]], pad_id: int, stop_ids: set
                          return_dict_in_generate=True)
     logp = torch.stack(out.logits, 1).float().log_softmax(-1)  # (b, new, vocab)
     values, indices = logp.topk(TOP_K, dim=-1)
+    rows = []
     for i in range(len(chunk)):
         new = out.sequences[i, width:].tolist()
         n = next((j + 1 for j, t in enumerate(new) if t in stop_ids), len(new))
-        answers.append(new[:n])
-        top_ids.append(indices[i, :n].cpu())
-        top_logp.append(values[i, :n].cpu())
+        rows.append((new[:n], indices[i, :n].cpu(), values[i, :n].cpu()))
+    return rows
 
 
 @dataclass

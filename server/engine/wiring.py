@@ -130,12 +130,16 @@ def param_groups(model: nn.Module, lr: float, train_embeddings: bool,
     return [{"params": matrices, "lr": lr}, {"params": others, "lr": lr, "apollo": False}]
 
 
+def _trainable_groups(model: nn.Module, settings: Settings) -> list[dict]:
+    """param_groups under `settings` (freezing the rest). The null-space guard protects what
+    matrices compute; a norm's scale reaches every input, so under that guard norms and
+    biases stay as they are (bench/locality.py)."""
+    return param_groups(model, settings.lr, settings.train_embeddings,
+                        train_vectors=settings.guard != "nullspace")
+
+
 def make_optimizer(model: nn.Module, settings: Settings) -> ApolloMini:
-    """The null-space guard protects what matrices compute; a norm's scale reaches every
-    input, so under that guard norms and biases stay as they are (bench/locality.py)."""
-    groups = param_groups(model, settings.lr, settings.train_embeddings,
-                          train_vectors=settings.guard != "nullspace")
-    return ApolloMini(groups, lr=settings.lr)
+    return ApolloMini(_trainable_groups(model, settings), lr=settings.lr)
 
 
 def assemble(settings: Settings, model: nn.Module, tokenizer, *, model_path: str,
@@ -224,8 +228,7 @@ def prepare(model: nn.Module, tokenizer, model_path: str, settings: Settings) ->
     """Answer the probes and fit the guard on `model`, the weights in `model_path`'s files,
     into its cache (MODEL_DIR/.apollo): a server started on those files under `settings`
     then trains from its first request instead of first spending minutes on them."""
-    param_groups(model, settings.lr, settings.train_embeddings,
-                 train_vectors=settings.guard != "nullspace")  # the layers the guard covers
+    _trainable_groups(model, settings)  # the layers the guard covers: the trained ones
     monitor = _monitor(settings, tokenizer, None, None, shared_reference_path(model_path))
     if monitor is not None:
         monitor.ensure_reference(model)
