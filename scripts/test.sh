@@ -29,10 +29,10 @@ if [ $# -gt 0 ] || [ "$workers" = 0 ]; then  # the tests asked for, in one proce
   exec "${pytest[@]}" "$@"
 fi
 # The in-process tests in $workers processes (one OpenMP thread each: 13 -> 9.5 min on 2
-# cores), then the end-to-end ones one at a time: each starts vLLM and a training server,
-# and two such stacks at once overload a 2-core machine.
+# cores), then the end-to-end ones and those marked serial one at a time: each starts vLLM
+# (and a training server or gloo ranks), and two such at once overload a 2-core machine.
 rc=0
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "${pytest[@]}" -m "not e2e" -n "$workers" --dist loadfile \
-  || rc=$?
-"${pytest[@]}" -m e2e || rc=$?
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "${pytest[@]}" -m "not e2e and not serial" \
+  -n "$workers" --dist loadfile || rc=$?
+"${pytest[@]}" -m "e2e or serial" || rc=$?
 exit "$rc"
