@@ -176,14 +176,18 @@ VLLM_APOLLO_EXPORT_DIR="$EXPORT_DIR" setsid "$PY" -m hooks serve \
   --middleware hooks.version_header.WeightVersionHeader "${VLLM_EXTRA[@]}" &
 VLLM_PID=$!
 "$PY" -m hooks record "$STATE" vllm "$VLLM_PID"
-wait_healthy "http://127.0.0.1:$VLLM_PORT/health" "$VLLM_PID" vLLM "${VLLM_START_TIMEOUT:-900}"
 
+# The training server starts beside vLLM, not after it: its imports and set-up overlap vLLM's
+# (one start-up ~7 s shorter on 2 cores), and it attaches once vLLM's worker has published the
+# export (--attach-timeout: as long as vLLM may take to start).
 echo "launcher: starting the training server on $BIND_HOST:$TRAIN_PORT" >&2
 # --vllm-url: the browser console's chat goes through the training server to vLLM.
 setsid "$PY" -m server --export-dir "$EXPORT_DIR" --host "$BIND_HOST" --port "$TRAIN_PORT" \
-  --vllm-url "http://127.0.0.1:$VLLM_PORT" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} &
+  --vllm-url "http://127.0.0.1:$VLLM_PORT" --attach-timeout "${VLLM_START_TIMEOUT:-900}" \
+  ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"} &
 TRAIN_PID=$!
 "$PY" -m hooks record "$STATE" train "$TRAIN_PID"
+wait_healthy "http://127.0.0.1:$VLLM_PORT/health" "$VLLM_PID" vLLM "${VLLM_START_TIMEOUT:-900}"
 wait_healthy "http://127.0.0.1:$TRAIN_PORT/health" "$TRAIN_PID" "training server" 600
 
 MODEL_NAME=${NAMES[0]:-$MODEL_DIR}
