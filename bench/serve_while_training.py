@@ -1,14 +1,15 @@
 """Serving while training: chat latency and training progress, idle and at each train share.
 
     .venv/bin/python -m bench.serve_while_training [--seconds 60] [--clients 1,4,8]
-        [--shares 1,0.5,0.25,0.1] [--train-max-wait 10] [--train-args "..."]
+        [--shares 1,0.5,0.25,0.1 | --configs "FLAGS;FLAGS"] [--train-args "..."]
 
 Starts the launcher on a copy of the default model once per train share (--train-share is a
 start-up setting); the first launch also measures serving alone. Each phase runs SECONDS with
 N closed-loop chat clients (16 tokens each, one request after the other), and in training
-phases two /train posters that keep the queue full with new one-line examples
-(--max-steps-per-batch 1 --learned-prob 1: every batch is one optimizer step, nothing is
-skipped as already learned). Before the phases a warm-up example is trained (the locality
+phases two /train posters that keep the queue full with new one-line examples, trained at the
+training server's defaults (a batch of up to 8 learns, then stops: several optimizer steps,
+then the drift probes). `--train-args "--max-steps-per-batch 1 --learned-prob 1"` makes every
+batch one optimizer step instead. Before the phases a warm-up example is trained (the locality
 guard's fit runs then, not in a phase; it is kept in the model copy for later launches).
 
 Prints per phase: chat requests, p50 / p99 latency and p99 against serving alone at the same
@@ -132,7 +133,6 @@ def main() -> None:
     ap.add_argument("--configs", default="",
                     help="instead of --shares: training-server flag sets separated by ';', "
                          "one launch each (e.g. \"--train-share 1;--train-nice 19\")")
-    ap.add_argument("--train-max-wait", type=float, default=10.0)
     ap.add_argument("--train-args", default="", help="more training-server flags")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -147,8 +147,7 @@ def main() -> None:
         for k, config in enumerate(configs):
             say(f"launching with {config or 'the defaults'}")
             stack = Stack(work / f"run{k}", model_dir, train_args=(
-                f"--max-steps-per-batch 1 --learned-prob 1 --train-max-wait "
-                f"{args.train_max_wait} {args.train_args} {config}"))
+                f"{args.train_args} {config}"))
             try:
                 model = str(model_dir)
                 if k == 0:
@@ -164,8 +163,7 @@ def main() -> None:
             finally:
                 stack.stop()
         print(f"{args.seconds:.0f} s per phase; chat: closed-loop clients, 16 tokens; training: "
-              f"{POSTERS} posters, --max-steps-per-batch 1 --learned-prob 1 "
-              f"--train-max-wait {args.train_max_wait:g} {args.train_args}\n")
+              f"{POSTERS} posters, {args.train_args or 'the training server defaults'}\n")
         print("| phase | clients | chat requests | p50 s | p99 s | p99 / alone | errors "
               "(5xx/other/transport) | optimizer steps / min | examples trained / min | "
               "trainer waited s | capped waits | deadlock |")

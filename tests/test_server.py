@@ -1,11 +1,14 @@
 """server/: the HTTP contract, with a small in-process model (the e2e test uses real vLLM)."""
 
+import threading
 import time
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from server.api.schemas import ChatExample
+from server.engine.locality import Monitor
 from server.engine.tokenization import IGNORE_INDEX, encode
 from tests.support.app import app_client as _client
 from tests.support.app import wait_idle as _wait_idle
@@ -162,3 +165,25 @@ def test_training_error_fails_the_batch_and_the_server_keeps_working(tokenizer):
         second = client.post("/train", json=CHAT).json()["ids"][0]
         _wait_idle(client, 2)
         assert client.get(f"/examples/{second}").json()["state"] == "trained"
+
+
+def test_status_says_preparing_until_the_reference_and_guard_are_ready(tokenizer, monkeypatch):
+    """A first start makes (or loads) the drift reference and the guard before any batch
+    trains; /status says so meanwhile, then says it is done."""
+    release, real = threading.Event(), Monitor.ensure_reference
+
+    def held(self, model, pace=None):
+        release.wait(60)
+        return real(self, model) if pace is None else real(self, model, pace)
+
+    monkeypatch.setattr(Monitor, "ensure_reference", held)
+    client, _ = _client(tokenizer)
+    TestClient.__enter__(client)  # not the support client's __enter__: it waits for this
+    try:
+        assert client.get("/status").json()["preparing"] is True
+        release.set()
+        assert client.app.state.engine.trainer.prepared.wait(120)
+        assert client.get("/status").json()["preparing"] is False
+    finally:
+        release.set()
+        client.__exit__(None, None, None)

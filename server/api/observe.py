@@ -25,6 +25,7 @@ def health(engine: EngineDep) -> Health:
 def status(engine: EngineDep) -> Status:
     trainer, s = engine.trainer, engine.trainer.stats
     return Status(optimizer_steps=s.optimizer_steps, last_loss=s.last_loss,
+                  preparing=not trainer.prepared.is_set(),
                   examples_queued=trainer.queued, examples_trained=s.trained,
                   examples_failed=s.failed, skipped_steps=trainer.optimizer.skipped_steps,
                   trained_tokens=s.trained_tokens, model_path=engine.model_path,

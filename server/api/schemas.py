@@ -343,6 +343,8 @@ class PacingState(BaseModel):
 class Status(BaseModel):
     optimizer_steps: int
     last_loss: float | None
+    # the drift reference and the guard are still being made or loaded: batches wait for them
+    preparing: bool = False
     examples_queued: int
     examples_trained: int
     examples_failed: int

@@ -14,12 +14,16 @@ import contextlib
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from server.engine.pacing import Pace
 
 ANSWER_TOKENS = 12
 TOP_K = 16
@@ -99,8 +103,7 @@ def digest_of(prompts: list[list[int]]) -> str:
 @torch.no_grad()
 def build_reference(model: nn.Module, prompts: list[list[int]], *, pad_id: int,
                     stop_ids: set[int], batch: int = 32,
-                    pace: Callable[[], contextlib.AbstractContextManager] =
-                    contextlib.nullcontext) -> Reference:
+                    pace: Pace = contextlib.nullcontext) -> Reference:
     """Greedy answers (up to ANSWER_TOKENS, ending at a stop token) and their top-k.
     `pace()`: the context each batch of prompts runs in (the trainer's pacing chunk).
     Batched by length: padding is computed too.

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,10 +19,10 @@ from torch import nn
 from server.engine import drift
 from server.engine.drift import Drift, Reference
 from server.engine.nullspace import NullSpaceGuard
+from server.engine.pacing import Pace
 
 log = logging.getLogger("vllm_apollo.drift")
 
-Pace = Callable[[], contextlib.AbstractContextManager]  # one chunk of work (engine/pacing.py)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

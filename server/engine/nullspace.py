@@ -15,12 +15,16 @@ import contextlib
 import logging
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from server.engine.pacing import Pace
 
 log = logging.getLogger("vllm_apollo.guard")
 
@@ -67,8 +71,7 @@ class NullSpaceGuard:
 
     @torch.no_grad()
     def fit(self, model: nn.Module, sequences: Sequence[list[int]], pad_id: int,
-            batch: int = 32, pace: Callable[[], contextlib.AbstractContextManager] =
-            contextlib.nullcontext) -> None:
+            batch: int = 32, pace: Pace = contextlib.nullcontext) -> None:
         """Input covariances over `sequences` (probe prompts with their answers), one per
         distinct input (q/k/v, gate/up share theirs), then their protected bases. `pace()`:
         the context each forward batch and each basis runs in (the trainer's pacing chunk)."""
@@ -146,8 +149,7 @@ class NullSpaceGuard:
                    tmp)
         tmp.replace(path)
 
-    def load(self, path: Path, tag: str, pace: Callable[[], contextlib.AbstractContextManager]
-             = contextlib.nullcontext) -> bool:
+    def load(self, path: Path, tag: str, pace: Pace = contextlib.nullcontext) -> bool:
         """Install bases fitted earlier on `tag` for these layers and this eps; False if they
         do not fit (another model, probe set or eps). `pace()`: as in fit."""
         saved = torch.load(path, weights_only=True)

@@ -40,6 +40,8 @@ IDLE_AFTER = 0.25  # seconds without an engine step: serving is idle (a gap)
 STALE_STEP = 30.0  # a step "in progress" this long is a worker gone mid-step, not load
 WINDOW = 2.0  # rates are measured over about the last this many seconds
 TICK = 0.02  # the wait's granularity: how soon a gap in serving is noticed
+# One chunk of training work: `with pace(): ...` (Pacer.chunk; contextlib.nullcontext: unpaced)
+Pace = Callable[[], contextlib.AbstractContextManager]
 
 
 @dataclass(frozen=True)
