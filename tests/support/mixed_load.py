@@ -153,16 +153,20 @@ def run(vllm: str, train: str, model: str, seconds: float, *, chat_clients: int 
                 if time.monotonic() >= stop[0]:
                     return
 
+    def run_on(status: dict) -> None:
+        """With `max_seconds`: no optimizer step yet and the end near, the load runs on 5 s
+        more (up to `max_seconds` in all): on a slower machine the first step comes later."""
+        if max_seconds is not None and status["optimizer_steps"] == steps0 and \
+                stop[0] - time.monotonic() < 5:
+            stop[0] = min(stop[0] + 5, t_start + max_seconds)
+
     def watch() -> None:
         with httpx.Client(timeout=REQUEST_TIMEOUT) as client:
             while time.monotonic() < stop[0]:
                 for path in ("/status", "/metrics", "/versions", "/health"):
                     r = call("reads", client, "GET", f"{train}{path}")
-                    if path == "/status" and r is not None and r.status_code == 200 and \
-                            max_seconds is not None and \
-                            r.json()["optimizer_steps"] == steps0 and \
-                            stop[0] - time.monotonic() < 5:
-                        stop[0] = min(stop[0] + 5, t_start + max_seconds)
+                    if path == "/status" and r is not None and r.status_code == 200:
+                        run_on(r.json())
                 time.sleep(1.0)
 
     threads = [threading.Thread(target=chat, args=(k,), daemon=True) for k in range(chat_clients)]
