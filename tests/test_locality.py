@@ -281,3 +281,36 @@ def test_the_guard_fit_skips_the_head_and_matches_the_whole_model(tokenizer):
         assert b1.shape == b2.shape, name
         # the same span: each basis projects the other onto itself
         assert torch.allclose(b1 @ (b1.T @ b2), b2, atol=1e-3), name
+
+
+def test_bases_loaded_from_the_model_cache_are_linked_beside_the_example_log(tokenizer,
+                                                                            tmp_path):
+    """A start that loads the guard's bases from the model's cache keeps them beside its
+    example log as a hard link (no second ~120 MB write for the default model), and a
+    restart loads them from there as they were."""
+    from server.engine.locality import Monitor
+    from tests.support.app import tiny_llama
+
+    model = tiny_llama(tokenizer)
+    shared = tmp_path / "model/.apollo/probe-reference.pt"
+
+    def monitor(store_dir):
+        return Monitor(tokenizer, None, tmp_path / store_dir / "probe-reference.pt",
+                       per_batch=4, pad_id=0, shared=shared, null_space_eps=1e-2)
+
+    first = monitor("run1")
+    first.ensure_guard(model)  # answers the probes and fits: kept in both places
+    bases = {k: b.clone() for k, b in first.guard.bases.items()}
+    first.guard.remove()
+    (tmp_path / "run1/null-guard.pt").unlink()
+    second = monitor("run2")
+    second.ensure_guard(model)  # from the model's cache
+    cached, kept = shared.with_name("null-guard.pt"), tmp_path / "run2/null-guard.pt"
+    assert kept.stat().st_ino == cached.stat().st_ino
+    second.guard.remove()
+    cached.unlink()  # the restart finds only its own copy
+    third = monitor("run2")
+    third.ensure_guard(model)
+    assert third.guard.bases.keys() == bases.keys()
+    assert all(torch.allclose(third.guard.bases[k] @ third.guard.bases[k].T, b @ b.T,
+                              atol=2e-3) for k, b in bases.items())

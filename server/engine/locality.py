@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -121,7 +122,7 @@ class Monitor:
         for path in paths:
             try:
                 if path.exists() and self.guard.load(path, tag, pace):
-                    self._save_guard(paths, tag)
+                    self._save_guard(paths, tag, source=path)
                     return
             except (OSError, RuntimeError, KeyError, ValueError) as exc:
                 log.warning("ignoring the guard's bases in %s: %s", path, exc)
@@ -129,10 +130,21 @@ class Monitor:
                        self.pad_id, pace=pace)
         self._save_guard(paths, tag)
 
-    def _save_guard(self, paths: list[Path], tag: str) -> None:
+    def _save_guard(self, paths: list[Path], tag: str, source: Path | None = None) -> None:
+        """Keep the bases at each of `paths` that lacks them: a hard link to the `source`
+        they were loaded from where one can be made (a file is replaced whole, never
+        rewritten in place, so a link keeps what it was), else written again (~120 MB for
+        the default model)."""
         for path in paths:
             if not path.exists():
                 try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if source is not None:
+                        try:
+                            os.link(source, path)
+                            continue
+                        except OSError:  # another file system, or links not allowed
+                            pass
                     self.guard.save(path, tag)
                 except OSError as exc:
                     log.warning("could not keep the guard's bases at %s: %s", path, exc)
