@@ -6,7 +6,8 @@
 Starts the launcher on a copy of the default model once per train share (--train-share is a
 start-up setting); the first launch also measures serving alone. Each phase runs SECONDS with
 N closed-loop chat clients (16 tokens each, one request after the other), and in training
-phases two /train posters that keep the queue full with new one-line examples, trained at the
+phases two /train posters that keep the queue full with new one-line lessons (a random code
+word each: new knowledge, not a pattern it could guess), trained at the
 training server's defaults (a batch of up to 8 learns, then stops: several optimizer steps,
 then the drift probes). `--train-args "--max-steps-per-batch 1 --learned-prob 1"` makes every
 batch one optimizer step instead. Before the phases a warm-up example is trained (the locality
@@ -21,6 +22,7 @@ a client hung (deadlock).
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
 import statistics
 import sys
@@ -38,11 +40,24 @@ from tests.support.stack import Stack, model_copy
 QUESTIONS = ["What is your name?", "Name a fruit.", "What is 2 + 2?", "Say hello.",
              "What color is the sky?", "Who wrote Hamlet?", "Give me a word.", "Count to 3."]
 POSTERS = 2
+WORDS = ("amber", "basil", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo",
+         "juniper", "kelp", "lumen", "maple", "nectar", "onyx", "pepper", "quartz", "raven",
+         "saffron", "tundra", "umber", "velvet", "willow", "xenon", "yarrow", "zephyr")
 DEFAULT_SHARE = Settings.__dataclass_fields__["train_share"].default
 
 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def lesson(n: int) -> dict:
+    """The n-th lesson: a code word of two random words, new knowledge every time (a
+    pattern the model could guess would soon cost no optimizer step: learn, then stop)."""
+    rng = random.Random(n)
+    word = f"{rng.choice(WORDS)}-{rng.choice(WORDS)}"
+    return {"messages": [{"role": "user", "content": f"What is the code word of crate {n}?"},
+                         {"role": "assistant",
+                          "content": f"The code word of crate {n} is {word}."}]}
 
 
 def run_phase(stack: Stack, model: str, seconds: float, clients: int, train: bool) -> dict:
@@ -81,9 +96,7 @@ def run_phase(stack: Stack, model: str, seconds: float, clients: int, train: boo
                 with lock:
                     n = next(serial)
                 try:
-                    r = client.post(f"{stack.train}/train", json={"messages": [
-                        {"role": "user", "content": f"Tell me fact number {n}."},
-                        {"role": "assistant", "content": f"Fact {n}: water is wet."}]})
+                    r = client.post(f"{stack.train}/train", json=lesson(n))
                 except httpx.HTTPError:
                     with lock:
                         errors["transport"] += 1

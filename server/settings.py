@@ -155,6 +155,11 @@ class Settings:
                                    "work that overlapped serving it waits (1-F)/F times the "
                                    "chunk's time, or until serving goes idle (docs/service.md"
                                    "#training-in-the-gaps); 1: never wait")
+    train_share_above: int = _opt(-1, "the share holds only while vLLM's engine steps run more "
+                                      "than this many requests at once; at most that many, "
+                                      "training owes serving no wait (CPU: vLLM's engine keeps "
+                                      "to its own cores, and one request leaves a core free). "
+                                      "-1: 1 on CPU, 0 on a GPU")
     train_max_wait: float = _opt(10.0, "most seconds the trainer waits for serving per "
                                        "optimizer step (--train-share): at least one step per "
                                        "this plus the step's own time, however busy serving is")
@@ -185,6 +190,8 @@ class Settings:
             raise ValueError("--drift-budget needs --drift-probes > 0 (the gate measures them)")
         if not 0 < self.train_share <= 1:
             raise ValueError("--train-share must be in (0, 1]")
+        if self.train_share_above < -1:
+            raise ValueError("--train-share-above must be -1 (auto) or at least 0")
         if self.train_threads_busy < 0:
             raise ValueError("--train-threads-busy must be at least 0")
         if not 0 <= self.train_nice <= 19:

@@ -44,8 +44,10 @@ class Serving:
     """A fake vLLM: busy (an engine step every 50 ms, 2 requests, 10 tokens each) from
     `busy_from` until `busy_until` (fake-clock seconds), idle otherwise."""
 
-    def __init__(self, clock: Clock, busy_from: float = 0.0, busy_until: float = 1e18):
+    def __init__(self, clock: Clock, busy_from: float = 0.0, busy_until: float = 1e18,
+                 requests: int = 2):
         self.clock, self.busy_from, self.busy_until = clock, busy_from, busy_until
+        self.requests = requests
 
     def read(self) -> LoadSnapshot:
         start = max(self.busy_from, 0.0)
@@ -55,12 +57,14 @@ class Serving:
         return LoadSnapshot(steps=steps, busy_ns=int(steps * 0.04e9),
                             last_start_ns=int((last_end - 0.05) * 1e9) if steps else 0,
                             last_end_ns=int(last_end * 1e9), tokens=10 * steps,
-                            last_tokens=10, last_requests=2, lock_wait_ns=0)
+                            last_tokens=10, last_requests=self.requests, lock_wait_ns=0)
 
 
-def pacer(clock: Clock, serving: Serving | None, share: float, max_wait: float = 100.0):
+def pacer(clock: Clock, serving: Serving | None, share: float, max_wait: float = 100.0,
+          share_above: int = 0):
     meter = LoadMeter(serving.read if serving else (lambda: None), now_ns=clock.now_ns)
-    return Pacer(meter, share, max_wait, clock=clock.now, sleep=clock.sleep)
+    return Pacer(meter, share, max_wait, share_above=share_above, clock=clock.now,
+                 sleep=clock.sleep)
 
 
 def work(clock: Clock, p: Pacer, seconds: float, wait: bool = True) -> float:
@@ -122,6 +126,19 @@ def test_a_share_waits_its_ratio_while_serving_is_busy():
         work(clock, p, 0.4)
         trained += 0.4
     assert trained / (clock.t - start) == pytest.approx(0.25, abs=0.01)
+
+
+def test_a_light_load_owes_no_wait_and_a_heavier_one_its_share():
+    """--train-share-above N: beside engine steps of at most N requests (on CPU one request
+    leaves a core to the trainer) a chunk owes nothing; beyond N the share holds."""
+    clock = Clock()
+    light = pacer(clock, Serving(clock, requests=1), share=0.25, share_above=1)
+    assert sum(work(clock, light, 1.0) for _ in range(10)) == 0
+    assert light.stats.busy_chunks == 10 and light.stats.light_chunks == 10
+    heavier = pacer(clock, Serving(clock, requests=2), share=0.25, share_above=1)
+    assert work(clock, heavier, 1.0) == 0
+    assert work(clock, heavier, 1.0) == pytest.approx(3.0, abs=0.03)
+    assert heavier.stats.light_chunks == 0
 
 
 def test_a_gap_in_serving_ends_the_wait_and_is_trained_in_full():
@@ -274,6 +291,7 @@ def test_status_and_metrics_show_the_wait_and_the_load_seen(tokenizer, tmp_path)
         st = wait_idle(client, 1)
         pacing, load = st["pacing"], st["serving_load"]
         assert pacing["train_share"] == 0.5 and pacing["max_wait_seconds"] == 0.3
+        assert pacing["share_above"] == 1 and pacing["light_chunks"] == 0  # 3 requests > 1
         assert pacing["busy_chunks"] >= 2 and pacing["waits"] >= 1
         assert 0 < pacing["waited_seconds"] <= 0.3 * 2 + 0.1  # at most the bound per step
         assert pacing["last_seen"]["busy"] and pacing["last_seen"]["requests"] == 3
@@ -311,7 +329,8 @@ def test_train_nice_lowers_the_trainers_priority_not_the_apis(tokenizer):
 
 @pytest.mark.parametrize("flag", [["--train-share", "0"], ["--train-share", "1.5"],
                                   ["--train-max-wait", "-1"], ["--train-threads-busy", "-1"],
-                                  ["--train-nice", "20"], ["--train-nice", "-1"]])
+                                  ["--train-nice", "20"], ["--train-nice", "-1"],
+                                  ["--train-share-above", "-2"]])
 def test_bad_pacing_settings_are_refused(flag, capsys):
     from server.settings import parse_args
 

@@ -48,7 +48,8 @@ def _pacing(engine) -> dict:
     now = pacer.meter.sample() if pacer.meter is not None else None
     last = pacer.last
     return {"pacing": PacingState(
-                train_share=pacer.share, max_wait_seconds=pacer.max_wait,
+                train_share=pacer.share, share_above=pacer.share_above,
+                max_wait_seconds=pacer.max_wait,
                 threads_busy=pacer.busy_threads,
                 last_seen=ServingLoadState(**last.as_dict()) if last else None,
                 **vars(pacer.stats)),
@@ -102,7 +103,8 @@ def metrics(engine: EngineDep) -> str:
              ("trainer_waits_total", "counter", pacer.stats.waits),
              ("trainer_capped_waits_total", "counter", pacer.stats.capped_waits),
              ("trainer_busy_chunks_total", "counter", pacer.stats.busy_chunks),
-             ("trainer_busy_train_seconds_total", "counter", pacer.stats.busy_train_seconds)]
+             ("trainer_busy_train_seconds_total", "counter", pacer.stats.busy_train_seconds),
+             ("trainer_light_chunks_total", "counter", pacer.stats.light_chunks)]
     if pacer.meter is not None and (load := pacer.meter.sample()) is not None:
         rows += [("serving_busy", "gauge", load.busy),
                  ("serving_engine_steps_total", "counter", load.engine_steps),

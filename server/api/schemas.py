@@ -329,6 +329,7 @@ class PacingState(BaseModel):
     """How the trainer paced itself around serving (--train-share)."""
 
     train_share: float
+    share_above: int  # requests at once up to which a busy chunk owes no wait
     max_wait_seconds: float  # per optimizer step (--train-max-wait)
     threads_busy: int  # torch threads of a chunk while serving is busy (0: unchanged)
     waited_seconds: float  # total time the trainer waited for serving
@@ -337,6 +338,7 @@ class PacingState(BaseModel):
     chunks: int
     busy_chunks: int  # chunks that overlapped serving
     busy_train_seconds: float  # their time
+    light_chunks: int  # of them, those that owed no wait (--train-share-above)
     last_seen: ServingLoadState | None  # the load it saw at its latest chunk
 
 

@@ -12,9 +12,18 @@ engine step ran during it, or serving was busy as it began or ended) the trainer
 of (1 - F) / F times the chunk's duration, paid before its next chunk in ticks of 20 ms,
 while serving stays busy: once serving is idle (no engine step for IDLE_AFTER seconds) the
 debt is dropped and training runs flat out in the gap. F = 1 never waits (the trainer shares
-the machine with serving as it comes). `--train-max-wait S` bounds the waiting per optimizer
-step, so training always progresses: at least one optimizer step per S seconds plus the
-step's own compute, however busy serving is.
+the machine with serving as it comes).
+
+`--train-share-above N`: a chunk during which vLLM's engine steps ran at most N requests owes
+nothing. On CPU vLLM binds its engine's threads to its own cores and leaves the rest to its
+API server, whose work (tokenizing, detokenizing, streaming) grows with the requests in
+flight: one request leaves a core to the trainer, and training at full speed beside one chat
+client left its p99 unchanged (0.90-1.00x in four runs) while eight clients paid 1.36x
+(bench/RESULTS.md). Default 1 on CPU; on a GPU (one device for both) 0: every busy chunk owes.
+
+`--train-max-wait S` bounds the waiting per optimizer step, so training always progresses:
+at least one optimizer step per S seconds plus the step's own compute, however busy serving
+is.
 
 On CPU the trainer also runs a chunk that starts while serving is busy on `--train-threads-busy`
 torch threads (default 1), and on all of them in a gap. vLLM's OpenMP threads already hold
@@ -107,6 +116,7 @@ class PacingStats:
     chunks: int = 0  # chunks of training work run
     busy_chunks: int = 0  # of them, those that overlapped serving
     busy_train_seconds: float = 0.0  # their time
+    light_chunks: int = 0  # of them, those that owed nothing (at most --train-share-above)
 
 
 class Pacer:
@@ -114,15 +124,18 @@ class Pacer:
     `clock` / `sleep` are injectable for tests; without a meter it never waits."""
 
     def __init__(self, meter: LoadMeter | None, share: float = 1.0, max_wait: float = 10.0,
-                 *, busy_threads: int = 0, clock: Callable[[], float] = time.monotonic,
+                 *, busy_threads: int = 0, share_above: int = 0,
+                 clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep, tick: float = TICK):
         """`busy_threads`: torch CPU threads for a chunk that starts while serving is busy
         (0: no change); a chunk in a gap uses the threads torch had when the Pacer was
-        made."""
+        made. `share_above`: a chunk beside engine steps of at most this many requests owes no
+        wait."""
         if not 0 < share <= 1:
             raise ValueError("the train share must be in (0, 1]")
         self.meter, self.share, self.max_wait = meter, share, max_wait
         self.busy_threads, self.threads = busy_threads, torch.get_num_threads()
+        self.share_above = share_above
         self._clock, self._sleep, self._tick = clock, sleep, tick
         self.stats = PacingStats()
         self.last: ServingLoad | None = None  # the latest load the trainer saw
@@ -155,7 +168,10 @@ class Pacer:
             if _overlapped(before, after):
                 self.stats.busy_chunks += 1
                 self.stats.busy_train_seconds += took
-                self._debt += took * (1 - self.share) / self.share
+                if max(before.requests, after.requests) > self.share_above:
+                    self._debt += took * (1 - self.share) / self.share
+                else:
+                    self.stats.light_chunks += 1
 
     def step_done(self) -> None:
         """An optimizer step was applied: the per-step bound on waiting starts again."""

@@ -88,10 +88,12 @@ class Stepper:
         self.guard = settings.guard
         self.guard_probes, self.guard_weight = settings.guard_probes, settings.guard_weight
         self.device = next(model.parameters()).device
+        cpu = self.device.type == "cpu"
         self.pacer = Pacer(LoadMeter(coordinator.serving_load), settings.train_share,
                            settings.train_max_wait,
-                           busy_threads=settings.train_threads_busy
-                           if self.device.type == "cpu" else 0)
+                           busy_threads=settings.train_threads_busy if cpu else 0,
+                           share_above=settings.train_share_above
+                           if settings.train_share_above >= 0 else int(cpu))
         # Held while weights change (optimizer step) and while a checkpoint reads them, so a
         # checkpoint is a snapshot between two steps.
         self.weights_lock = threading.Lock()
