@@ -18,7 +18,7 @@ the machine with serving as it comes).
 nothing. On CPU vLLM binds its engine's threads to its own cores and leaves the rest to its
 API server, whose work (tokenizing, detokenizing, streaming) grows with the requests in
 flight: one request leaves a core to the trainer, and training at full speed beside one chat
-client left its p99 unchanged (0.90-1.00x in four runs) while eight clients paid 1.36x
+client left its p99 unchanged (0.90-0.98x in three runs) while eight clients paid 1.36x
 (bench/RESULTS.md). Default 1 on CPU; on a GPU (one device for both) 0: every busy chunk owes.
 
 `--train-max-wait S` bounds the waiting per optimizer step, so training always progresses:
