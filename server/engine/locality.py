@@ -25,7 +25,6 @@ from server.engine.pacing import Pace
 log = logging.getLogger("vllm_apollo.drift")
 
 
-
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
