@@ -178,8 +178,8 @@ VLLM_PID=$!
 "$PY" -m hooks record "$STATE" vllm "$VLLM_PID"
 
 # The training server starts beside vLLM, not after it: its imports and set-up overlap vLLM's
-# (ready ~4 s sooner on 2 cores: 32 -> 28 s with --enforce-eager), and it attaches once vLLM's worker has published the
-# export (--attach-timeout: as long as vLLM may take to start).
+# (ready ~4 s sooner on 2 cores: 32 -> 28 s with --enforce-eager), and it attaches once
+# vLLM's worker has published the export (--attach-timeout: as long as vLLM may take).
 echo "launcher: starting the training server on $BIND_HOST:$TRAIN_PORT" >&2
 # --vllm-url: the browser console's chat goes through the training server to vLLM.
 setsid "$PY" -m server --export-dir "$EXPORT_DIR" --host "$BIND_HOST" --port "$TRAIN_PORT" \
