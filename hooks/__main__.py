@@ -1,5 +1,7 @@
 """python -m hooks serve MODEL [vLLM args]   vLLM's `vllm serve` on a tested vLLM
-python -m hooks cleanup EXPORT_DIR           remove an export and its shared memory
+python -m hooks cleanup EXPORT_DIR           remove an export and its shared memory, and
+                                             the files a stopped vLLM left (its rendezvous
+                                             file, its CPU tensor-parallel shared memory)
 python -m hooks sweep                        stop what killed launchers left behind; print
                                              the directory of launcher records
 python -m hooks record FILE ROLE PID [K=V]   add a process to a launcher's record
@@ -21,9 +23,12 @@ def main(argv: list[str]) -> int:
         return 0
     if len(argv) == 2 and argv[0] == "cleanup":
         from hooks.export import remove_all_exports
+        from hooks.leftovers import remove_vllm_dist
 
         n = remove_all_exports(argv[1])
-        print(f"removed {n} export(s) from {argv[1]}", file=sys.stderr)
+        files = remove_vllm_dist(argv[1])
+        print(f"removed {n} export(s) from {argv[1]} and {len(files)} file(s) vLLM left",
+              file=sys.stderr)
         return 0
     if argv == ["sweep"]:
         from hooks.leftovers import state_dir, sweep

@@ -9,19 +9,60 @@ their exports and shared memory, and the run directory the launcher had created.
 
     python -m hooks sweep                                     (prints the record directory)
     python -m hooks record STATE_FILE ROLE PID [KEY=VALUE ...]
+
+vLLM itself leaves files behind on every stop: its gloo rendezvous file
+(TMPDIR/vllm_dist_ID) and, under tensor parallelism on CPU, its shared memory
+(/dev/shm/vllm_dist_ID-...-cpushm_R). The worker hook notes ID in the export
+(`note_vllm_dist`); the launcher's cleanup and the sweep remove them (`remove_vllm_dist`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
+import tempfile
 import time
 from pathlib import Path
 
 from hooks.contract import atomic_write, process_start
+
+VLLM_DIST = "vllm_dist"  # in the export directory: the ID of vLLM's rendezvous files
+_DIST_NAME = re.compile(r"vllm_dist_[0-9a-f]{32}")
+SHM_DIR = Path("/dev/shm")
+
+
+def note_vllm_dist(export_dir: str | os.PathLike, init_method: str | None) -> None:
+    """In vLLM's worker: note the name of vLLM's rendezvous file (its `file://` init method,
+    TMPDIR/vllm_dist_ID) in the export, for `remove_vllm_dist` after vLLM stops."""
+    if init_method and init_method.startswith("file://"):
+        name = Path(init_method.removeprefix("file://")).name
+        if _DIST_NAME.fullmatch(name):
+            atomic_write(Path(export_dir) / VLLM_DIST, name.encode())
+
+
+def remove_vllm_dist(export_dir: str | os.PathLike) -> list[Path]:
+    """Once vLLM has stopped: remove the rendezvous file and the tensor-parallel shared
+    memory it left, named by the export's note (only names vLLM gives: vllm_dist_ and 32 hex
+    digits, in TMPDIR and /dev/shm). The files removed."""
+    note = Path(export_dir) / VLLM_DIST
+    try:
+        name = note.read_text().strip()
+    except OSError:
+        return []
+    removed = []
+    if _DIST_NAME.fullmatch(name):
+        for path in [Path(tempfile.gettempdir()) / name, *SHM_DIR.glob(f"{name}-*")]:
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    note.unlink(missing_ok=True)
+    return removed
 
 
 def state_dir() -> Path:
@@ -85,6 +126,7 @@ def sweep(directory: Path) -> list[str]:
             from hooks.export import remove_all_exports  # torch: only when there is work
 
             exports = remove_all_exports(export_dir)
+            remove_vllm_dist(export_dir)
         run_dir = state.get("remove_run_dir")
         if run_dir and os.path.isdir(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)

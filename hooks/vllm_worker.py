@@ -20,6 +20,7 @@ import torch
 from hooks.compat import check_version
 from hooks.consistency import STEP_LOCK_TIMEOUT, StepLock, UpdateCounter
 from hooks.export import export_module
+from hooks.leftovers import note_vllm_dist
 from hooks.load import LoadRecord
 from hooks.sharding import parameter_shards
 
@@ -61,6 +62,9 @@ def _exporting_load_model(original, export_dir: str):
             self._apollo_waited = UpdateCounter(export_dir, f"rank{rank}.stall_ns")
             self._apollo_unlocked = UpdateCounter(export_dir, f"rank{rank}.unlocked_steps")
             self._apollo_load = LoadRecord(export_dir, rank)  # for the trainer's pacing
+            # vLLM leaves its rendezvous file and CPU shared memory behind: the launcher's
+            # cleanup removes them by this note (hooks/leftovers.py)
+            note_vllm_dist(export_dir, getattr(self, "distributed_init_method", None))
         self._apollo_cuda = next(model.parameters()).is_cuda
         path = export_module(model, export_dir, model_path=self.model_config.model, rank=rank,
                              world_size=world,

@@ -149,10 +149,13 @@ def test_stop_leaves_no_process_and_no_shared_memory(stack):
     pids = stack.descendants()
     shm = [Path(f) for f in stack.manifest()["shm_files"]]
     assert pids and shm and all(f.exists() for f in shm)
+    left = stack.vllm_files()  # vLLM's own rendezvous file
+    assert left and all(f.exists() for f in left)
     stack.stop()
     time.sleep(1)
     assert not [p for p in pids if psutil.pid_exists(p)
                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not [f for f in shm if f.exists()]
+    assert not [f for f in left if f.exists()], "files vLLM left behind"
     assert not (stack.run_dir / "export/rank0.json").exists()
     assert "live only in vLLM's memory" in (stack.run_dir / "launcher.log").read_text()

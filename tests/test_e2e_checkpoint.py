@@ -79,12 +79,15 @@ def test_checkpoint_then_restart_serves_the_same_answers(tmp_path, default_model
         teach(second, QUESTIONS[1], "Paris, says Apollo.")  # saved by --checkpoint-on-exit
         answers = [second.ask(q) for q in QUESTIONS]
         children = second.descendants()  # vLLM's ranks, the trainer's ranks
+        left = second.vllm_files()  # its rendezvous file and CPU tensor-parallel memory
+        assert len(left) >= 3 and all(f.exists() for f in left), left
     finally:
         second.stop()
     assert "checkpoint on exit" in (second.run_dir / "launcher.log").read_text()
     time.sleep(1)
     assert not [p for p in children if psutil.pid_exists(p) and
                 psutil.Process(p).status() != psutil.STATUS_ZOMBIE], "processes left running"
+    assert not [f for f in left if f.exists()], "files vLLM left behind"
 
     third = Stack(tmp_path / "run3", model_dir, vllm_args=TP2, train_args=TRAIN_ARGS)
     try:

@@ -81,3 +81,35 @@ def test_the_record_directory_must_be_private(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "hooks", "sweep"], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode != 0 and "not a private directory" in r.stderr
+
+
+def test_the_files_a_stopped_vllm_left_are_removed_by_its_note_and_nothing_else(
+        tmp_path, monkeypatch):
+    """vLLM leaves its rendezvous file (TMPDIR/vllm_dist_ID) and, under tensor parallelism on
+    CPU, shared memory (/dev/shm/vllm_dist_ID-...) behind at every stop; the worker's note
+    in the export names them for `python -m hooks cleanup`, and only them."""
+    from hooks import leftovers
+
+    tmp, shm, export = tmp_path / "tmp", tmp_path / "shm", tmp_path / "export"
+    for d in (tmp, shm, export):
+        d.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(leftovers.tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setattr(leftovers, "SHM_DIR", shm)
+    ours, other = "vllm_dist_" + "a" * 32, "vllm_dist_" + "b" * 32
+    left = [tmp / ours, shm / f"{ours}-tp:0-[0-1]-cpushm_0", shm / f"{ours}-tp:0-[0-1]-cpushm_1"]
+    kept = [tmp / other, shm / f"{other}-tp:0-[0-1]-cpushm_0", shm / "psm_1234"]
+    for f in left + kept:
+        f.write_bytes(b"x")
+    leftovers.note_vllm_dist(export, f"file://{tmp / ours}")
+    assert sorted(leftovers.remove_vllm_dist(export)) == sorted(left)
+    assert not any(f.exists() for f in left) and all(f.exists() for f in kept)
+    assert not (export / leftovers.VLLM_DIST).exists()
+    # a note that names anything but vLLM's own pattern removes nothing
+    for planted in ("../../etc/passwd", "vllm_dist_", "vllm_dist_" + "a" * 31 + "/x",
+                    "psm_1234"):
+        (export / leftovers.VLLM_DIST).write_text(planted)
+        assert leftovers.remove_vllm_dist(export) == []
+    assert all(f.exists() for f in kept)
+    leftovers.note_vllm_dist(export, "tcp://127.0.0.1:1234")  # not a file: nothing noted
+    assert not (export / leftovers.VLLM_DIST).exists()

@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +93,13 @@ class Stack:
             "messages": [{"role": "user", "content": question}]})
         r.raise_for_status()
         return r.json()["choices"][0]["message"]["content"]
+
+    def vllm_files(self) -> list[Path]:
+        """The files vLLM leaves behind when it stops, as named by the worker's note in the
+        export (hooks/leftovers.py): its rendezvous file and, under tensor parallelism on
+        CPU, its shared memory. The launcher's stop must remove them."""
+        name = (self.run_dir / "export/vllm_dist").read_text()
+        return [Path(tempfile.gettempdir()) / name, *Path("/dev/shm").glob(f"{name}-*")]
 
     def descendants(self) -> set[int]:
         try:
