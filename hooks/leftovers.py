@@ -59,7 +59,7 @@ def remove_vllm_dist(export_dir: str | os.PathLike) -> list[Path]:
             try:
                 path.unlink()
                 removed.append(path)
-            except FileNotFoundError:
+            except OSError:  # gone already, or not a file we may remove: never fail a start
                 pass
     note.unlink(missing_ok=True)
     return removed
