@@ -28,11 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from hooks.contract import atomic_write, process_start
+from hooks.contract import SHM_ROOT, atomic_write, process_start
 
 VLLM_DIST = "vllm_dist"  # in the export directory: the ID of vLLM's rendezvous files
 _DIST_NAME = re.compile(r"vllm_dist_[0-9a-f]{32}")
-SHM_DIR = Path("/dev/shm")
 
 
 def note_vllm_dist(export_dir: str | os.PathLike, init_method: str | None) -> None:
@@ -44,24 +43,30 @@ def note_vllm_dist(export_dir: str | os.PathLike, init_method: str | None) -> No
             atomic_write(Path(export_dir) / VLLM_DIST, name.encode())
 
 
-def remove_vllm_dist(export_dir: str | os.PathLike) -> list[Path]:
-    """Once vLLM has stopped: remove the rendezvous file and the tensor-parallel shared
-    memory it left, named by the export's note (only names vLLM gives: vllm_dist_ and 32 hex
-    digits, in TMPDIR and /dev/shm). The files removed."""
-    note = Path(export_dir) / VLLM_DIST
+def vllm_dist_files(export_dir: str | os.PathLike) -> list[Path]:
+    """The rendezvous file and tensor-parallel shared memory the export's note names (only
+    names vLLM gives: vllm_dist_ and 32 hex digits, in TMPDIR and /dev/shm); [] without a
+    note."""
     try:
-        name = note.read_text().strip()
+        name = (Path(export_dir) / VLLM_DIST).read_text().strip()
     except OSError:
         return []
+    if not _DIST_NAME.fullmatch(name):
+        return []
+    return [Path(tempfile.gettempdir()) / name, *Path(SHM_ROOT).glob(f"{name}-*")]
+
+
+def remove_vllm_dist(export_dir: str | os.PathLike) -> list[Path]:
+    """Once vLLM has stopped: remove the files `vllm_dist_files` names, then the note. The
+    files removed."""
     removed = []
-    if _DIST_NAME.fullmatch(name):
-        for path in [Path(tempfile.gettempdir()) / name, *SHM_DIR.glob(f"{name}-*")]:
-            try:
-                path.unlink()
-                removed.append(path)
-            except OSError:  # gone already, or not a file we may remove: never fail a start
-                pass
-    note.unlink(missing_ok=True)
+    for path in vllm_dist_files(export_dir):
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:  # gone already, or not a file we may remove: never fail a start
+            pass
+    (Path(export_dir) / VLLM_DIST).unlink(missing_ok=True)
     return removed
 
 

@@ -95,7 +95,7 @@ def test_the_files_a_stopped_vllm_left_are_removed_by_its_note_and_nothing_else(
         d.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(leftovers.tempfile, "tempdir", None)  # re-read TMPDIR
-    monkeypatch.setattr(leftovers, "SHM_DIR", shm)
+    monkeypatch.setattr(leftovers, "SHM_ROOT", str(shm))
     ours, other = "vllm_dist_" + "a" * 32, "vllm_dist_" + "b" * 32
     left = [tmp / ours, shm / f"{ours}-tp:0-[0-1]-cpushm_0", shm / f"{ours}-tp:0-[0-1]-cpushm_1"]
     kept = [tmp / other, shm / f"{other}-tp:0-[0-1]-cpushm_0", shm / "psm_1234"]

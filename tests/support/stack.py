@@ -7,13 +7,13 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 import psutil
 
+from hooks.leftovers import vllm_dist_files
 from server.engine.distributed import free_port
 from tests.support import ROOT
 from tests.support.health import wait_healthy
@@ -98,8 +98,7 @@ class Stack:
         """The files vLLM leaves behind when it stops, as named by the worker's note in the
         export (hooks/leftovers.py): its rendezvous file and, under tensor parallelism on
         CPU, its shared memory. The launcher's stop must remove them."""
-        name = (self.run_dir / "export/vllm_dist").read_text()
-        return [Path(tempfile.gettempdir()) / name, *Path("/dev/shm").glob(f"{name}-*")]
+        return vllm_dist_files(self.run_dir / "export")
 
     def descendants(self) -> set[int]:
         try:
