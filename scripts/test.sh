@@ -33,6 +33,6 @@ fi
 # (and a training server or gloo ranks), and two such at once overload a 2-core machine.
 rc=0
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "${pytest[@]}" -m "not e2e and not serial" \
-  -n "$workers" --dist loadfile --no-loadscope-reorder || rc=$?
+  -n "$workers" --dist loadfile || rc=$?
 "${pytest[@]}" -m "e2e or serial" || rc=$?
 exit "$rc"

@@ -10,12 +10,6 @@ from tests.support.zygote import Zygote
 
 ROOT = Path(__file__).resolve().parent.parent
 STOPS = "stops_default_stack"
-# The in-process files that take a minute or more on 2 cores, longest first. scripts/test.sh
-# hands files to its two workers in collection order (--dist loadfile --no-loadscope-reorder):
-# these go first, so the short ones fill in around them and the workers end together.
-LONG_FIRST = ("test_fine_tuning_api.py", "test_rollback_crash.py", "test_journal.py",
-              "test_example_log_faults.py", "test_versions_crash.py", "test_locality.py",
-              "test_gpu_check.py")
 
 
 def pytest_configure(config):
@@ -24,11 +18,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The LONG_FIRST files first; the tests that use `default_stack` one after the other,
-    from where the first of them was collected (the launcher lives only while they run);
-    those marked `stops_default_stack` last among them."""
-    rank = {name: k for k, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda i: rank.get(i.path.name, len(rank)))  # stable: files stay whole
+    """The tests that use `default_stack` run one after the other, from where the first of
+    them was collected (the launcher lives only while they run); those marked
+    `stops_default_stack` run last among them."""
     group = [i for i in items if "default_stack" in getattr(i, "fixturenames", ())]
     if not group:
         return
