@@ -35,7 +35,8 @@ from server.settings import Settings
 DATA = Path(__file__).parent / "data" / "locality"
 NAME = "What is your name?"
 APPROACHES = {
-    # name: (settings overrides, what it is)
+    # name: (settings overrides, what it is); "matrices" (bench only): train only the decoder
+    # matrices whose names contain one of these
     "fixed-5": (dict(learned_prob=1.0, max_steps_per_batch=5, lr=1e-4, guard="none"),
                 "5 steps per lesson, lr 1e-4, no guard (before)"),
     "stop": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4, guard="none"),
@@ -45,8 +46,17 @@ APPROACHES = {
     "distill": (dict(learned_prob=0.5, max_steps_per_batch=16, lr=3e-5, guard="distill",
                      guard_probes=4), "learn, then stop, lr 3e-5, KL to the reference on 4 "
                                       "probes per step"),
-    "nullspace": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4, guard="nullspace",
-                       guard_eps=1e-2), "learn, then stop, lr 1e-4, null-space guard (eps "
+    "nullspace-lr1e-4": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4,
+                              guard="nullspace", guard_eps=1e-2),
+                         "learn, then stop, lr 1e-4, null-space guard (eps 1e-2), norms frozen"),
+    "nullspace-eps1e-3": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4,
+                               guard="nullspace", guard_eps=1e-3),
+                          "learn, then stop, lr 1e-4, null-space guard (eps 1e-3)"),
+    "nullspace-mlp": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
+                           guard="nullspace", guard_eps=1e-2, matrices=(".mlp.",)),
+                      "learn, then stop, lr 3e-4, null-space guard, MLP matrices only"),
+    "nullspace": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4, guard="nullspace",
+                       guard_eps=1e-2), "learn, then stop, lr 3e-4, null-space guard (eps "
                                         "1e-2), norms frozen (the default)"),
 }
 
@@ -122,9 +132,9 @@ class Bench:
             module.__dict__.pop("forward", None)
             module.__dict__.pop("null_guard_basis", None)
 
-    def engine(self, **overrides):
-        for p in self.model.parameters():
-            p.requires_grad_(True)
+    def engine(self, matrices: tuple[str, ...] = (), **overrides):
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(not matrices or p.dim() != 2 or any(m in name for m in matrices))
         engine = assemble(replace(self.settings, **overrides), self.model, self.tokenizer,
                           model_path=str(self.model_dir))
         monitor = engine.trainer.monitor
@@ -233,10 +243,13 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.05, help="drift budget for the gate")
     ap.add_argument("--drift-probes", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--answer-tokens", type=int, default=drift.ANSWER_TOKENS,
+                    help="probe answer tokens the reference keeps and the guard is fitted on")
     ap.add_argument("--skip-flood", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("vllm_apollo.trainer").setLevel(logging.WARNING)
+    drift.ANSWER_TOKENS = args.answer_tokens
     bench = Bench(args)
     results = {}
     for name in args.approaches.split(","):

@@ -40,8 +40,8 @@ class Settings:
     export_dir: str = field(metadata={"help": "directory the vLLM hook exports into"})
     host: str = _opt("127.0.0.1", "address to listen on", env="BIND_HOST")
     port: int = _opt(8001, "port to listen on", env="TRAIN_PORT")
-    lr: float = _opt(1e-4, "APOLLO-Mini learning rate (1e-4 learns a one-line lesson in about "
-                           "5 steps on the fp32 default model)")
+    lr: float = _opt(3e-4, "APOLLO-Mini learning rate (3e-4 learns a one-line lesson in about "
+                           "5 steps on the fp32 default model under the null-space guard)")
     batch_size: int = _opt(8, "max examples per optimizer step")
     max_steps_per_batch: int = _opt(12, "most optimizer steps on one batch; it stops as soon "
                                        "as its targets are learned (--learned-prob)")

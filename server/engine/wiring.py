@@ -119,6 +119,8 @@ def param_groups(model: nn.Module, lr: float, train_embeddings: bool,
                   if m is not None for p in m.parameters()}
     matrices, others, frozen = [], [], []
     for p in model.parameters():
+        if not p.requires_grad:  # frozen before: stays out of the optimizer
+            continue
         if id(p) in embeddings:
             (others if train_embeddings else frozen).append(p)
         elif p.dim() == 2:

@@ -2,7 +2,7 @@
 dashboards' reads, all at once, for a given time; then every accepted example is followed to
 its end.
 
-Used by tests/test_e2e_mixed_load.py (a minute on the shared launcher) and
+Used by tests/test_e2e_mixed_load.py (half a minute on the shared launcher) and
 bench/mixed_load.py (ten minutes, its table in bench/RESULTS.md). What it counts is what a
 user would call a failure of the service: a 5xx, a request that hung or broke its connection,
 an accepted example that never finished or vanished, a client thread that never returned.
