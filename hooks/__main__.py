@@ -12,6 +12,9 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] != ["serve"] and {"-h", "--help"} & set(argv):  # serve's help is vLLM's
+        print(__doc__)
+        return 0
     if len(argv) >= 2 and argv[0] == "serve":
         from hooks.compat import UnsupportedVllm, serve
 

@@ -83,6 +83,14 @@ def test_the_record_directory_must_be_private(tmp_path, monkeypatch):
     assert r.returncode != 0 and "not a private directory" in r.stderr
 
 
+def test_help_is_help_not_a_directory_to_clean(tmp_path):
+    """`cleanup --help` once cleaned a directory named "--help"."""
+    r = subprocess.run([sys.executable, "-m", "hooks", "cleanup", "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and "python -m hooks cleanup EXPORT_DIR" in r.stdout, r
+    assert "removed" not in r.stderr
+
+
 def test_the_files_a_stopped_vllm_left_are_removed_by_its_note_and_nothing_else(
         tmp_path, monkeypatch):
     """vLLM leaves its rendezvous file (TMPDIR/vllm_dist_ID) and, under tensor parallelism on
