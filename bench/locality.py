@@ -205,20 +205,22 @@ class Bench:
         return {**result, **self.evaluate()}
 
     def gate(self, overrides: dict, wrong: int = 12) -> dict:
+        """Wrong answers to `wrong` control questions in one POST, trained as one batch (a
+        POST larger than --batch-size is split, and each batch is judged on its own)."""
         self.reset()
-        engine = self.engine(**overrides)
+        engine = self.engine(**{**overrides, "batch_size": max(wrong, 1)})
         before = {k: v.clone() for k, v in self.model.state_dict().items()}
         harmful = [encode([{"role": "user", "content": c["question"]},
                            {"role": "assistant", "content": "I am sure it is Zanzibar."}],
                           self.tokenizer, 512) for c in self.controls[:wrong]]
         try:
             ids, seconds = teach(engine, harmful)
-            rec = engine.trainer.records[ids[0]]
+            records = [engine.trainer.records[i] for i in ids]
         finally:
             engine.stop()
         same = all(torch.equal(v, before[k]) for k, v in self.model.state_dict().items())
-        return {"state": rec.state, "reason": rec.reason, "drift": rec.drift,
-                "bit_identical": same, "seconds": seconds}
+        return {"states": sorted({r.state for r in records}), "reason": records[0].reason,
+                "drift": records[0].drift, "bit_identical": same, "seconds": seconds}
 
 
 def table(results: dict[str, dict], n_lessons: int, n_controls: int) -> str:
@@ -245,25 +247,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--answer-tokens", type=int, default=drift.ANSWER_TOKENS,
                     help="probe answer tokens the reference keeps and the guard is fitted on")
-    ap.add_argument("--skip-flood", action="store_true")
+    ap.add_argument("--skip-flood", action="store_true", help="only the approaches and the gate")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("vllm_apollo.trainer").setLevel(logging.WARNING)
     drift.ANSWER_TOKENS = args.answer_tokens
     bench = Bench(args)
     results = {}
-    for name in args.approaches.split(","):
+    for name in filter(None, args.approaches.split(",")):
         results[name] = bench.run_approach(APPROACHES[name][0])
         r = results[name]
         print(f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'lost'})}\n  lost: "
               f"{r['lost']}", flush=True)
-    print("\n" + table(results, len(bench.lessons), len(bench.controls)))
-    if args.skip_flood:
-        return
+    if results:
+        print("\n" + table(results, len(bench.lessons), len(bench.controls)))
     default = APPROACHES[args.default][0]
-    flood = bench.flood({**default, "drift_budget": args.budget})
-    print(f"\nflood (one example x200, {args.default}, budget {args.budget}): "
-          f"{json.dumps({k: v for k, v in flood.items() if k != 'lost'})}", flush=True)
+    if not args.skip_flood:
+        flood = bench.flood({**default, "drift_budget": args.budget})
+        print(f"\nflood (one example x200, {args.default}, budget {args.budget}): "
+              f"{json.dumps({k: v for k, v in flood.items() if k != 'lost'})}", flush=True)
     gate = bench.gate({**default, "drift_budget": args.budget})
     print(f"gate (wrong answers to 12 controls in one batch, budget {args.budget}): "
           f"{json.dumps(gate)}", flush=True)
