@@ -35,8 +35,9 @@ from server.settings import Settings
 DATA = Path(__file__).parent / "data" / "locality"
 NAME = "What is your name?"
 APPROACHES = {
-    # name: (settings overrides, what it is); "matrices" (bench only): train only the decoder
-    # matrices whose names contain one of these
+    # name: (settings overrides, what it is); bench only: "matrices" trains only the decoder
+    # matrices whose names contain one of these, "end_of_turn": False leaves the lessons'
+    # end-of-turn token out of their targets
     "fixed-5": (dict(learned_prob=1.0, max_steps_per_batch=5, lr=1e-4, guard="none"),
                 "5 steps per lesson, lr 1e-4, no guard (before)"),
     "stop": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4, guard="none"),
@@ -55,6 +56,10 @@ APPROACHES = {
     "nullspace-mlp": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
                            guard="nullspace", guard_eps=1e-2, matrices=(".mlp.",)),
                       "learn, then stop, lr 3e-4, null-space guard, MLP matrices only"),
+    "nullspace-no-eot": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
+                              guard="nullspace", guard_eps=1e-2, end_of_turn=False),
+                         "learn, then stop, lr 3e-4, null-space guard, the answer's "
+                         "end-of-turn token not trained"),
     "nullspace": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4, guard="nullspace",
                        guard_eps=1e-2), "learn, then stop, lr 3e-4, null-space guard (eps "
                                         "1e-2), norms frozen (the default)"),
@@ -86,9 +91,10 @@ def has(text: str, keys: list[str]) -> bool:
     return any(k.lower() in text.lower() for k in keys)
 
 
-def lesson_example(lesson: dict, tokenizer):
+def lesson_example(lesson: dict, tokenizer, end_of_turn: bool = True):
     return encode([{"role": "user", "content": lesson["question"]},
-                   {"role": "assistant", "content": lesson["answer"]}], tokenizer, 512)
+                   {"role": "assistant", "content": lesson["answer"]}], tokenizer, 512,
+                  end_of_turn=end_of_turn)
 
 
 def teach(engine, examples: list, timeout: float = 600) -> tuple[list[str], float]:
@@ -114,6 +120,8 @@ class Bench:
         candidates = load("controls.jsonl")[:args.controls or None]
         base = answer(self.model, self.tokenizer, [c["question"] for c in candidates])
         self.controls = [c for c, a in zip(candidates, base, strict=True) if has(a, c["keys"])]
+        self.base_answers = [a for c, a in zip(candidates, base, strict=True)
+                             if has(a, c["keys"])]
         self.base_name = answer(self.model, self.tokenizer, [NAME], 30)[0]
         self.settings = Settings(export_dir="unused", drift_probes=args.drift_probes)
         self.pad = self.tokenizer.pad_token_id or 0
@@ -125,6 +133,9 @@ class Bench:
               f"{len(candidates)}; drift reference: {len(self.reference)} probes in "
               f"{self.reference_seconds:.0f} s; base name answer: {self.base_name!r}",
               flush=True)
+
+    def tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def reset(self) -> None:
         self.model.load_state_dict(self.original)
@@ -161,6 +172,10 @@ class Bench:
                                                                       strict=True)),
             "locality": sum(has(a, c["keys"]) for a, c in zip(controls, self.controls,
                                                               strict=True)),
+            # lost controls whose answer ended sooner (fewer tokens) than the untouched model's
+            "lost_shorter": sum(not has(a, c["keys"]) and self.tokens(a) < self.tokens(b)
+                                for a, c, b in zip(controls, self.controls, self.base_answers,
+                                                   strict=True)),
             "lost": [(c["question"], a) for a, c in zip(controls, self.controls, strict=True)
                      if not has(a, c["keys"])][:5],
             "name_same": name == self.base_name, "name": name,
@@ -170,12 +185,14 @@ class Bench:
     def run_approach(self, overrides: dict) -> dict:
         self.reset()
         self.guard_seconds = 0.0
+        overrides = dict(overrides)
+        end_of_turn = overrides.pop("end_of_turn", True)
         engine = self.engine(**overrides)
         seconds, steps, drifts = [], 0, []
         try:
             for lesson in self.lessons:
                 before = engine.trainer.stats.optimizer_steps
-                ids, s = teach(engine, [lesson_example(lesson, self.tokenizer)])
+                ids, s = teach(engine, [lesson_example(lesson, self.tokenizer, end_of_turn)])
                 seconds.append(s)
                 steps += engine.trainer.stats.optimizer_steps - before
                 d = engine.trainer.records[ids[0]].drift
