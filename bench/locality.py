@@ -143,7 +143,13 @@ class Bench:
             module.__dict__.pop("forward", None)
             module.__dict__.pop("null_guard_basis", None)
 
-    def engine(self, matrices: tuple[str, ...] = (), **overrides):
+    def example(self, lesson: dict):
+        return lesson_example(lesson, self.tokenizer, self.end_of_turn)
+
+    def engine(self, matrices: tuple[str, ...] = (), end_of_turn: bool = True, **overrides):
+        """The engine with `overrides` of the settings; the bench-only keys of APPROACHES
+        (`matrices`, `end_of_turn`) are taken here."""
+        self.end_of_turn = end_of_turn
         for name, p in self.model.named_parameters():
             p.requires_grad_(not matrices or p.dim() != 2 or any(m in name for m in matrices))
         engine = assemble(replace(self.settings, **overrides), self.model, self.tokenizer,
@@ -185,14 +191,12 @@ class Bench:
     def run_approach(self, overrides: dict) -> dict:
         self.reset()
         self.guard_seconds = 0.0
-        overrides = dict(overrides)
-        end_of_turn = overrides.pop("end_of_turn", True)
         engine = self.engine(**overrides)
         seconds, steps, drifts = [], 0, []
         try:
             for lesson in self.lessons:
                 before = engine.trainer.stats.optimizer_steps
-                ids, s = teach(engine, [lesson_example(lesson, self.tokenizer, end_of_turn)])
+                ids, s = teach(engine, [self.example(lesson)])
                 seconds.append(s)
                 steps += engine.trainer.stats.optimizer_steps - before
                 d = engine.trainer.records[ids[0]].drift
@@ -207,7 +211,7 @@ class Bench:
         self.reset()
         engine = self.engine(**overrides)
         try:
-            example = lesson_example(self.lessons[0], self.tokenizer)
+            example = self.example(self.lessons[0])
             t0 = time.monotonic()
             for _ in range(copies):  # one POST each, as a retrying client would
                 engine.trainer.submit([example])

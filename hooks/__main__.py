@@ -25,11 +25,9 @@ def main(argv: list[str]) -> int:
             return 2
         return 0
     if len(argv) == 2 and argv[0] == "cleanup":
-        from hooks.export import remove_all_exports
-        from hooks.leftovers import remove_vllm_dist
+        from hooks.leftovers import clean_export
 
-        n = remove_all_exports(argv[1])
-        files = remove_vllm_dist(argv[1])
+        n, files = clean_export(argv[1])
         print(f"removed {n} export(s) from {argv[1]} and {len(files)} file(s) vLLM left",
               file=sys.stderr)
         return 0

@@ -13,7 +13,7 @@ their exports and shared memory, and the run directory the launcher had created.
 vLLM itself leaves files behind on every stop: its gloo rendezvous file
 (TMPDIR/vllm_dist_ID) and, under tensor parallelism on CPU, its shared memory
 (/dev/shm/vllm_dist_ID-...-cpushm_R). The worker hook notes ID in the export
-(`note_vllm_dist`); the launcher's cleanup and the sweep remove them (`remove_vllm_dist`).
+(`note_vllm_dist`); the launcher's cleanup and the sweep remove them (`clean_export`).
 """
 
 from __future__ import annotations
@@ -68,6 +68,14 @@ def remove_vllm_dist(export_dir: str | os.PathLike) -> list[Path]:
             pass
     (Path(export_dir) / VLLM_DIST).unlink(missing_ok=True)
     return removed
+
+
+def clean_export(export_dir: str | os.PathLike) -> tuple[int, list[Path]]:
+    """Once vLLM has stopped: its exports (and their shared memory) and the files vLLM left.
+    The number of exports removed and the files removed."""
+    from hooks.export import remove_all_exports  # torch: only when there is work
+
+    return remove_all_exports(export_dir), remove_vllm_dist(export_dir)
 
 
 def state_dir() -> Path:
@@ -128,10 +136,7 @@ def sweep(directory: Path) -> list[str]:
             _stop(entry)
         export_dir, exports = state.get("export_dir"), 0
         if export_dir and os.path.isdir(export_dir):
-            from hooks.export import remove_all_exports  # torch: only when there is work
-
-            exports = remove_all_exports(export_dir)
-            remove_vllm_dist(export_dir)
+            exports = clean_export(export_dir)[0]
         run_dir = state.get("remove_run_dir")
         if run_dir and os.path.isdir(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)

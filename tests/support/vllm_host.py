@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from hooks.leftovers import clean_export
 from tests.support import ROOT
 
 PROMPT = [3, 17, 101, 250, 9, 77, 480, 12, 5, 333, 61, 200]
@@ -56,3 +57,5 @@ class VllmHost:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        clean_export(self.export_dir)  # the hook's export and vLLM's rendezvous file
