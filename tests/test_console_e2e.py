@@ -165,7 +165,9 @@ def test_ask_correct_and_see_the_new_answer(stack, browser):
     # versions: checkpoint now; a rollback asks first, and Cancel changes nothing
     c.view("versions")
     page.click("#checkpoint")
-    page.wait_for_selector("#notice.info", timeout=300 * MS)
+    # the notice says the checkpoint is being written (a stale one, e.g. "API key saved",
+    # is replaced at once), then what it wrote
+    page.wait_for_selector("#notice >> text=/^Checkpoint (v\\d|refused|:)/", timeout=300 * MS)
     assert re.search(r"Checkpoint v1", page.inner_text("#notice"))
     page.wait_for_selector("#version-table tr[data-n='1']", timeout=30 * MS)
     weights = page.inner_text("#weights")

@@ -647,6 +647,7 @@
   async function checkpoint() {
     const button = $("#checkpoint");
     button.disabled = true;
+    notice("Writing a checkpoint…", "progress");
     const res = await api("/checkpoint", "POST");
     button.disabled = false;
     if (!res.ok) { notice(`Checkpoint refused: ${res.why}`); return; }
