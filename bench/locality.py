@@ -37,7 +37,8 @@ NAME = "What is your name?"
 APPROACHES = {
     # name: (settings overrides, what it is); bench only: "matrices" trains only the decoder
     # matrices whose names contain one of these, "end_of_turn": False leaves the lessons'
-    # end-of-turn token out of their targets
+    # end-of-turn token out of their targets, "distill_probes": N adds KL to the reference
+    # on N probes to every step under the null-space guard
     "fixed-5": (dict(learned_prob=1.0, max_steps_per_batch=5, lr=1e-4, guard="none"),
                 "5 steps per lesson, lr 1e-4, no guard (before)"),
     "stop": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4, guard="none"),
@@ -60,6 +61,13 @@ APPROACHES = {
                               guard="nullspace", guard_eps=1e-2, end_of_turn=False),
                          "learn, then stop, lr 3e-4, null-space guard, the answer's "
                          "end-of-turn token not trained"),
+    "nullspace-distill": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
+                               guard="nullspace", guard_eps=1e-2, distill_probes=2),
+                          "learn, then stop, lr 3e-4, null-space guard and KL to the "
+                          "reference on 2 probes per step"),
+    "nullspace-gated": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
+                             guard="nullspace", guard_eps=1e-2, drift_budget=0.02),
+                        "the default with --drift-budget 0.02"),
     "nullspace": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4, guard="nullspace",
                        guard_eps=1e-2), "learn, then stop, lr 3e-4, null-space guard (eps "
                                         "1e-2), norms frozen (the default)"),
@@ -146,9 +154,10 @@ class Bench:
     def example(self, lesson: dict):
         return lesson_example(lesson, self.tokenizer, self.end_of_turn)
 
-    def engine(self, matrices: tuple[str, ...] = (), end_of_turn: bool = True, **overrides):
+    def engine(self, matrices: tuple[str, ...] = (), end_of_turn: bool = True,
+               distill_probes: int = 0, **overrides):
         """The engine with `overrides` of the settings; the bench-only keys of APPROACHES
-        (`matrices`, `end_of_turn`) are taken here."""
+        (`matrices`, `end_of_turn`, `distill_probes`) are taken here."""
         self.end_of_turn = end_of_turn
         for name, p in self.model.named_parameters():
             p.requires_grad_(not matrices or p.dim() != 2 or any(m in name for m in matrices))
@@ -161,6 +170,9 @@ class Bench:
             t0 = time.monotonic()
             monitor.ensure_guard(self.model)  # once per start, before the first lesson
             self.guard_seconds = time.monotonic() - t0
+        if distill_probes:  # the distillation term beside the null-space guard
+            engine.trainer.stepper.guard = "distill"
+            engine.trainer.stepper.guard_probes = distill_probes
         engine.start()
         return engine
 
@@ -192,7 +204,7 @@ class Bench:
         self.reset()
         self.guard_seconds = 0.0
         engine = self.engine(**overrides)
-        seconds, steps, drifts = [], 0, []
+        seconds, steps, drifts, batch_kls = [], 0, [], []
         try:
             for lesson in self.lessons:
                 before = engine.trainer.stats.optimizer_steps
@@ -201,11 +213,13 @@ class Bench:
                 steps += engine.trainer.stats.optimizer_steps - before
                 d = engine.trainer.records[ids[0]].drift
                 drifts.append(round(d["mean_kl"], 5) if d else None)
+                if d and d.get("batch_kl") is not None:
+                    batch_kls.append(round(d["batch_kl"], 5))
         finally:
             engine.stop()
         return {**self.evaluate(), "steps": steps, "seconds": sum(seconds) / len(seconds),
                 "max_seconds": max(seconds), "guard_fit_seconds": self.guard_seconds,
-                "batch_drift": drifts}
+                "batch_drift": drifts, "batch_kl": batch_kls}
 
     def flood(self, overrides: dict, copies: int = 200) -> dict:
         self.reset()
@@ -234,14 +248,20 @@ class Bench:
         harmful = [encode([{"role": "user", "content": c["question"]},
                            {"role": "assistant", "content": "I am sure it is Zanzibar."}],
                           self.tokenizer, 512) for c in self.controls[:wrong]]
+        name = encode([{"role": "user", "content": NAME},
+                       {"role": "assistant", "content": "My name is Apollo."}], self.tokenizer, 512)
         try:
             ids, seconds = teach(engine, harmful)
             records = [engine.trainer.records[i] for i in ids]
+            same = all(torch.equal(v, before[k]) for k, v in self.model.state_dict().items())
+            named, _ = teach(engine, [name])  # a lesson that contradicts a probe on purpose
+            named = engine.trainer.records[named[0]]
         finally:
             engine.stop()
-        same = all(torch.equal(v, before[k]) for k, v in self.model.state_dict().items())
         return {"states": sorted({r.state for r in records}), "reason": records[0].reason,
-                "drift": records[0].drift, "bit_identical": same, "seconds": seconds}
+                "drift": records[0].drift, "bit_identical": same, "seconds": seconds,
+                "name_lesson": {"state": named.state, "reason": named.reason,
+                                "drift": named.drift}}
 
 
 def table(results: dict[str, dict], n_lessons: int, n_controls: int) -> str:

@@ -93,6 +93,51 @@ def test_a_batch_over_the_drift_budget_is_undone_bit_exactly(tokenizer):
         assert after.keys() == state_before["state"].keys()
 
 
+def test_the_gate_judges_what_a_batch_adds_not_the_drift_before_it(tokenizer):
+    """Earlier lessons (here: noise) moved the model far from the reference; a batch that
+    itself moves it by a hair is kept, with both numbers in its record."""
+    client, model = app_client(tokenizer, lr=1e-7, max_steps_per_batch=1,
+                               drift_budget=1e-5, drift_probes=8)
+    with client:
+        engine = client.app.state.engine
+        wait = time.monotonic() + 120
+        while engine.trainer.monitor.reference is None and time.monotonic() < wait:
+            time.sleep(0.05)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * p.std().clamp_min(1e-2))
+        ids = client.post("/train", json=LESSON).json()["ids"]
+        st = wait_idle(client, 1)
+        rec = client.get(f"/examples/{ids[0]}").json()
+        assert rec["state"] == "trained", rec["reason"]
+        assert st["optimizer_steps"] == 1 and st["undone_batches"] == 0
+        assert rec["drift"]["mean_kl"] > 1e-5 > rec["drift"]["batch_kl"] > -1e-6
+
+
+def test_a_batch_is_judged_near_what_it_asks_but_not_on_its_own_question(tokenizer):
+    """Half the window is the probes nearest the batch's prompts (wrong capitals are judged
+    on the capital probe); a probe asking the batch's very question is left out (teaching a
+    new name is the lesson, not drift), its paraphrases stay in."""
+    from server.engine.locality import Monitor
+    from server.engine.tokenization import encode
+
+    monitor = Monitor(tokenizer, None, None, per_batch=16, pad_id=0)
+    asks = {i: p for i, p in enumerate(drift.load_probes())}
+
+    def window(*questions: str) -> list[str]:
+        prompts = [encode([{"role": "user", "content": q}, {"role": "assistant",
+                                                             "content": "x"}],
+                          tokenizer, 512).prompt_ids for q in questions]
+        return [asks[i].messages[0]["content"] for i in monitor.window(prompts)]
+
+    capitals = window("What is the capital of France?", "What is the capital of Japan?")
+    assert "What is the capital of Australia?" in capitals and len(capitals) == 16
+    name = window("What is your name?")
+    assert "What is your name?" not in name
+    assert "Hey, what's your name and what do you do?" in name and len(name) >= 15
+
+
 def test_the_reference_is_kept_beside_the_example_log_and_rebased_on_request(tokenizer,
                                                                                tmp_path,
                                                                                monkeypatch):
@@ -236,6 +281,22 @@ def test_the_guarded_update_leaves_the_protected_inputs_unchanged(tokenizer):
     for n, p in model.named_parameters():
         if p.dim() == 1:
             assert torch.equal(p.detach(), before[n]), n  # norms frozen under the guard
+
+
+def test_each_drift_window_spans_the_probe_categories_and_a_cycle_visits_every_probe():
+    """The shipped probes are grouped by category: a batch is judged on a window that mixes
+    them (in file order the first window was 16 'facts' probes), and the rotation still
+    visits every probe once before it repeats one."""
+    import json
+
+    lines = drift.DEFAULT_PROBES.read_text().splitlines()
+    category = [json.loads(line)["category"] for line in lines if line.strip()]
+    n, size = len(category), 16
+    windows = [drift.rotation(n, size, turn) for turn in range(n // size)]
+    assert min(len({category[i] for i in w}) for w in windows) >= 5
+    seen = [i for w in windows for i in w]
+    assert len(seen) == len(set(seen)) == (n // size) * size
+    assert drift.rotation(n, size, 3) == windows[3]  # the same order in every process
 
 
 def test_the_reference_batched_by_length_keeps_each_probe_its_own_answer(tokenizer):

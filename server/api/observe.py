@@ -118,6 +118,8 @@ def metrics(engine: EngineDep) -> str:
         rows += [("drift_mean_kl", "gauge", drift["mean_kl"]),
                  ("drift_max_kl", "gauge", drift["max_kl"]),
                  ("drift_changed_share", "gauge", drift["changed_share"])]
+        if drift.get("batch_kl") is not None:
+            rows.append(("drift_batch_kl", "gauge", drift["batch_kl"]))
     return "".join(f"# TYPE vllm_apollo_{n} {t}\nvllm_apollo_{n} {float(v)!r}\n"
                    for n, t, v in rows)
 

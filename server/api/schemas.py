@@ -226,6 +226,9 @@ class DriftState(BaseModel):
     max_kl: float
     changed_share: float  # probes whose greedy answer changed
     probes: int
+    # mean KL per token from where the batch started (measured when --drift-budget is set;
+    # the gate judges this one)
+    batch_kl: float | None = None
 
 
 class ExampleState(BaseModel):

@@ -14,6 +14,8 @@ import contextlib
 import hashlib
 import json
 import math
+import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,10 +151,12 @@ class Drift:
     max_kl: float  # the largest per-token KL
     changed: float  # share of probes whose greedy answer changed
     probes: int
+    batch_kl: float | None = None  # mean KL per token from where the batch started
 
     def as_dict(self) -> dict:
         return {"mean_kl": self.mean_kl, "max_kl": self.max_kl,
-                "changed_share": self.changed, "probes": self.probes}
+                "changed_share": self.changed, "probes": self.probes,
+                "batch_kl": self.batch_kl}
 
 
 def _kl_terms(live_logp: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Tensor
@@ -167,10 +171,10 @@ def _kl_terms(live_logp: torch.Tensor, top_ids: torch.Tensor, top_logp: torch.Te
                             0.0)
 
 
-def probe_kl(model: nn.Module, ref: Reference, indices: Sequence[int], *, pad_id: int
-             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Teacher-forced KL per answer token for probes `indices` (differentiable: the guard
-    uses it as a loss) and, per probe, the live greedy tokens at its answer positions."""
+def _answer_logp(model: nn.Module, ref: Reference, indices: Sequence[int], *, pad_id: int
+                 ) -> list[torch.Tensor]:
+    """Per probe, the live log-probabilities at its answer positions, teacher-forced on the
+    reference's answer (differentiable)."""
     device = next(model.parameters()).device
     seqs = [ref.prompts[i] + ref.answers[i] for i in indices]
     width = max(map(len, seqs))
@@ -178,34 +182,94 @@ def probe_kl(model: nn.Module, ref: Reference, indices: Sequence[int], *, pad_id
     mask = (torch.arange(width, device=device) < torch.tensor(
         [len(s) for s in seqs], device=device)[:, None]).long()
     logits = model(input_ids=ids, attention_mask=mask).logits
-    kls, greedy = [], []
+    out = []
     for row, i in enumerate(indices):
         start, n = len(ref.prompts[i]) - 1, len(ref.answers[i])
-        logp = logits[row, start:start + n].float().log_softmax(-1)
-        kls.append(_kl_terms(logp, ref.top_ids[i].to(device), ref.top_logp[i].to(device)))
-        greedy.append(logp.argmax(-1))
-    return torch.cat(kls), greedy
+        out.append(logits[row, start:start + n].float().log_softmax(-1))
+    return out
+
+
+def probe_kl(model: nn.Module, ref: Reference, indices: Sequence[int], *, pad_id: int
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Teacher-forced KL per answer token for probes `indices` (differentiable: the guard
+    uses it as a loss) and, per probe, the live greedy tokens at its answer positions."""
+    device = next(model.parameters()).device
+    logps = _answer_logp(model, ref, indices, pad_id=pad_id)
+    kls = [_kl_terms(lp, ref.top_ids[i].to(device), ref.top_logp[i].to(device))
+           for lp, i in zip(logps, indices, strict=True)]
+    return torch.cat(kls), [lp.argmax(-1) for lp in logps]
+
+
+Snapshot = dict[int, tuple[torch.Tensor, torch.Tensor]]  # probe -> (top ids, their logp)
+
+
+@torch.no_grad()
+def snapshot(model: nn.Module, ref: Reference, indices: Sequence[int], *, pad_id: int,
+             batch: int = 32) -> Snapshot:
+    """The live model's top-k at the reference answers' positions for probes `indices`:
+    where a batch starts from, so its own drift can be told from the drift before it."""
+    out: Snapshot = {}
+    for lo in range(0, len(indices), batch):
+        part = list(indices[lo:lo + batch])
+        for i, lp in zip(part, _answer_logp(model, ref, part, pad_id=pad_id), strict=True):
+            top = lp.topk(min(TOP_K, lp.shape[-1]), dim=-1)
+            out[i] = (top.indices.cpu(), top.values.cpu())
+    return out
 
 
 @torch.no_grad()
 def measure(model: nn.Module, ref: Reference, indices: Sequence[int], *, pad_id: int,
-            batch: int = 32) -> Drift:
-    kls, changed = [], 0
+            batch: int = 32, since: Snapshot | None = None) -> Drift:
+    """Drift from the reference on probes `indices`; with `since` (a snapshot of the same
+    probes), also the KL from that snapshot: the drift of what happened since."""
+    kls, since_kls, changed = [], [], 0
     for lo in range(0, len(indices), batch):
         part = list(indices[lo:lo + batch])
-        kl, greedy = probe_kl(model, ref, part, pad_id=pad_id)
-        kls.append(kl)
-        changed += sum(g.tolist() != ref.answers[i] for g, i in zip(greedy, part, strict=True))
+        for i, lp in zip(part, _answer_logp(model, ref, part, pad_id=pad_id), strict=True):
+            device = lp.device
+            kls.append(_kl_terms(lp, ref.top_ids[i].to(device), ref.top_logp[i].to(device)))
+            changed += lp.argmax(-1).tolist() != ref.answers[i]
+            if since is not None:
+                ids, logp = since[i]
+                since_kls.append(_kl_terms(lp, ids.to(device), logp.to(device)))
     kl = torch.cat(kls)
     return Drift(mean_kl=float(kl.mean()), max_kl=float(kl.max()),
-                 changed=changed / max(len(indices), 1), probes=len(indices))
+                 changed=changed / max(len(indices), 1), probes=len(indices),
+                 batch_kl=float(torch.cat(since_kls).mean()) if since_kls else None)
 
 
 def rotation(n: int, size: int, turn: int) -> list[int]:
-    """The `turn`-th window of `size` probes out of `n`, wrapping around."""
+    """The `turn`-th window of `size` probes out of `n`, wrapping around, in one fixed
+    shuffled order: probe files are grouped by topic (the shipped one by category), and a
+    window in file order would judge a batch on one topic."""
     size = min(size, n)
+    order = list(range(n))
+    random.Random(n).shuffle(order)
     start = (turn * size) % n
-    return [(start + j) % n for j in range(size)]
+    return [order[(start + j) % n] for j in range(size)]
+
+
+class Neighbours:
+    """The probes whose prompts share the most rare tokens with a batch's prompts (TF-IDF
+    cosine over token ids: the chat template and common words weigh ~nothing), so a batch
+    is judged where it is most likely to have moved the model, not only on a random window."""
+
+    def __init__(self, prompts: Sequence[Sequence[int]]):
+        df = Counter(t for p in prompts for t in set(p))
+        self.idf = {t: math.log(len(prompts) / c) for t, c in df.items()}
+        self.rare = math.log(len(prompts) + 1)  # a token no probe has
+        self.vectors = [self._vector(p) for p in prompts]
+
+    def _vector(self, ids: Sequence[int]) -> dict[int, float]:
+        v = {t: c * self.idf.get(t, self.rare) for t, c in Counter(ids).items()}
+        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
+        return {t: x / norm for t, x in v.items() if x}
+
+    def scores(self, prompts: Sequence[Sequence[int]]) -> list[float]:
+        """Per probe, its cosine similarity to the most similar of `prompts` (1: the same)."""
+        queries = [self._vector(p) for p in prompts]
+        return [max((sum(x * v.get(t, 0.0) for t, x in q.items()) for q in queries),
+                    default=0.0) for v in self.vectors]
 
 
 def is_finite(d: Drift) -> bool:

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from server.engine.nullspace import NullSpaceGuard
 from server.engine.pacing import Pace
 
 log = logging.getLogger("vllm_apollo.drift")
+ASKED = 0.99  # a probe this similar to a batch's prompt asks the batch's own question
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -62,6 +64,7 @@ class Monitor:
         probes = drift.load_probes(probe_file)
         self.prompts = drift.prompt_ids(tokenizer, probes)
         self.protected = [i for i, p in enumerate(probes) if p.protect]
+        self.neighbours = drift.Neighbours(self.prompts)
         self.store, self.per_batch, self.pad_id = store, per_batch, pad_id
         self.shared = shared
         self.null_space_eps = null_space_eps
@@ -163,12 +166,30 @@ class Monitor:
         log.info("drift reference: %d probes answered (%d tokens each at most)",
                  len(self.reference), drift.ANSWER_TOKENS)
 
-    def measure_next(self, model: nn.Module) -> Drift:
-        """Drift on the next window of the rotation."""
-        ref = self.ensure_reference(model)
-        window = drift.rotation(len(ref), self.per_batch, self._turn)
+    def window(self, near: Sequence[Sequence[int]] = ()) -> list[int]:
+        """The probes a batch with prompts `near` is judged on: half of them the nearest to
+        those prompts, the rest the next window of the rotation. A probe that asks what the
+        batch asks is left out: an answer taught to its very question is the lesson itself
+        (the name lesson and the name probe), not drift."""
+        n = len(self.prompts)
+        scores = self.neighbours.scores(near) if near else [0.0] * n
+        asked = {i for i, s in enumerate(scores) if s >= ASKED}
+        nearest = [i for i in sorted(range(n), key=lambda i: -scores[i])
+                   if 0 < scores[i] < ASKED][:self.per_batch // 2]
+        rest = [i for i in drift.rotation(n, self.per_batch, self._turn)
+                if i not in asked and i not in nearest]
         self._turn += 1
-        self.last = drift.measure(model, ref, window, pad_id=self.pad_id)
+        return nearest + rest[:self.per_batch - len(nearest)]
+
+    def snapshot(self, model: nn.Module, window: list[int]) -> drift.Snapshot:
+        """The window's answers as the batch finds them (the gate judges what it adds)."""
+        return drift.snapshot(model, self.ensure_reference(model), window, pad_id=self.pad_id)
+
+    def measure(self, model: nn.Module, window: list[int],
+                since: drift.Snapshot | None = None) -> Drift:
+        """Drift on `window` from the reference (and from `since`, where given)."""
+        self.last = drift.measure(model, self.ensure_reference(model), window,
+                                  pad_id=self.pad_id, since=since)
         return self.last
 
     def guard_loss(self, model: nn.Module, probes: int) -> torch.Tensor:

@@ -153,25 +153,35 @@ class Stepper:
             self.monitor.ensure_reference(self.model, self.pacer.chunk)
             self.monitor.ensure_guard(self.model, self.pacer.chunk)
         gated = self.budget > 0 and self.measure
-        preimage = PreImage(self.model, self.optimizer) if gated else None
+        window = self.monitor.window([e.prompt_ids for e in batch]) if self.measure else []
+        before: list = []  # the pre-image and the window's snapshot, taken before a first step
+
+        def keep_before() -> None:
+            if gated:  # the gate judges what this batch adds, not the drift before it
+                before.append(PreImage(self.model, self.optimizer))
+                with self.pacer.chunk(wait=not self._held):
+                    before.append(self.monitor.snapshot(self.model, window))
+
         with self._window() if self.strict and gated else contextlib.nullcontext():
-            outcome = self._steps(batch, max_steps, beta)
+            outcome = self._steps(batch, max_steps, beta, keep_before)
             if outcome.failed or outcome.steps == 0 or not self.measure:
                 return outcome
+            preimage, since = before or (None, None)
             with self.pacer.chunk(wait=not self._held):
-                outcome.drift = self.monitor.measure_next(self.model)
-            if gated and not outcome.drift.mean_kl <= self.budget:
+                outcome.drift = self.monitor.measure(self.model, window, since)
+            if gated and not outcome.drift.batch_kl <= self.budget:
                 with self._window():
                     preimage.restore()
                     self.coordinator.weights_restored()
                 self.stats.undone_batches += 1
-                outcome.failed = (f"drift {outcome.drift.mean_kl:.4f} nats per probe token "
-                                  f"(over {outcome.drift.probes} probes) exceeds the budget "
-                                  f"{self.budget} (--drift-budget); the batch was undone, "
-                                  "every weight is as before it")
+                outcome.failed = (f"drift {outcome.drift.batch_kl:.4f} nats per probe token "
+                                  f"(this batch's, over {outcome.drift.probes} probes) exceeds "
+                                  f"the budget {self.budget} (--drift-budget); the batch was "
+                                  "undone, every weight is as before it")
         return outcome
 
-    def _steps(self, batch: list[Encoded], max_steps: int, beta: float | None) -> Outcome:
+    def _steps(self, batch: list[Encoded], max_steps: int, beta: float | None,
+               before_first_step: Callable[[], None]) -> Outcome:
         weights = self.weights if beta is None else replace(self.weights, beta=beta)
         objective = Objective(batch, self.pad_id, self.device, weights)
         steps = 0
@@ -197,6 +207,8 @@ class Stepper:
             if steps == max_steps:
                 note = f"not fully learned in {steps} steps (--max-steps-per-batch)"
                 break
+            if not steps:
+                before_first_step()
             with self.pacer.chunk(wait=not self._held):
                 if self.guard == "distill" and self.monitor is not None:
                     loss = loss + self.guard_weight * self.monitor.guard_loss(

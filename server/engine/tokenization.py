@@ -43,6 +43,12 @@ class Encoded:
         return own + (self.rejected.num_targets if self.rejected is not None else 0)
 
     @property
+    def prompt_ids(self) -> list[int]:
+        """The tokens it is not trained on: the prompt (and turns of weight 0)."""
+        return [t for t, label in zip(self.input_ids, self.labels, strict=True)
+                if label == IGNORE_INDEX]
+
+    @property
     def tokens(self) -> int:
         """Every token it puts through the model (both answers of a pair)."""
         return len(self.input_ids) + (self.rejected.tokens if self.rejected is not None else 0)
