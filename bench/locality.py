@@ -264,6 +264,30 @@ class Bench:
                                 "drift": named.drift}}
 
 
+def noise_floor(bench: Bench, target_kl: float) -> dict:
+    """The controls kept when the decoder's matrices get seeded Gaussian noise (each scaled by
+    its own std) sized so that the probe KL is `target_kl`: how many answers any change of
+    that size flips, whatever it teaches."""
+    gen = torch.Generator().manual_seed(0)
+    noise = {k: torch.randn(v.shape, generator=gen) * v.std()
+             for k, v in bench.original.items() if v.dim() == 2 and "embed" not in k}
+
+    def kl_at(scale: float) -> float:
+        bench.model.load_state_dict({k: v + scale * noise[k] if k in noise else v
+                                     for k, v in bench.original.items()})
+        return drift.measure(bench.model, bench.reference, range(0, len(bench.reference), 3),
+                             pad_id=bench.pad).mean_kl
+    lo, hi = 0.0, 0.05
+    for _ in range(9):  # bisect the scale on a third of the probes
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if kl_at(mid) < target_kl else (lo, mid)
+    kl_at(hi)
+    r = bench.evaluate()
+    bench.reset()
+    return {"target_kl": target_kl, "scale": hi, **{k: r[k] for k in (
+        "locality", "lost_shorter", "name_same", "name", "probe_kl", "probe_changed")}}
+
+
 def table(results: dict[str, dict], n_lessons: int, n_controls: int) -> str:
     head = ("| approach | reliability | generalization (1 paraphrase) | locality (controls kept) "
             "| name unchanged | probe KL / token | probes changed | optimizer steps | s per "
@@ -288,6 +312,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--answer-tokens", type=int, default=drift.ANSWER_TOKENS,
                     help="probe answer tokens the reference keeps and the guard is fitted on")
+    ap.add_argument("--noise", default="", help="probe KLs (comma-separated) at which to "
+                    "measure the controls kept under random noise of that size")
     ap.add_argument("--skip-flood", action="store_true", help="only the approaches and the gate")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -302,6 +328,8 @@ def main() -> None:
               f"{r['lost']}", flush=True)
     if results:
         print("\n" + table(results, len(bench.lessons), len(bench.controls)))
+    for target in filter(None, args.noise.split(",")):
+        print(f"noise: {json.dumps(noise_floor(bench, float(target)))}", flush=True)
     default = APPROACHES[args.default][0]
     if not args.skip_flood:
         flood = bench.flood({**default, "drift_budget": args.budget})
