@@ -63,11 +63,11 @@ class Settings:
                                       "preferred one (docs/preferences.md); 0: plain DPO")
     kto_desirable_weight: float = _opt(1.0, "KTO's weight on thumbs-up answers")
     kto_undesirable_weight: float = _opt(1.0, "KTO's weight on thumbs-down answers")
-    drift_budget: float = _opt(0.0, "largest mean KL(reference ‖ live) per probe answer token "
-                                    "a batch may leave; a batch over it is undone bit-exactly "
-                                    "and its examples fail (0: no gate)")
-    drift_probes: int = _opt(16, "probes evaluated after each batch (a rotating window of the "
-                                 "probe set; 0: no drift monitor)")
+    drift_budget: float = _opt(0.0, "largest mean KL per probe answer token a batch may add "
+                                    "(from where it started); a batch over it is undone "
+                                    "bit-exactly and its examples fail (0: no gate)")
+    drift_probes: int = _opt(16, "probes evaluated after each batch (half the nearest to its "
+                                 "prompts, half a rotating window; 0: no drift monitor)")
     probe_file: str | None = _opt(None, "JSONL of probes ({\"messages\": [...]} or "
                                         "{\"prompt\": ...} per line); default: the 230 "
                                         "shipped prompts")
