@@ -76,12 +76,12 @@ def style(bench: Bench) -> dict:
 def run(bench: Bench, examples: list, **overrides) -> dict:
     """One POST of `examples` on the original weights; its record, steps and seconds."""
     bench.reset()
-    engine = bench.engine(**overrides)
+    engine = bench.engine(**{"drift_budget": bench.budget, **overrides})
     try:
         ids, seconds = teach(engine, examples)
         rec = engine.trainer.records[ids[0]]
         return {"steps": engine.trainer.stats.optimizer_steps, "seconds": seconds,
-                "reason": rec.reason, "state": rec.state}
+                "reason": rec.reason, "state": rec.state, "drift": rec.drift}
     finally:
         engine.stop()
 
@@ -148,6 +148,8 @@ def main() -> None:
     ap.add_argument("--sft", default="1", help="--dpo-sft-weight values to run ('' none)")
     ap.add_argument("--pairs", type=int, default=3, choices=range(1, len(PAIRS) + 1),
                     help=f"pirate pairs taught (of {len(PAIRS)})")
+    ap.add_argument("--drift-budget", type=float, default=0.0,
+                    help="--drift-budget for every run (0: no gate)")
     ap.add_argument("--skip-feedback", action="store_true")
     ap.add_argument("--skip-demos", action="store_true")
     args = ap.parse_args()
@@ -155,7 +157,7 @@ def main() -> None:
     t0 = time.monotonic()
     bench = Bench(SimpleNamespace(threads=args.threads, lessons=0, controls=args.controls,
                                   drift_probes=16))
-    bench.max_steps = args.max_steps
+    bench.max_steps, bench.budget = args.max_steps, args.drift_budget
     base = style(bench)
     print(f"before: {json.dumps(base)}", flush=True)
     rows = pirate(bench, [float(m) for m in args.margins.split(",") if m],

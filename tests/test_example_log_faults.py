@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from server.engine import example_log as example_log_module
 from server.engine.example_log import ExampleLog
@@ -201,6 +202,31 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(d)], check=False)
 
 
+def test_a_full_disk_while_keeping_the_drift_reference_raises_os_error_and_leaves_nothing(
+        small_fs):
+    """The drift reference and the guard's bases are a cache beside the example log: on a
+    full disk their save raises OSError, which the monitor logs and goes on from — not
+    torch's own RuntimeError, which failed the batch that made them (an acknowledged example
+    lost) — and leaves no partial file."""
+    from server.engine import drift
+
+    directory, _ = small_fs
+    fd = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    ref = drift.Reference(prompts=[[1] * 8], answers=[[2] * 12],
+                          top_ids=[torch.zeros(12, 16, dtype=torch.long)],
+                          top_logp=[torch.zeros(12, 16)], digest="x")
+    with pytest.raises(OSError):
+        ref.save(directory / "probe-reference.pt")
+    assert [p.name for p in directory.iterdir()] == ["filler"]
+
+
 def test_a_full_file_system_loses_no_acknowledged_example(
         tmp_path, default_model_dir, owner_factory, small_fs):
     """Until the disk is full every 2xx is logged; then 507 or 503, never a 2xx; after a
@@ -237,7 +263,9 @@ def test_a_full_file_system_loses_no_acknowledged_example(
                 break
             time.sleep(0.1)
         states = {i: httpx.get(f"{url}/examples/{i}").json().get("state") for i in acked}
-        assert set(states.values()) == {"trained"}, states
+        reasons = {i: httpx.get(f"{url}/examples/{i}").json().get("reason")
+                   for i, state in states.items() if state != "trained"}
+        assert set(states.values()) == {"trained"}, reasons
         assert st["examples_trained"] == len(acked)  # nothing refused was logged
         assert st["applied_steps"] == st["examples_trained"]  # once each (batch 1, 1 step)
         print(f"\n{len(acked)} acknowledged before the disk was full, refused: {refused}")

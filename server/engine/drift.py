@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import random
@@ -23,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from checkpoint.durable import atomic_replace
 
 if TYPE_CHECKING:
     from server.engine.pacing import Pace
@@ -74,13 +77,19 @@ class Reference:
         return len(self.prompts)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.__dict__, tmp)
-        tmp.replace(path)
+        save_atomic(self.__dict__, path)
 
     @classmethod
     def load(cls, path: Path) -> Reference:
         return cls(**torch.load(path, weights_only=True))
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    """torch.save through one atomic replace: a full disk raises OSError (torch's own file
+    writer raises RuntimeError) and leaves neither `path` changed nor a partial file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_replace(path, [buf.getbuffer()], durable=False)
 
 
 def prompt_ids(tokenizer, probes: Sequence[Probe]) -> list[list[int]]:

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from server.engine.drift import save_atomic
+
 if TYPE_CHECKING:
     from server.engine.pacing import Pace
 
@@ -143,11 +145,9 @@ class NullSpaceGuard:
     def save(self, path: Path, tag: str) -> None:
         """The fitted bases (fp16: they are orthonormal directions, not values to add);
         `tag` names what they were fitted on."""
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"eps": self.eps, "tag": tag, "key_of": self.key_of,
-                    "bases": {k: b.to("cpu", torch.float16) for k, b in self.bases.items()}},
-                   tmp)
-        tmp.replace(path)
+        save_atomic({"eps": self.eps, "tag": tag, "key_of": self.key_of,
+                     "bases": {k: b.to("cpu", torch.float16) for k, b in self.bases.items()}},
+                    path)
 
     def load(self, path: Path, tag: str, pace: Pace = contextlib.nullcontext) -> bool:
         """Install bases fitted earlier on `tag` for these layers and this eps; False if they
