@@ -35,10 +35,11 @@ from server.settings import Settings
 DATA = Path(__file__).parent / "data" / "locality"
 NAME = "What is your name?"
 APPROACHES = {
-    # name: (settings overrides, what it is); bench only: "matrices" trains only the decoder
-    # matrices whose names contain one of these, "end_of_turn": False leaves the lessons'
-    # end-of-turn token out of their targets, "distill_probes": N adds KL to the reference
-    # on N probes to every step under the null-space guard
+    # name: (settings overrides, what it is). Bench only: "matrices" trains only the decoder
+    # matrices whose names contain one of these; "end_of_turn": False leaves the lessons'
+    # end-of-turn token out of their targets; "distill_probes": N adds KL to the reference on
+    # N probes to every step under the null-space guard. Every approach but the default runs
+    # with the gate off (as they were measured before it was a default).
     "fixed-5": (dict(learned_prob=1.0, max_steps_per_batch=5, lr=1e-4, guard="none"),
                 "5 steps per lesson, lr 1e-4, no guard (before)"),
     "stop": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4, guard="none"),
@@ -65,13 +66,18 @@ APPROACHES = {
                                guard="nullspace", guard_eps=1e-2, distill_probes=2),
                           "learn, then stop, lr 3e-4, null-space guard and KL to the "
                           "reference on 2 probes per step"),
-    "nullspace-gated": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
-                             guard="nullspace", guard_eps=1e-2, drift_budget=0.02),
-                        "the default with --drift-budget 0.02"),
+    "nullspace-no-gate": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
+                               guard="nullspace", guard_eps=1e-2, drift_budget=0.0),
+                          "the default with --drift-budget 0 (no gate)"),
     "nullspace": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4, guard="nullspace",
-                       guard_eps=1e-2), "learn, then stop, lr 3e-4, null-space guard (eps "
-                                        "1e-2), norms frozen (the default)"),
+                       guard_eps=1e-2, drift_budget=0.02),
+                  "learn, then stop, lr 3e-4, null-space guard (eps 1e-2), norms frozen, "
+                  "--drift-budget 0.02 (the default)"),
 }
+
+
+for _name, (_overrides, _) in APPROACHES.items():
+    _overrides.setdefault("drift_budget", 0.0)
 
 
 def load(name: str) -> list[dict]:
@@ -307,7 +313,8 @@ def main() -> None:
     ap.add_argument("--approaches", default=",".join(APPROACHES))
     ap.add_argument("--default", default="nullspace",
                     help="approach for the flood and the gate")
-    ap.add_argument("--budget", type=float, default=0.05, help="drift budget for the gate")
+    ap.add_argument("--budget", type=float, default=0.02,
+                    help="drift budget for the flood and the gate")
     ap.add_argument("--drift-probes", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--answer-tokens", type=int, default=drift.ANSWER_TOKENS,

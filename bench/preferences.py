@@ -148,8 +148,8 @@ def main() -> None:
     ap.add_argument("--sft", default="1", help="--dpo-sft-weight values to run ('' none)")
     ap.add_argument("--pairs", type=int, default=3, choices=range(1, len(PAIRS) + 1),
                     help=f"pirate pairs taught (of {len(PAIRS)})")
-    ap.add_argument("--drift-budget", type=float, default=0.0,
-                    help="--drift-budget for every run (0: no gate)")
+    ap.add_argument("--drift-budget", type=float, default=0.02,
+                    help="--drift-budget for every run (the server's default; 0: no gate)")
     ap.add_argument("--skip-feedback", action="store_true")
     ap.add_argument("--skip-demos", action="store_true")
     args = ap.parse_args()

@@ -63,9 +63,10 @@ class Settings:
                                       "preferred one (docs/preferences.md); 0: plain DPO")
     kto_desirable_weight: float = _opt(1.0, "KTO's weight on thumbs-up answers")
     kto_undesirable_weight: float = _opt(1.0, "KTO's weight on thumbs-down answers")
-    drift_budget: float = _opt(0.0, "largest mean KL per probe answer token a batch may add "
-                                    "(from where it started); a batch over it is undone "
-                                    "bit-exactly and its examples fail (0: no gate)")
+    drift_budget: float = _opt(0.02, "largest mean KL per probe answer token a batch may add "
+                                     "(from where it started); a batch over it is undone "
+                                     "bit-exactly and its examples fail (0: no gate; the "
+                                     "gate needs --drift-probes > 0)")
     drift_probes: int = _opt(16, "probes evaluated after each batch (half the nearest to its "
                                  "prompts, half a rotating window; 0: no drift monitor)")
     probe_file: str | None = _opt(None, "JSONL of probes ({\"messages\": [...]} or "
@@ -186,8 +187,6 @@ class Settings:
         if min(self.kto_desirable_weight, self.kto_undesirable_weight, self.dpo_sft_weight) < 0:
             raise ValueError("--kto-desirable-weight, --kto-undesirable-weight and "
                              "--dpo-sft-weight must be at least 0")
-        if self.drift_budget > 0 and self.drift_probes <= 0:
-            raise ValueError("--drift-budget needs --drift-probes > 0 (the gate measures them)")
         if not 0 < self.train_share <= 1:
             raise ValueError("--train-share must be in (0, 1]")
         if self.train_share_above < -1:

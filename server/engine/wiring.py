@@ -205,8 +205,10 @@ def _monitor(settings: Settings, tokenizer, example_log: ExampleLog | None,
              group: Group | None, shared: Path | None) -> Monitor | None:
     """The probe monitor (drift after each batch, the gate, the guard), its reference kept
     beside the example log so a restart measures from the same place."""
-    wanted = settings.drift_probes > 0 or settings.drift_budget > 0 or settings.guard != "none"
-    if not wanted:
+    if settings.drift_budget > 0 and settings.drift_probes <= 0:
+        log.warning("--drift-probes 0: no drift is measured, so no batch is held to "
+                    "--drift-budget %g", settings.drift_budget)
+    if settings.drift_probes <= 0 and settings.guard == "none":
         return None
     if group is not None:
         log.warning("drift monitor, gate and guard are not available under tensor "
