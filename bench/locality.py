@@ -38,7 +38,8 @@ APPROACHES = {
     # name: (settings overrides, what it is). Bench only: "matrices" trains only the decoder
     # matrices whose names contain one of these; "end_of_turn": False leaves the lessons'
     # end-of-turn token out of their targets; "distill_probes": N adds KL to the reference on
-    # N probes to every step under the null-space guard. Every approach but the default runs
+    # N probes to every step under the null-space guard; "augment": N teaches each lesson
+    # with N more phrasings of its question. Every approach but the default runs
     # with the gate off (as they were measured before it was a default).
     "fixed-5": (dict(learned_prob=1.0, max_steps_per_batch=5, lr=1e-4, guard="none"),
                 "5 steps per lesson, lr 1e-4, no guard (before)"),
@@ -69,6 +70,10 @@ APPROACHES = {
     "nullspace-no-gate": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
                                guard="nullspace", guard_eps=1e-2, drift_budget=0.0),
                           "the default with --drift-budget 0 (no gate)"),
+    "nullspace-augment": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
+                               guard="nullspace", guard_eps=1e-2, drift_budget=0.02, augment=1),
+                          "the default, each lesson taught with its question asked one more "
+                          "way (one batch)"),
     "nullspace": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4, guard="nullspace",
                        guard_eps=1e-2, drift_budget=0.02),
                   "learn, then stop, lr 3e-4, null-space guard (eps 1e-2), norms frozen, "
@@ -160,11 +165,17 @@ class Bench:
     def example(self, lesson: dict):
         return lesson_example(lesson, self.tokenizer, self.end_of_turn)
 
+    def examples(self, lesson: dict) -> list:
+        """The lesson, and with `augment` its question asked another way (the lessons'
+        second paraphrase; generalization is measured on the first) with the same answer."""
+        more = [{**lesson, "question": q} for q in lesson["paraphrases"][1:1 + self.augment]]
+        return [self.example(x) for x in [lesson, *more]]
+
     def engine(self, matrices: tuple[str, ...] = (), end_of_turn: bool = True,
-               distill_probes: int = 0, **overrides):
+               distill_probes: int = 0, augment: int = 0, **overrides):
         """The engine with `overrides` of the settings; the bench-only keys of APPROACHES
-        (`matrices`, `end_of_turn`, `distill_probes`) are taken here."""
-        self.end_of_turn = end_of_turn
+        (`matrices`, `end_of_turn`, `distill_probes`, `augment`) are taken here."""
+        self.end_of_turn, self.augment = end_of_turn, augment
         for name, p in self.model.named_parameters():
             p.requires_grad_(not matrices or p.dim() != 2 or any(m in name for m in matrices))
         engine = assemble(replace(self.settings, **overrides), self.model, self.tokenizer,
@@ -214,7 +225,7 @@ class Bench:
         try:
             for lesson in self.lessons:
                 before = engine.trainer.stats.optimizer_steps
-                ids, s = teach(engine, [self.example(lesson)])
+                ids, s = teach(engine, self.examples(lesson))
                 seconds.append(s)
                 steps += engine.trainer.stats.optimizer_steps - before
                 d = engine.trainer.records[ids[0]].drift
