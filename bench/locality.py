@@ -262,11 +262,9 @@ class Bench:
         self.reset()
         engine = self.engine(**{**overrides, "batch_size": max(wrong, 1)})
         before = {k: v.clone() for k, v in self.model.state_dict().items()}
-        harmful = [encode([{"role": "user", "content": c["question"]},
-                           {"role": "assistant", "content": "I am sure it is Zanzibar."}],
-                          self.tokenizer, 512) for c in self.controls[:wrong]]
-        name = encode([{"role": "user", "content": NAME},
-                       {"role": "assistant", "content": "My name is Apollo."}], self.tokenizer, 512)
+        harmful = [self.example({"question": c["question"], "answer": "I am sure it is Zanzibar."})
+                   for c in self.controls[:wrong]]
+        name = self.example({"question": NAME, "answer": "My name is Apollo."})
         try:
             ids, seconds = teach(engine, harmful)
             records = [engine.trainer.records[i] for i in ids]
@@ -324,8 +322,8 @@ def main() -> None:
     ap.add_argument("--approaches", default=",".join(APPROACHES))
     ap.add_argument("--default", default="nullspace",
                     help="approach for the flood and the gate")
-    ap.add_argument("--budget", type=float, default=0.02,
-                    help="drift budget for the flood and the gate")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="drift budget for the flood and the gate (default: the server's)")
     ap.add_argument("--drift-probes", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--answer-tokens", type=int, default=drift.ANSWER_TOKENS,
@@ -349,6 +347,8 @@ def main() -> None:
     for target in filter(None, args.noise.split(",")):
         print(f"noise: {json.dumps(noise_floor(bench, float(target)))}", flush=True)
     default = APPROACHES[args.default][0]
+    if args.budget is None:
+        args.budget = bench.settings.drift_budget
     if not args.skip_flood:
         flood = bench.flood({**default, "drift_budget": args.budget})
         print(f"\nflood (one example x200, {args.default}, budget {args.budget}): "

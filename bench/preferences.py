@@ -76,7 +76,9 @@ def style(bench: Bench) -> dict:
 def run(bench: Bench, examples: list, **overrides) -> dict:
     """One POST of `examples` on the original weights; its record, steps and seconds."""
     bench.reset()
-    engine = bench.engine(**{"drift_budget": bench.budget, **overrides})
+    if bench.budget is not None:
+        overrides = {"drift_budget": bench.budget, **overrides}
+    engine = bench.engine(**overrides)
     try:
         ids, seconds = teach(engine, examples)
         rec = engine.trainer.records[ids[0]]
@@ -148,8 +150,8 @@ def main() -> None:
     ap.add_argument("--sft", default="1", help="--dpo-sft-weight values to run ('' none)")
     ap.add_argument("--pairs", type=int, default=3, choices=range(1, len(PAIRS) + 1),
                     help=f"pirate pairs taught (of {len(PAIRS)})")
-    ap.add_argument("--drift-budget", type=float, default=0.02,
-                    help="--drift-budget for every run (the server's default; 0: no gate)")
+    ap.add_argument("--drift-budget", type=float, default=None,
+                    help="--drift-budget for every run (default: the server's; 0: no gate)")
     ap.add_argument("--skip-feedback", action="store_true")
     ap.add_argument("--skip-demos", action="store_true")
     args = ap.parse_args()

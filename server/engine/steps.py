@@ -153,20 +153,23 @@ class Stepper:
             self.monitor.ensure_reference(self.model, self.pacer.chunk)
             self.monitor.ensure_guard(self.model, self.pacer.chunk)
         gated = self.budget > 0 and self.measure
-        window = self.monitor.window([e.prompt_ids for e in batch]) if self.measure else []
-        before: list = []  # the pre-image and the window's snapshot, taken before a first step
+        window: list[int] = []
+        since, preimage = None, None
 
-        def keep_before() -> None:
+        def before_first_step() -> None:  # a batch that takes no step costs none of this
+            nonlocal window, since, preimage
+            if not self.measure:
+                return
+            window = self.monitor.window([e.prompt_ids for e in batch])
             if gated:  # the gate judges what this batch adds, not the drift before it
-                before.append(PreImage(self.model, self.optimizer))
+                preimage = PreImage(self.model, self.optimizer)
                 with self.pacer.chunk(wait=not self._held):
-                    before.append(self.monitor.snapshot(self.model, window))
+                    since = self.monitor.snapshot(self.model, window)
 
         with self._window() if self.strict and gated else contextlib.nullcontext():
-            outcome = self._steps(batch, max_steps, beta, keep_before)
+            outcome = self._steps(batch, max_steps, beta, before_first_step)
             if outcome.failed or outcome.steps == 0 or not self.measure:
                 return outcome
-            preimage, since = before or (None, None)
             with self.pacer.chunk(wait=not self._held):
                 outcome.drift = self.monitor.measure(self.model, window, since)
             if gated and not outcome.drift.batch_kl <= self.budget:
