@@ -37,6 +37,9 @@ def _trained(client, ids):
 def test_a_lesson_stops_once_learned_and_a_copy_costs_no_step(tokenizer):
     client, _ = app_client(tokenizer, **FAST)
     with client:
+        monitor = client.app.state.engine.trainer.monitor
+        windows, window = [], monitor.window
+        monitor.window = lambda *a: windows.append(1) or window(*a)
         first = client.post("/train", json=LESSON).json()["ids"]
         st = wait_idle(client, 1)
         (state,) = _trained(client, first)
@@ -47,6 +50,7 @@ def test_a_lesson_stops_once_learned_and_a_copy_costs_no_step(tokenizer):
         st = wait_idle(client, 4)
         assert st["optimizer_steps"] == steps  # the copies cost nothing
         assert st["learned_without_steps"] == 3
+        assert len(windows) == 1  # nor a choice of probes for the drift gate
         for s in _trained(client, copies):
             assert s["reason"] == "already answered as taught: no optimizer step"
 
