@@ -262,6 +262,36 @@ def test_guard_bases_loaded_from_disk_protect_as_exactly_as_fitted(tmp_path):
     assert leak <= 1e-5, f"{leak:.1e} of the gradient lies in the protected span"
 
 
+def test_a_massive_activation_does_not_leave_the_other_inputs_unprotected():
+    """Some layers see one token thousands of times larger than the rest (an attention
+    sink). Weighted by norm it holds all the energy, and the guard protected its one
+    direction only; every input must count."""
+    from server.engine.nullspace import NullSpaceGuard
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 32)
+            self.proj = torch.nn.Linear(32, 16, bias=False)
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.proj(self.embed(input_ids))
+
+    torch.manual_seed(0)
+    model = Tiny()
+    with torch.no_grad():  # token 0: massive, along e0; the others: in 6 other directions
+        model.embed.weight.zero_()
+        model.embed.weight[0, 0] = 1000.0
+        model.embed.weight[1:, 1:7] = torch.randn(19, 6)
+    guard = NullSpaceGuard(model, eps=1e-2)
+    guard.fit(model, [[0, *range(1, 20)]] * 4, pad_id=0)
+    basis = model.proj.null_guard_basis
+    x = model.embed.weight[1:].detach()
+    left = (x - (x @ basis) @ basis.T).norm(dim=1) / x.norm(dim=1)
+    assert left.max() <= 0.1, f"{left.max():.2f} of an ordinary input left unprotected " \
+        f"({basis.shape[1]} directions protected)"
+
+
 def test_the_guarded_update_leaves_the_protected_inputs_unchanged(tokenizer):
     """Through the server: after a lesson with --guard nullspace every trained matrix's
     change ΔW maps the protected input directions to (numerically) zero, and norms stay."""
@@ -379,3 +409,32 @@ def test_bases_loaded_from_the_model_cache_are_linked_beside_the_example_log(tok
     assert third.guard.bases.keys() == bases.keys()
     assert all(torch.allclose(third.guard.bases[k] @ third.guard.bases[k].T, b @ b.T,
                               atol=2e-3) for k, b in bases.items())
+
+
+def test_bases_fitted_otherwise_are_replaced_so_the_next_start_loads_them(tokenizer, tmp_path,
+                                                                          monkeypatch):
+    """Bases kept from another --guard-eps (or an older way of fitting) are fitted again once
+    and replaced in both places, not fitted again at every start."""
+    from server.engine.locality import Monitor
+    from server.engine.nullspace import NullSpaceGuard
+    from tests.support.app import tiny_llama
+
+    model = tiny_llama(tokenizer)
+    shared = tmp_path / "model/.apollo/probe-reference.pt"
+
+    def start(eps):
+        monitor = Monitor(tokenizer, None, tmp_path / "run/probe-reference.pt", per_batch=4,
+                          pad_id=0, shared=shared, null_space_eps=eps)
+        monitor.ensure_guard(model)
+        monitor.guard.remove()
+
+    start(1e-2)
+    start(1e-3)  # fitted again: the kept bases are for 1e-2
+    fits = []
+    real_fit = NullSpaceGuard.fit
+    monkeypatch.setattr(NullSpaceGuard, "fit",
+                        lambda self, *a, **k: fits.append(1) or real_fit(self, *a, **k))
+    start(1e-3)
+    assert not fits, "bases fitted again although the last start fitted them for this eps"
+    for path in (shared.with_name("null-guard.pt"), tmp_path / "run/null-guard.pt"):
+        assert torch.load(path, weights_only=True)["eps"] == 1e-3

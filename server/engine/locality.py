@@ -121,35 +121,32 @@ class Monitor:
         paths = [p.with_name(p.name.replace("probe-reference", "null-guard"))
                  for p in (self.store, self.shared) if p is not None]
         tag = f"{ref.digest}:{drift.digest_of([ref.prompts[i] for i in self.protected])}"
-        for path in paths:
+        for at, path in enumerate(paths):
             try:
                 if path.exists() and self.guard.load(path, tag, pace):
-                    self._save_guard(paths, tag, source=path)
+                    # the paths tried before held none or bases fitted otherwise
+                    self._save_guard(paths[:at] + [p for p in paths[at + 1:]
+                                                   if not p.exists()], tag, source=path)
                     return
             except (OSError, RuntimeError, KeyError, ValueError) as exc:
                 log.warning("ignoring the guard's bases in %s: %s", path, exc)
         self.guard.fit(model, [ref.prompts[i] + ref.answers[i] for i in self.protected],
                        self.pad_id, pace=pace)
-        self._save_guard(paths, tag)
+        self._save_guard(paths, tag)  # replacing bases fitted otherwise: the next start loads
 
     def _save_guard(self, paths: list[Path], tag: str, source: Path | None = None) -> None:
-        """Keep the bases at each of `paths` that lacks them: a hard link to the `source`
-        they were loaded from where one can be made (a file is replaced whole, never
-        rewritten in place, so a link keeps what it was), else written again (~120 MB for
-        the default model)."""
+        """Keep the bases at each of `paths`, replacing what is there: a hard link to the
+        `source` they were loaded from where one can be made (a file is replaced whole,
+        never rewritten in place, so a link keeps what it was), else written again (~120 MB
+        for the default model)."""
         for path in paths:
-            if not path.exists():
-                try:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    if source is not None:
-                        try:
-                            os.link(source, path)
-                            continue
-                        except OSError:  # another file system, or links not allowed
-                            pass
-                    self.guard.save(path, tag)
-                except OSError as exc:
-                    log.warning("could not keep the guard's bases at %s: %s", path, exc)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if source is not None and _link(source, path):
+                    continue
+                self.guard.save(path, tag)
+            except OSError as exc:
+                log.warning("could not keep the guard's bases at %s: %s", path, exc)
 
     def rebase(self, model: nn.Module, pace: Pace = contextlib.nullcontext) -> None:
         """The live model's answers become the reference (an explicit request, or the first
@@ -199,3 +196,16 @@ class Monitor:
         self._guard_turn += 1
         kl, _ = drift.probe_kl(model, ref, window, pad_id=self.pad_id)
         return kl.mean()
+
+
+def _link(source: Path, path: Path) -> bool:
+    """Make `path` a hard link to `source` (replacing it); False where links cannot be made
+    (another file system, or not allowed)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link")
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
