@@ -35,12 +35,12 @@ from server.settings import Settings
 DATA = Path(__file__).parent / "data" / "locality"
 NAME = "What is your name?"
 APPROACHES = {
-    # name: (settings overrides, what it is). Bench only: "matrices" trains only the decoder
-    # matrices whose names contain one of these; "end_of_turn": False leaves the lessons'
-    # end-of-turn token out of their targets; "distill_probes": N adds KL to the reference on
-    # N probes to every step under the null-space guard; "augment": N teaches each lesson
-    # with N more phrasings of its question. Every approach but the default runs
-    # with the gate off (as they were measured before it was a default).
+    # name: (settings overrides, what it is). Bench only: "end_of_turn": False leaves the
+    # lessons' end-of-turn token out of their targets; "distill_probes": N adds KL to the
+    # reference on N probes to every step under the null-space guard; "augment": N teaches
+    # each lesson with N more phrasings of its question. Every approach but the default
+    # runs with the gate off and trains every matrix unless it says otherwise (as they were
+    # measured before those were defaults).
     "fixed-5": (dict(learned_prob=1.0, max_steps_per_batch=5, lr=1e-4, guard="none"),
                 "5 steps per lesson, lr 1e-4, no guard (before)"),
     "stop": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4, guard="none"),
@@ -57,8 +57,12 @@ APPROACHES = {
                                guard="nullspace", guard_eps=1e-3),
                           "learn, then stop, lr 1e-4, null-space guard (eps 1e-3)"),
     "nullspace-mlp": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
-                           guard="nullspace", guard_eps=1e-2, matrices=(".mlp.",)),
+                           guard="nullspace", guard_eps=1e-2, train_matrices="mlp"),
                       "learn, then stop, lr 3e-4, null-space guard, MLP matrices only"),
+    "nullspace-all": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
+                           guard="nullspace", guard_eps=1e-2, drift_budget=0.02),
+                      "learn, then stop, lr 3e-4, null-space guard, every matrix (attention "
+                      "too), --drift-budget 0.02 (the default before)"),
     "nullspace-no-eot": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
                               guard="nullspace", guard_eps=1e-2, end_of_turn=False),
                          "learn, then stop, lr 3e-4, null-space guard, the answer's "
@@ -75,14 +79,15 @@ APPROACHES = {
                           "the default, each lesson taught with its question asked one more "
                           "way (one batch)"),
     "nullspace": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4, guard="nullspace",
-                       guard_eps=1e-2, drift_budget=0.02),
-                  "learn, then stop, lr 3e-4, null-space guard (eps 1e-2), norms frozen, "
+                       guard_eps=1e-2, drift_budget=0.02, train_matrices="mlp"),
+                  "learn, then stop, lr 3e-4, null-space guard (eps 1e-2), MLP matrices only, "
                   "--drift-budget 0.02 (the default)"),
 }
 
 
 for _name, (_overrides, _) in APPROACHES.items():
     _overrides.setdefault("drift_budget", 0.0)
+    _overrides.setdefault("train_matrices", "all")
 
 
 def load(name: str) -> list[dict]:
@@ -171,13 +176,13 @@ class Bench:
         more = [{**lesson, "question": q} for q in lesson["paraphrases"][1:1 + self.augment]]
         return [self.example(x) for x in [lesson, *more]]
 
-    def engine(self, matrices: tuple[str, ...] = (), end_of_turn: bool = True,
-               distill_probes: int = 0, augment: int = 0, **overrides):
+    def engine(self, end_of_turn: bool = True, distill_probes: int = 0, augment: int = 0,
+               **overrides):
         """The engine with `overrides` of the settings; the bench-only keys of APPROACHES
-        (`matrices`, `end_of_turn`, `distill_probes`, `augment`) are taken here."""
+        (`end_of_turn`, `distill_probes`, `augment`) are taken here."""
         self.end_of_turn, self.augment = end_of_turn, augment
-        for name, p in self.model.named_parameters():
-            p.requires_grad_(not matrices or p.dim() != 2 or any(m in name for m in matrices))
+        for p in self.model.parameters():  # the engine freezes what its settings do not train
+            p.requires_grad_(True)
         engine = assemble(replace(self.settings, **overrides), self.model, self.tokenizer,
                           model_path=str(self.model_dir))
         monitor = engine.trainer.monitor

@@ -80,6 +80,11 @@ class Settings:
                                    "directions the probe set does not use), distill (add KL "
                                    "to the reference on --guard-probes probes to every step), "
                                    "or none", choices=("nullspace", "distill", "none"))
+    train_matrices: str = _opt("mlp", "decoder matrices a lesson changes: mlp (the "
+                                      "feed-forward ones, where facts are recalled; under "
+                                      "the guard they keep the rest of the model in place "
+                                      "best, docs/locality.md) or all (attention too)",
+                               choices=("mlp", "all"))
     guard_eps: float = _opt(1e-2, "--guard nullspace: share of the probe inputs' energy left "
                                   "unprotected (smaller protects more directions)")
     guard_probes: int = _opt(2, "probes added to every step by --guard distill")

@@ -62,6 +62,37 @@ def test_learned_prob_1_always_takes_the_maximum(tokenizer):
         assert wait_idle(client, 1)["optimizer_steps"] == 3
 
 
+@pytest.mark.parametrize("matrices", ["mlp", "all"])
+def test_a_lesson_changes_the_feed_forward_matrices_only_unless_told(tokenizer, matrices):
+    """--train-matrices mlp (the default): attention, norms and embeddings stay bit-identical
+    while a lesson is learned; all: attention is trained too."""
+    client, model = app_client(tokenizer, lr=1e-3, max_steps_per_batch=2, learned_prob=1.0,
+                               train_matrices=matrices)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with client:
+        client.post("/train", json=LESSON)
+        assert wait_idle(client, 1)["optimizer_steps"] == 2
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert {n for n in changed if ".mlp." not in n} == (
+        set() if matrices == "mlp" else {n for n in before if "self_attn" in n})
+    assert {n for n in before if ".mlp." in n} <= changed
+
+
+def test_a_model_without_known_feed_forward_names_is_refused_for_mlp_only():
+    from server.engine.wiring import param_groups
+
+    class Blocks(torch.nn.Sequential):  # matrices named 0.weight, 1.weight
+        def get_input_embeddings(self):
+            return None
+
+        get_output_embeddings = get_input_embeddings
+
+    model = Blocks(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="--train-matrices all"):
+        param_groups(model, 1e-3, False, matrices="mlp")
+    assert len(param_groups(model, 1e-3, False, matrices="all")[0]["params"]) == 2
+
+
 def test_drift_is_reported_per_batch_in_status_metrics_and_records(tokenizer):
     client, _ = app_client(tokenizer, **FAST, drift_probes=8)
     with client:

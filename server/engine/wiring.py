@@ -110,26 +110,37 @@ class Engine:
             self.files.close()
 
 
+# Where a decoder layer's feed-forward matrices live, by family (Llama, Qwen, Mistral, Phi,
+# GPT-2, ...: mlp; Llama 4: feed_forward; Mixtral: block_sparse_moe).
+MLP_MARKERS = (".mlp.", ".feed_forward.", ".block_sparse_moe.")
+
+
 def param_groups(model: nn.Module, lr: float, train_embeddings: bool,
-                 train_vectors: bool = True) -> list[dict]:
-    """Matrices of the decoder layers get APOLLO-Mini; norms (and biases) AdamW unless
-    `train_vectors` is off; embeddings frozen unless asked (AdamW on them would cost two
-    extra copies of the vocabulary matrix)."""
+                 train_vectors: bool = True, matrices: str = "all") -> list[dict]:
+    """Matrices of the decoder layers get APOLLO-Mini (with `matrices="mlp"` only the
+    feed-forward ones); norms (and biases) AdamW unless `train_vectors` is off; embeddings
+    frozen unless asked (AdamW on them would cost two extra copies of the vocabulary
+    matrix)."""
     embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings())
                   if m is not None for p in m.parameters()}
-    matrices, others, frozen = [], [], []
-    for p in model.parameters():
+    trained, others, frozen = [], [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad:  # frozen before: stays out of the optimizer
             continue
         if id(p) in embeddings:
             (others if train_embeddings else frozen).append(p)
         elif p.dim() == 2:
-            matrices.append(p)
+            mlp = matrices == "all" or any(m in f".{name}" for m in MLP_MARKERS)
+            (trained if mlp else frozen).append(p)
         else:
             (others if train_vectors else frozen).append(p)
+    if not trained and matrices == "mlp":
+        raise ValueError("--train-matrices mlp: this model has no feed-forward matrices by "
+                         f"a name the trainer knows ({', '.join(MLP_MARKERS)}); use "
+                         "--train-matrices all")
     for p in frozen:
         p.requires_grad_(False)
-    return [{"params": matrices, "lr": lr}, {"params": others, "lr": lr, "apollo": False}]
+    return [{"params": trained, "lr": lr}, {"params": others, "lr": lr, "apollo": False}]
 
 
 def _trainable_groups(model: nn.Module, settings: Settings) -> list[dict]:
@@ -137,7 +148,8 @@ def _trainable_groups(model: nn.Module, settings: Settings) -> list[dict]:
     matrices compute; a norm's scale reaches every input, so under that guard norms and
     biases stay as they are (bench/locality.py)."""
     return param_groups(model, settings.lr, settings.train_embeddings,
-                        train_vectors=settings.guard != "nullspace")
+                        train_vectors=settings.guard != "nullspace",
+                        matrices=settings.train_matrices)
 
 
 def make_optimizer(model: nn.Module, settings: Settings) -> ApolloMini:
