@@ -575,7 +575,7 @@ def main() -> None:
         ctx = Ctx(export, config, VllmCoordinator(export), tokens,
                   torch.Generator().manual_seed(0), device, settings,
                   a.guard_layers or (2 if size == "8b" else 1))
-        watch = ["model.layers.0.self_attn.qkv_proj.weight",
+        watch = ["model.layers.0.mlp.gate_up_proj.weight",  # matrices the defaults train
                  f"model.layers.{layers - 1}.mlp.down_proj.weight"]
         what = (f"{layers} Llama-3-8B-shaped layers" if size == "8b" else
                 f"{layers} tiny Llama layers (dry run)")

@@ -137,7 +137,7 @@ class Monitor:
     def _save_guard(self, paths: list[Path], tag: str, source: Path | None = None) -> None:
         """Keep the bases at each of `paths`, replacing what is there: a hard link to the
         `source` they were loaded from where one can be made (a file is replaced whole,
-        never rewritten in place, so a link keeps what it was), else written again (~120 MB
+        never rewritten in place, so a link keeps what it was), else written again (~110 MB
         for the default model)."""
         for path in paths:
             try:

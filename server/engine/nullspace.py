@@ -11,7 +11,7 @@ computes what it computed before. The projection acts on the activations inside 
 Each input counts once in that covariance (scaled to unit length): some layers see a few
 "massive activations" (an attention sink's token, thousands of times the others' norm), and
 weighted by norm they alone held 99% of the energy — the default model's layer-11 down_proj
-then protected one direction of 1536, and nearly all of ten lessons' drift went through it.
+then protected one direction of 1536, and most of ten lessons' drift went through it.
 """
 
 from __future__ import annotations
