@@ -34,60 +34,44 @@ from server.settings import Settings
 
 DATA = Path(__file__).parent / "data" / "locality"
 NAME = "What is your name?"
+# How the approaches measured before the gate and the MLP-only default differ from the
+# server's defaults (learn, then stop at p >= 0.5, at most 12 steps, lr 3e-4, the null-space
+# guard at eps 1e-2, MLP matrices, --drift-budget 0.02): no gate, every matrix.
+EARLIER = dict(drift_budget=0.0, train_matrices="all")
 APPROACHES = {
     # name: (settings overrides, what it is). Bench only: "end_of_turn": False leaves the
     # lessons' end-of-turn token out of their targets; "distill_probes": N adds KL to the
     # reference on N probes to every step under the null-space guard; "augment": N teaches
-    # each lesson with N more phrasings of its question. Every approach but the default
-    # runs with the gate off and trains every matrix unless it says otherwise (as they were
-    # measured before those were defaults).
-    "fixed-5": (dict(learned_prob=1.0, max_steps_per_batch=5, lr=1e-4, guard="none"),
-                "5 steps per lesson, lr 1e-4, no guard (before)"),
-    "stop": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4, guard="none"),
-             "learn, then stop (p >= 0.5), lr 1e-4"),
-    "stop-lr1e-5": (dict(learned_prob=0.5, max_steps_per_batch=30, lr=1e-5, guard="none"),
+    # each lesson with N more phrasings of its question.
+    "fixed-5": ({**EARLIER, "learned_prob": 1.0, "max_steps_per_batch": 5, "lr": 1e-4,
+                 "guard": "none"}, "5 steps per lesson, lr 1e-4, no guard (before)"),
+    "stop": ({**EARLIER, "lr": 1e-4, "guard": "none"}, "learn, then stop (p >= 0.5), lr 1e-4"),
+    "stop-lr1e-5": ({**EARLIER, "max_steps_per_batch": 30, "lr": 1e-5, "guard": "none"},
                     "learn, then stop, lr 1e-5"),
-    "distill": (dict(learned_prob=0.5, max_steps_per_batch=16, lr=3e-5, guard="distill",
-                     guard_probes=4), "learn, then stop, lr 3e-5, KL to the reference on 4 "
-                                      "probes per step"),
-    "nullspace-lr1e-4": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4,
-                              guard="nullspace", guard_eps=1e-2),
+    "distill": ({**EARLIER, "max_steps_per_batch": 16, "lr": 3e-5, "guard": "distill",
+                 "guard_probes": 4},
+                "learn, then stop, lr 3e-5, KL to the reference on 4 probes per step"),
+    "nullspace-lr1e-4": ({**EARLIER, "lr": 1e-4},
                          "learn, then stop, lr 1e-4, null-space guard (eps 1e-2), norms frozen"),
-    "nullspace-eps1e-3": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=1e-4,
-                               guard="nullspace", guard_eps=1e-3),
+    "nullspace-eps1e-3": ({**EARLIER, "lr": 1e-4, "guard_eps": 1e-3},
                           "learn, then stop, lr 1e-4, null-space guard (eps 1e-3)"),
-    "nullspace-mlp": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
-                           guard="nullspace", guard_eps=1e-2, train_matrices="mlp"),
+    "nullspace-mlp": ({"drift_budget": 0.0},
                       "learn, then stop, lr 3e-4, null-space guard, MLP matrices only"),
-    "nullspace-all": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
-                           guard="nullspace", guard_eps=1e-2, drift_budget=0.02),
+    "nullspace-all": ({"train_matrices": "all"},
                       "learn, then stop, lr 3e-4, null-space guard, every matrix (attention "
                       "too), --drift-budget 0.02 (the default before)"),
-    "nullspace-no-eot": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
-                              guard="nullspace", guard_eps=1e-2, end_of_turn=False),
+    "nullspace-no-eot": ({**EARLIER, "end_of_turn": False},
                          "learn, then stop, lr 3e-4, null-space guard, the answer's "
                          "end-of-turn token not trained"),
-    "nullspace-distill": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
-                               guard="nullspace", guard_eps=1e-2, distill_probes=2),
+    "nullspace-distill": ({**EARLIER, "distill_probes": 2},
                           "learn, then stop, lr 3e-4, null-space guard and KL to the "
                           "reference on 2 probes per step"),
-    "nullspace-no-gate": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
-                               guard="nullspace", guard_eps=1e-2, drift_budget=0.0),
-                          "the default with --drift-budget 0 (no gate)"),
-    "nullspace-augment": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4,
-                               guard="nullspace", guard_eps=1e-2, drift_budget=0.02, augment=1),
-                          "the default, each lesson taught with its question asked one more "
-                          "way (one batch)"),
-    "nullspace": (dict(learned_prob=0.5, max_steps_per_batch=12, lr=3e-4, guard="nullspace",
-                       guard_eps=1e-2, drift_budget=0.02, train_matrices="mlp"),
-                  "learn, then stop, lr 3e-4, null-space guard (eps 1e-2), MLP matrices only, "
-                  "--drift-budget 0.02 (the default)"),
+    "nullspace-augment": ({"train_matrices": "all", "augment": 1},
+                          "the default before (every matrix, gated), each lesson taught with "
+                          "its question asked one more way (one batch)"),
+    "nullspace": ({}, "learn, then stop, lr 3e-4, null-space guard (eps 1e-2), MLP matrices "
+                      "only, --drift-budget 0.02 (the server's defaults)"),
 }
-
-
-for _name, (_overrides, _) in APPROACHES.items():
-    _overrides.setdefault("drift_budget", 0.0)
-    _overrides.setdefault("train_matrices", "all")
 
 
 def load(name: str) -> list[dict]:

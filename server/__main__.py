@@ -8,7 +8,7 @@ import uvicorn
 from server.app import Server, create_app
 from server.engine.example_log import ExampleLogError
 from server.engine.exclusive import AlreadyRunning
-from server.engine.wiring import attach_engine
+from server.engine.wiring import Unsupported, attach_engine
 from server.settings import parse_args
 from weight_mapping.trust import UntrustedExport
 
@@ -22,7 +22,7 @@ def main() -> None:
     # The engine first (attach, example log, locks): a refusal is one clear line, exit 2.
     try:
         engine = attach_engine(settings)
-    except (AlreadyRunning, ExampleLogError, UntrustedExport) as exc:
+    except (AlreadyRunning, ExampleLogError, Unsupported, UntrustedExport) as exc:
         log.error("cannot start: %s", exc)
         sys.exit(2)
     app = create_app(settings, build=lambda _: engine)

@@ -93,6 +93,23 @@ def test_a_model_without_known_feed_forward_names_is_refused_for_mlp_only():
     assert len(param_groups(model, 1e-3, False, matrices="all")[0]["params"]) == 2
 
 
+def test_an_unsupported_setting_stops_the_server_with_one_line(monkeypatch, caplog):
+    """The refusal reaches the command line as "cannot start: …" and exit status 2, not a
+    traceback."""
+    from server import __main__ as cli
+    from server.engine.wiring import Unsupported
+
+    def refuse(settings):
+        raise Unsupported("--train-matrices mlp: … use --train-matrices all")
+
+    monkeypatch.setattr(cli, "parse_args", lambda: None)
+    monkeypatch.setattr(cli, "attach_engine", refuse)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2
+    assert "cannot start: --train-matrices mlp" in caplog.text
+
+
 def test_drift_is_reported_per_batch_in_status_metrics_and_records(tokenizer):
     client, _ = app_client(tokenizer, **FAST, drift_probes=8)
     with client:

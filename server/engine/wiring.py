@@ -110,6 +110,10 @@ class Engine:
             self.files.close()
 
 
+class Unsupported(ValueError):
+    """A setting this model or this vLLM layout cannot have: the server refuses to start."""
+
+
 # Where a decoder layer's feed-forward matrices live, by family (Llama, Qwen, Mistral, Phi,
 # GPT-2, ...: mlp; Llama 4: feed_forward; Mixtral: block_sparse_moe).
 MLP_MARKERS = (".mlp.", ".feed_forward.", ".block_sparse_moe.")
@@ -135,7 +139,7 @@ def param_groups(model: nn.Module, lr: float, train_embeddings: bool,
         else:
             (others if train_vectors else frozen).append(p)
     if not trained and matrices == "mlp":
-        raise ValueError("--train-matrices mlp: this model has no feed-forward matrices by "
+        raise Unsupported("--train-matrices mlp: this model has no feed-forward matrices by "
                          f"a name the trainer knows ({', '.join(MLP_MARKERS)}); use "
                          "--train-matrices all")
     for p in frozen:
@@ -273,11 +277,11 @@ def attach_engine(settings: Settings, rank: int = 0, port: int = 0) -> Engine:
     group = None
     if export.world_size > 1:
         if settings.train_embeddings:
-            raise ValueError("--train-embeddings is not supported with tensor parallelism: "
+            raise Unsupported("--train-embeddings is not supported with tensor parallelism: "
                              "vLLM's ranks > 0 read the embedding before the step's first "
                              "collective, outside the step lock")
         if settings.optimizer_mode == "layerwise":
-            raise ValueError("--optimizer-mode layerwise is not supported with tensor "
+            raise Unsupported("--optimizer-mode layerwise is not supported with tensor "
                              "parallelism; use standard")
         if rank == 0:
             port = free_port()
