@@ -55,6 +55,8 @@ def _follow(client, job_id: str, poll: float):
     bar = tqdm(unit="ex", dynamic_ncols=True, file=sys.stderr)
     try:
         while True:
+            # the state first: events listed after a final state include the job's last ones
+            job = client.fine_tuning.jobs.retrieve(job_id)
             new = []
             for event in client.fine_tuning.jobs.list_events(job_id, limit=100):
                 if event.id in seen:
@@ -72,8 +74,7 @@ def _follow(client, job_id: str, poll: float):
                 else:
                     bar.write(f"{event.level}: {event.message}")
             bar.refresh()
-            job = client.fine_tuning.jobs.retrieve(job_id)
-            if job.status in FINAL and not new:
+            if job.status in FINAL:
                 return job
             time.sleep(poll)
     finally:

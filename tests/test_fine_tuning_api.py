@@ -239,6 +239,37 @@ def test_the_cli_trains_a_file_with_a_progress_bar(served):
     assert run.returncode == 2 and "Line 2: not valid JSON" in run.stderr, run.stderr
 
 
+def test_the_progress_bar_shows_the_last_events_of_a_job_that_ends_between_two_polls(capsys):
+    """The job may end, its last events written, between the CLI's listing of events and
+    its reading of the state: the bar must still reach its end."""
+    from types import SimpleNamespace
+
+    from server.client import _follow
+
+    def metrics(i, done):
+        return SimpleNamespace(id=f"e{i}", type="metrics", level="info", message="",
+                               data={"examples_done": done, "examples_total": 24,
+                                     "epoch": 2, "n_epochs": 2, "train_loss": 1.0})
+
+    events = [metrics(0, 20)]
+
+    class Jobs:
+        calls = 0
+
+        def list_events(self, job_id, limit):
+            return list(reversed(events))  # newest first
+
+        def retrieve(self, job_id):
+            self.calls += 1
+            if self.calls == 2:  # the runner finishes the job between two reads
+                events.append(metrics(1, 24))
+            return SimpleNamespace(status="succeeded" if self.calls >= 2 else "running")
+
+    client = SimpleNamespace(fine_tuning=SimpleNamespace(jobs=Jobs()))
+    assert _follow(client, "job", poll=0).status == "succeeded"
+    assert "24/24" in capsys.readouterr().err
+
+
 def test_a_200_mb_upload_streams_in_bounded_memory(served):
     server, _, tmp = served
     client = server.openai()
