@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import math
 import statistics
@@ -284,7 +285,7 @@ class InPlace(Mode):
     server configures it (server.engine.wiring.make_optimizer) writes into them."""
 
     def __init__(self, ctx: Ctx, layerwise: bool = False, learned_check: bool = False,
-                 guard: bool = False):
+                 guard: str | None = None):
         super().__init__(ctx)
         self.model = build_model(ctx.export.tensors, ctx.config)
         self.opt = make_optimizer(self.model, ctx.settings)
@@ -293,40 +294,60 @@ class InPlace(Mode):
             else []
         self.learned_check = learned_check
         self.note = ""
-        if guard:
-            self._fit_guard(ctx.guard_layers)
+        if guard is not None:
+            self._fit_guard(ctx.guard_layers, on_device=guard == "device")
 
     @contextlib.contextmanager
     def _param_window(self) -> Iterator[None]:
         with self.clock.region(), self.ctx.coordinator.write():
             yield
 
-    def _fit_guard(self, layers: int) -> None:
-        """The null-space guard on the first `layers` decoder layers, fitted on random token
-        sequences about the size of the shipped probe set (no tokenizer or probes at these
-        shapes); on a random-init model their inputs are near isotropic, so the bases are
-        near full rank: the guard's most expensive case."""
+    def _fit_guard(self, layers: int, on_device: bool) -> None:
+        """The null-space guard (as the server sets it up: the matrices it trains), fitted on
+        the first decoder layer on random token sequences about the size of the shipped probe
+        set (no tokenizer or probes at these shapes; on a random-init model the inputs are
+        near isotropic, so the bases are near full rank: the guard's most expensive case),
+        and the fitted projectors copied to the first `layers` layers (a fit per layer, 32
+        eigendecompositions of 14336-wide covariances, would not fit the device time)."""
         self.reset_peak_after_setup = True  # the fit's covariances are not a step's memory
-        keep = {f"model.layers.{i}." for i in range(layers)}
-        off = [m.weight for n, m in self.model.named_modules() if isinstance(m, nn.Linear)
-               and m.weight.requires_grad and not any(n.startswith(k) for k in keep)]
-        for p in off:
-            p.requires_grad_(False)
-        self.guard = NullSpaceGuard(self.model, self.ctx.settings.guard_eps)
-        for p in off:
-            p.requires_grad_(True)
+        trained = [m.weight for m in self.model.modules()
+                   if isinstance(m, nn.Linear) and m.weight.requires_grad]
+        first = NullSpaceGuard(self.model, self.ctx.settings.guard_eps, on_device=True)
+        first.layers = {n: m for n, m in first.layers.items()
+                        if n.startswith("model.layers.0.")}
         g = torch.Generator().manual_seed(1)
         vocab = self.ctx.config.vocab_size
         seqs = torch.randint(0, vocab, (GUARD_PROBES, GUARD_PROBE_TOKENS), generator=g).tolist()
         t0 = time.perf_counter()
-        self.guard.fit(self.model, seqs, pad_id=0)
+        first.fit(self.model, seqs, pad_id=0)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize()
-        dims = [b.shape for b in self.guard.bases.values()]
-        kept = sum(r for _, r in dims) / sum(d for d, _ in dims)
-        self.note = (f"fitted in {time.perf_counter() - t0:.1f} s on {GUARD_PROBES} x "
+        fit_s = time.perf_counter() - t0
+        first.remove()
+        self.guard = NullSpaceGuard(self.model, self.ctx.settings.guard_eps, on_device)
+        self.guard.layers = {n: m for n, m in self.guard.layers.items()
+                             if any(n.startswith(f"model.layers.{i}.") for i in range(layers))}
+        key_of, projectors = {}, {}
+        for name in self.guard.layers:
+            i = name.split(".")[2]
+            key = first.key_of[name.replace(f"layers.{i}.", "layers.0.", 1)]
+            key_of[name] = key.replace("layers.0.", f"layers.{i}.", 1)
+            if key_of[name] not in projectors:
+                projectors[key_of[name]] = copy.copy(first.projectors[key])
+                projectors[key_of[name]].held = first.projectors[key].held.to("cpu")
+        free(self.ctx.device)
+        held = torch.cuda.memory_allocated() if self.ctx.device.type == "cuda" else 0
+        self.guard._install(key_of, projectors)
+        held = (torch.cuda.memory_allocated() - held) if self.ctx.device.type == "cuda" else 0
+        kept = sum(p.rank for p in projectors.values()) / sum(p.dim for p in projectors.values())
+        pinned = any(p.staging is not None for p in projectors.values())
+        size = sum(p.held.numel() * 4 for p in projectors.values())
+        self.note = (f"{len(self.guard.layers)} of {len(trained)} trained matrices guarded; "
+                     f"fitted on layer 0 in {fit_s:.1f} s on {GUARD_PROBES} x "
                      f"{GUARD_PROBE_TOKENS} random tokens, {kept:.0%} of input directions "
-                     "protected")
+                     f"protected; projectors {size / 2**30:.2f} GiB "
+                     f"{'in pinned host memory' if pinned else 'on the device'}, "
+                     f"{held / 2**30:.2f} GiB of device memory held between steps")
 
     def step(self) -> None:
         if self.learned_check:  # the learn-then-stop check, as the server runs it per batch
@@ -468,7 +489,7 @@ def ratio(x: float | None, base: float | None) -> str:
 
 
 def tables(main: list[Row], extra: list[Row | str]) -> str:
-    base = main[0]
+    base = main[0] if main else Row("none")
     out = ["| mode | step ms | write ms (serving excluded) | peak above served weights "
            "| vs AdamW memory | vs AdamW time | optimizer state | check |",
            "|---|---|---|---|---|---|---|---|"]
@@ -533,7 +554,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per mode (median)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--guard-layers", type=int, default=None,
-                    help="layers the null-space guard is fitted on (default 2; tiny: 1)")
+                    help="layers the null-space guard is installed on (default: all)")
+    ap.add_argument("--rows", default=None,
+                    help="comma-separated rows to run (default all): adamw, standard, "
+                         "layerwise, check, server, server-layerwise, guard-host, guard-device")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="optional rows start only before this many seconds have passed "
                          "(default on a GPU 200, so the step ends within 4 minutes; CPU: no "
@@ -574,7 +598,7 @@ def main() -> None:
         settings = Settings(export_dir=str(export_dir))  # the server's defaults
         ctx = Ctx(export, config, VllmCoordinator(export), tokens,
                   torch.Generator().manual_seed(0), device, settings,
-                  a.guard_layers or (2 if size == "8b" else 1))
+                  a.guard_layers or layers)
         watch = ["model.layers.0.mlp.gate_up_proj.weight",  # matrices the defaults train
                  f"model.layers.{layers - 1}.mlp.down_proj.weight"]
         what = (f"{layers} Llama-3-8B-shaped layers" if size == "8b" else
@@ -596,19 +620,32 @@ def main() -> None:
             into.append(measure(name, make, ctx, owner, watch, a.warmup, a.steps))
             write()
 
-        run("torch AdamW (fused), trainer copy + weight sync", lambda: AdamWCopy(ctx), rows)
-        run("ours APOLLO-Mini, standard, in place", lambda: InPlace(ctx), rows)
-        run("ours APOLLO-Mini, layer-wise, in place", lambda: InPlace(ctx, layerwise=True),
-            rows)
-        optional = [
-            ("standard + learn-then-stop check", lambda: InPlace(ctx, learned_check=True)),
-            ("server step, standard (check + write window)", lambda: ServerStep(ctx, False)),
-            ("server step, layer-wise (check + a synced window per parameter)",
-             lambda: ServerStep(ctx, True)),
-            (f"standard + null-space guard on {ctx.guard_layers} layer(s)",
-             lambda: InPlace(ctx, guard=True)),
-        ]
-        for name, make in optional:
+        main_rows = {
+            "adamw": ("torch AdamW (fused), trainer copy + weight sync", lambda: AdamWCopy(ctx)),
+            "standard": ("ours APOLLO-Mini, standard, in place", lambda: InPlace(ctx)),
+            "layerwise": ("ours APOLLO-Mini, layer-wise, in place",
+                          lambda: InPlace(ctx, layerwise=True)),
+        }
+        optional = {
+            "check": ("standard + learn-then-stop check", lambda: InPlace(ctx, learned_check=True)),
+            "server": ("server step, standard (check + write window)",
+                       lambda: ServerStep(ctx, False)),
+            "server-layerwise": ("server step, layer-wise (check + a synced window per "
+                                 "parameter)", lambda: ServerStep(ctx, True)),
+            "guard-host": (f"standard + null-space guard on {ctx.guard_layers} layer(s), bases "
+                           "in host memory (the default)", lambda: InPlace(ctx, guard="host")),
+            "guard-device": (f"standard + null-space guard on {ctx.guard_layers} layer(s), "
+                             "bases in device memory", lambda: InPlace(ctx, guard="device")),
+        }
+        chosen = set(a.rows.split(",")) if a.rows else set(main_rows) | set(optional)
+        if unknown := chosen - set(main_rows) - set(optional):
+            raise SystemExit(f"--rows: unknown {sorted(unknown)}")
+        for key, (name, make) in main_rows.items():
+            if key in chosen:
+                run(name, make, rows)
+        for key, (name, make) in optional.items():
+            if key not in chosen:
+                continue
             if time.perf_counter() - T0 > budget:
                 extra.append(f"| {name} | n/a: skipped, past the {budget:.0f} s budget | | | |")
                 write()
@@ -620,7 +657,8 @@ def main() -> None:
         gc.collect()  # this process's mappings of the owner's memory go before the owner
         owner.close()
     log("done")
-    sys.exit(0 if rows and all(r.ok and not r.error for r in rows) else 1)
+    done = rows + [r for r in extra if isinstance(r, Row)]
+    sys.exit(0 if done and all(r.ok and not r.error for r in done) else 1)
 
 
 if __name__ == "__main__":

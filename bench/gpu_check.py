@@ -22,6 +22,7 @@ from bench.optimizer import graphed
 from checkpoint import Checkpointer
 from optimizer import Apollo, ApolloMini
 from server.engine.coordination import VllmCoordinator
+from server.engine.nullspace import NullSpaceGuard, Projector
 from server.engine.tokenization import Encoded
 from server.engine.trainer import Trainer
 from server.engine.wiring import param_groups
@@ -145,6 +146,59 @@ def agreement_check(device: str) -> tuple[str, str, str]:
             "20 steps, max rel diff " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
 
 
+def guard_staging_check(device: str) -> tuple[str, str, str]:
+    """The null-space guard with its projectors in pinned host memory (the default), copied
+    in one layer ahead of backward on a side stream, against the same projectors kept on the
+    device: equal weight gradients, nothing held on the device between steps, and backward's
+    extra peak bounded by two layers' projectors. The CPU has one memory: n/a."""
+    name = "null-space guard, bases in host memory"
+    if not device.startswith("cuda"):
+        return name, "n/a", "the dry run's device is the CPU itself: nothing to copy"
+    width, layers, tokens = 4096, 8, 1024
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False)
+                                  for _ in range(layers)]).to(device)
+    x = torch.randn(tokens, width, generator=g).to(device)
+    ranks = [width // 8 if i % 2 else width - width // 8 for i in range(layers)]
+    vectors = [torch.linalg.qr(torch.randn(width, width, generator=g))[0] for _ in ranks]
+
+    def grads(on_device: bool | None) -> tuple[list[torch.Tensor], int, int]:
+        guard = None
+        if on_device is not None:
+            guard = NullSpaceGuard(model, eps=1e-2, on_device=on_device)
+            free = torch.cuda.memory_allocated()
+            guard._install({str(i): str(i) for i in range(layers)},
+                           {str(i): Projector(v, r) for i, (v, r)
+                            in enumerate(zip(vectors, ranks, strict=True))})
+            held = torch.cuda.memory_allocated() - free
+        else:
+            held = 0
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        model(x).pow(2).mean().backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+        out = [m.weight.grad.clone() for m in model]
+        if guard is not None:
+            guard.remove()
+        return out, held, peak
+
+    _, _, plain_peak = grads(None)
+    on_dev, dev_held, dev_peak = grads(True)
+    on_host, host_held, host_peak = grads(False)
+    same = all(torch.equal(a, b) for a, b in zip(on_dev, on_host, strict=True))
+    two = 2 * max(min(r, width - r) for r in ranks) * width * 4
+    ok = same and host_held == 0 and host_peak - dev_peak <= two
+    return (name, "ok" if ok else "FAIL",
+            f"{layers} x {width}-wide layers, {tokens} tokens: gradients equal to bases on the "
+            f"device: {same}; held between steps {host_held / 2**20:.0f} MiB (on the device: "
+            f"{dev_held / 2**20:.0f} MiB); backward's peak {host_peak / 2**20:.0f} MiB vs "
+            f"{dev_peak / 2**20:.0f} MiB on the device, {plain_peak / 2**20:.0f} MiB unguarded "
+            f"(bound: +{two / 2**20:.0f} MiB, two layers' projectors)")
+
+
 def tune_projection(device: str, logdir: Path, rows: list) -> list[str]:
     """Time the rank-1 projection's launch shapes (bench/tune_projection.py); returns the
     best as bench.optimizer arguments, so one run both tunes and measures the step. The CPU
@@ -253,7 +307,7 @@ def main() -> None:
         export = None
         owner.close()
 
-    for check in (graph_check, agreement_check):
+    for check in (graph_check, agreement_check, guard_staging_check):
         try:
             rows.append(check(a.device))
         except Exception as exc:  # report it in the table and go on with the benchmark

@@ -149,7 +149,7 @@ class Bench:
         self.model.load_state_dict(self.original)
         for module in self.model.modules():  # a guard's patched forward goes with its engine
             module.__dict__.pop("forward", None)
-            module.__dict__.pop("null_guard_basis", None)
+            module.__dict__.pop("null_guard", None)
 
     def example(self, lesson: dict):
         return lesson_example(lesson, self.tokenizer, self.end_of_turn)

@@ -87,6 +87,11 @@ class Settings:
                                choices=("mlp", "all"))
     guard_eps: float = _opt(1e-2, "--guard nullspace: share of the probe inputs' energy left "
                                   "unprotected (smaller protects more directions)")
+    guard_bases: str = _opt("host", "--guard nullspace on a GPU: where its bases are kept: "
+                                    "host (pinned memory, each layer's copied in one layer "
+                                    "ahead of backward; no GPU memory beyond two layers' "
+                                    "worth) or device (beside the weights: faster, "
+                                    "docs/locality.md gives both)", choices=("host", "device"))
     guard_probes: int = _opt(2, "probes added to every step by --guard distill")
     guard_weight: float = _opt(1.0, "weight of the --guard distill term")
     max_tokens_per_example: int = _opt(2048, "longest example accepted, in tokens")

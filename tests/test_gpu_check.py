@@ -10,7 +10,8 @@ from tests.support import ROOT
 CHECKED = ["build model", "map onto owner's tensors", "train in place, owner sees updates",
            "checkpoint from device memory", "capturable step (no graph on CPU)",
            "projection launch shapes", "optimizer bench", "co-training bench"]
-NOT_APPLICABLE = ["device vs CPU, APOLLO-Mini and rank 4, fp32"]
+NOT_APPLICABLE = ["device vs CPU, APOLLO-Mini and rank 4, fp32",
+                  "null-space guard, bases in host memory"]
 
 
 def test_gpu_check_dry_run(tmp_path):
@@ -28,7 +29,8 @@ def test_gpu_check_dry_run(tmp_path):
     for mode in ("torch AdamW (fused), trainer copy + weight sync",
                  "ours APOLLO-Mini, standard, in place", "ours APOLLO-Mini, layer-wise, in place",
                  "standard + learn-then-stop check", "server step, standard",
-                 "server step, layer-wise", "standard + null-space guard"):
+                 "server step, layer-wise", "standard + null-space guard on 2 layer(s), bases "
+                 "in host memory", "standard + null-space guard on 2 layer(s), bases in device"):
         row = next(line for line in cotrain.splitlines() if line.startswith(f"| {mode}"))
         assert "| ok: " in row and "owner saw 2/2 change" in row, row
     assert "served == trainer copy" in cotrain

@@ -271,12 +271,12 @@ def test_null_space_guard_leaves_protected_inputs_unchanged():
     """A step with the guard's gradient changes W x only for x off the protected span."""
     import types
 
-    from server.engine.nullspace import _projected_forward
+    from server.engine.nullspace import Projector, _projected_forward
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(8, 4, bias=False)
     basis, _ = torch.linalg.qr(torch.randn(8, 3))
-    layer.null_guard_basis = basis
+    layer.null_guard = Projector.of_basis(basis)
     layer.forward = types.MethodType(_projected_forward, layer)
     x = torch.randn(5, 8)
     layer(x).pow(2).sum().backward()
@@ -291,20 +291,36 @@ def test_null_space_guard_leaves_protected_inputs_unchanged():
     assert not torch.allclose(layer(x), x @ (layer.weight + 0.5 * layer.weight.grad).T)
 
 
+def test_a_projector_holds_the_narrower_of_its_span_and_the_complement_and_removes_the_span():
+    """Most input directions are protected (70% for the default model): the projector then
+    holds the complement C and computes x − B Bᵀ x as C Cᵀ x — the same result, from less
+    memory, copying and arithmetic."""
+    from server.engine.nullspace import Projector
+
+    torch.manual_seed(0)
+    x = torch.randn(50, 32)
+    for r in (1, 10, 16, 17, 30, 32):
+        basis = torch.linalg.qr(torch.randn(32, r))[0]
+        p = Projector.of_basis(basis)
+        assert p.complement == (r > 16) and p.held.shape == (32, min(r, 32 - r)), r
+        assert torch.allclose(p(x), x - (x @ basis) @ basis.T, atol=1e-5), r
+        assert torch.allclose(p.protected() @ p.protected().T, basis @ basis.T, atol=1e-5), r
+
+
 def test_guard_bases_loaded_from_disk_protect_as_exactly_as_fitted(tmp_path):
     """The bases are kept in fp16 (a restart loads them): loaded, they must still make the
     gradient miss the protected span (I - B Bᵀ a projector), not leak ~0.1% into it."""
-    from server.engine.nullspace import NullSpaceGuard
+    from server.engine.nullspace import NullSpaceGuard, Projector
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
     fitted = NullSpaceGuard(model, eps=1e-3)
-    fitted._install({"0": "0"}, {"0": torch.linalg.qr(torch.randn(64, 20))[0]})
+    fitted._install({"0": "0"}, {"0": Projector.of_basis(torch.randn(64, 20))})
     fitted.save(tmp_path / "guard.pt", "tag")
     fitted.remove()
     loaded = NullSpaceGuard(model, eps=1e-3)
     assert loaded.load(tmp_path / "guard.pt", "tag")
-    layer, basis = model[0], model[0].null_guard_basis
+    layer, basis = model[0], loaded.protected("0")
     layer(torch.randn(16, 64)).pow(2).sum().backward()
     leak = (layer.weight.grad @ basis).norm() / layer.weight.grad.norm()
     assert leak <= 1e-5, f"{leak:.1e} of the gradient lies in the protected span"
@@ -333,7 +349,7 @@ def test_a_massive_activation_does_not_leave_the_other_inputs_unprotected():
         model.embed.weight[1:, 1:7] = torch.randn(19, 6)
     guard = NullSpaceGuard(model, eps=1e-2)
     guard.fit(model, [[0, *range(1, 20)]] * 4, pad_id=0)
-    basis = model.proj.null_guard_basis
+    basis = guard.protected("proj")
     x = model.embed.weight[1:].detach()
     left = (x - (x @ basis) @ basis.T).norm(dim=1) / x.norm(dim=1)
     assert left.max() <= 0.1, f"{left.max():.2f} of an ordinary input left unprotected " \
@@ -352,11 +368,11 @@ def test_the_guarded_update_leaves_the_protected_inputs_unchanged(tokenizer):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         client.post("/train", json=LESSON)
         assert wait_idle(client, 1)["optimizer_steps"] == 3
-    guarded = {n: m for n, m in model.named_modules() if hasattr(m, "null_guard_basis")}
+    guarded = {n: m for n, m in model.named_modules() if hasattr(m, "null_guard")}
     assert guarded and all(".layers." in n for n in guarded)
     for name, module in guarded.items():
         delta = module.weight.detach() - before[f"{name}.weight"]
-        basis = module.null_guard_basis
+        basis = module.null_guard.protected()
         assert 0 < basis.shape[1] < basis.shape[0], name
         assert delta.norm() > 0, name
         assert (delta @ basis).norm() <= 1e-4 * delta.norm(), name
@@ -413,14 +429,14 @@ def test_the_guard_fit_skips_the_head_and_matches_the_whole_model(tokenizer):
     fast.fit(model, seqs, pad_id=0, batch=4)
     assert not calls  # the head never ran
     handle.remove()
-    fast_bases = {n: m.null_guard_basis.clone() for n, m in fast.layers.items()}
+    fast_bases = {n: fast.protected(n) for n in fast.layers}
     fast.remove()
     model.get_output_embeddings().weight.requires_grad_(True)  # guarded: the whole model
     whole = NullSpaceGuard(model, eps=1e-2)
     whole.fit(model, seqs, pad_id=0, batch=4)
     assert set(whole.layers) == set(fast_bases) | {"lm_head"}
     for name, b1 in fast_bases.items():
-        b2 = whole.layers[name].null_guard_basis
+        b2 = whole.protected(name)
         assert b1.shape == b2.shape, name
         # the same span: each basis projects the other onto itself
         assert torch.allclose(b1 @ (b1.T @ b2), b2, atol=1e-3), name
@@ -443,7 +459,7 @@ def test_bases_loaded_from_the_model_cache_are_linked_beside_the_example_log(tok
 
     first = monitor("run1")
     first.ensure_guard(model)  # answers the probes and fits: kept in both places
-    bases = {k: b.clone() for k, b in first.guard.bases.items()}
+    bases = {k: first.guard.protected(k) for k in first.guard.projectors}
     first.guard.remove()
     (tmp_path / "run1/null-guard.pt").unlink()
     second = monitor("run2")
@@ -454,8 +470,8 @@ def test_bases_loaded_from_the_model_cache_are_linked_beside_the_example_log(tok
     cached.unlink()  # the restart finds only its own copy
     third = monitor("run2")
     third.ensure_guard(model)
-    assert third.guard.bases.keys() == bases.keys()
-    assert all(torch.allclose(third.guard.bases[k] @ third.guard.bases[k].T, b @ b.T,
+    assert third.guard.projectors.keys() == bases.keys()
+    assert all(torch.allclose(third.guard.protected(k) @ third.guard.protected(k).T, b @ b.T,
                               atol=2e-3) for k, b in bases.items())
 
 

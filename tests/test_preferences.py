@@ -272,9 +272,9 @@ def test_the_guard_keeps_a_preference_out_of_the_protected_inputs(tokenizer):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         client.post("/train", json=[PAIR, {"prompt": HOME, "completion": "x", "label": False}])
         assert wait_idle(client, 2)["optimizer_steps"] == 3
-    guarded = {n: m for n, m in model.named_modules() if hasattr(m, "null_guard_basis")}
+    guarded = {n: m for n, m in model.named_modules() if hasattr(m, "null_guard")}
     assert guarded
     for name, module in guarded.items():
         delta = module.weight.detach() - before[f"{name}.weight"]
         assert delta.norm() > 0, name
-        assert (delta @ module.null_guard_basis).norm() <= 1e-4 * delta.norm(), name
+        assert (delta @ module.null_guard.protected()).norm() <= 1e-4 * delta.norm(), name

@@ -57,7 +57,7 @@ class Monitor:
 
     def __init__(self, tokenizer, probe_file: str | None, store: Path | None, *,
                  per_batch: int, pad_id: int, shared: Path | None = None,
-                 null_space_eps: float | None = None):
+                 null_space_eps: float | None = None, bases_on_device: bool = False):
         """`store`: where this server keeps its reference (beside the example log).
         `shared`: a cache of references made from the model's files as they are on disk, for
         servers that start while the live weights still equal the files."""
@@ -67,7 +67,7 @@ class Monitor:
         self.neighbours = drift.Neighbours(self.prompts)
         self.store, self.per_batch, self.pad_id = store, per_batch, pad_id
         self.shared = shared
-        self.null_space_eps = null_space_eps
+        self.null_space_eps, self.bases_on_device = null_space_eps, bases_on_device
         self.guard: NullSpaceGuard | None = None
         self.stop_ids = {t for t in (tokenizer.eos_token_id,
                                      tokenizer.convert_tokens_to_ids("<|im_end|>"))
@@ -117,7 +117,7 @@ class Monitor:
         if self.null_space_eps is None or (self.guard is not None and self.guard.fitted):
             return
         ref = self.ensure_reference(model, pace)
-        self.guard = NullSpaceGuard(model, self.null_space_eps)
+        self.guard = NullSpaceGuard(model, self.null_space_eps, self.bases_on_device)
         paths = [p.with_name(p.name.replace("probe-reference", "null-guard"))
                  for p in (self.store, self.shared) if p is not None]
         tag = f"{ref.digest}:{drift.digest_of([ref.prompts[i] for i in self.protected])}"

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 import types
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,23 +39,108 @@ log = logging.getLogger("vllm_apollo.guard")
 METHOD = "unit-inputs"
 
 
+class Projector:
+    """x ↦ x − B Bᵀ x for one distinct input: its protected span B (d x r) removed.
+
+    Held as whichever of B or its orthogonal complement C (d x (d − r)) is narrower, since
+    x − B Bᵀ x = C Cᵀ x: the default model protects 70% of its input directions, so C is
+    less to hold, copy and multiply. On a GPU it is kept in pinned host memory unless asked
+    for on the device (`place`), and copied in by `Staging` when backward needs it.
+    """
+
+    def __init__(self, vectors: torch.Tensor, r: int):
+        """`vectors`: an orthonormal basis of the whole input space (d x d) whose first `r`
+        columns span the protected subspace."""
+        self.dim, self.rank = vectors.shape[0], r
+        self.complement = r > self.dim - r
+        self.held = (vectors[:, r:] if self.complement else vectors[:, :r]).float().contiguous()
+        self.before: Projector | None = None  # the projector backward is expected to need next
+        self.staging: Staging | None = None
+
+    @classmethod
+    def of_basis(cls, basis: torch.Tensor) -> Projector:
+        """From B alone (d x r, orthonormal up to fp16 rounding): a complete QR gives the whole
+        space with B's span first, orthonormal to fp32 precision (a basis kept in fp16 is
+        orthonormal to ~1e-3 only, and I − B Bᵀ then let ~0.1% of an update into its span)."""
+        return cls(torch.linalg.qr(basis.float(), mode="complete")[0], basis.shape[1])
+
+    def protected(self) -> torch.Tensor:
+        """B: an orthonormal basis of the protected span (d x r, fp32)."""
+        if not self.complement:
+            return self.held
+        q = torch.linalg.qr(self.held, mode="complete")[0]
+        return q[:, self.held.shape[1]:].contiguous()
+
+    def place(self, device: torch.device, staging: Staging | None) -> None:
+        """Keep the held vectors on `device`, or with `staging` (for a CUDA device) in pinned
+        host memory, from where each backward copies them in."""
+        if staging is not None and device.type == "cuda":
+            if not self.held.is_pinned():
+                self.held = self.held.to("cpu").pin_memory()
+            self.staging = staging
+        else:
+            self.held = self.held.to(device)
+            self.staging = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N x d, fp32) with its protected component removed."""
+        held = self.held if self.staging is None else self.staging.fetch(self, x.device)
+        if self.complement:
+            return (x @ held) @ held.T
+        return x - (x @ held) @ held.T
+
+
+class Staging:
+    """Copies host-kept projectors to the GPU one layer ahead of backward: the projector a
+    layer's backward needs was sent while the layer after it ran its backward, on a side
+    stream. At most two layers' projectors are on the device at a time (the one in use and
+    the next); a projector not sent ahead (backward in another order) is copied when needed."""
+
+    def __init__(self):
+        self.stream: torch.cuda.Stream | None = None
+        self.on: OrderedDict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = OrderedDict()
+
+    def fetch(self, p: Projector, device: torch.device) -> torch.Tensor:
+        current = torch.cuda.current_stream(device)
+        held, ready = self.on.pop(id(p), (None, None))
+        if held is None:
+            held = p.held.to(device, non_blocking=True)
+        elif ready is not None:  # sent ahead on the side stream
+            current.wait_event(ready)
+            held.record_stream(current)
+        self.on[id(p)] = (held, None)
+        if p.before is not None and id(p.before) not in self.on:
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(self.stream):
+                ahead = p.before.held.to(device, non_blocking=True)
+                sent = torch.cuda.Event()
+                sent.record(self.stream)
+            self.on[id(p.before)] = (ahead, sent)
+        while len(self.on) > 2:
+            self.on.popitem(last=False)
+        if p.before is None:  # backward's last layer: nothing stays on the device after it
+            self.on.clear()
+        return held
+
+
 class _ProjectedLinear(torch.autograd.Function):
-    """F.linear whose weight gradient sees the input projected off `basis` (d_in x r)."""
+    """F.linear whose weight gradient sees the input with its protected component removed."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, basis):
-        ctx.save_for_backward(x, weight, basis)
+    def forward(ctx, x, weight, bias, projector):
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.projector = projector
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, basis = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         dx = dy @ weight if ctx.needs_input_grad[0] else None
         dw = db = None
         if ctx.needs_input_grad[1]:
-            flat_x = x.reshape(-1, x.shape[-1]).float()
-            flat_x = flat_x - (flat_x @ basis) @ basis.T
+            flat_x = ctx.projector(x.reshape(-1, x.shape[-1]).float())
             dw = dy.reshape(-1, dy.shape[-1]).T @ flat_x.to(dy.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
@@ -64,15 +150,18 @@ class _ProjectedLinear(torch.autograd.Function):
 def _projected_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled() or not self.weight.requires_grad:
         return F.linear(x, self.weight, self.bias)
-    return _ProjectedLinear.apply(x, self.weight, self.bias, self.null_guard_basis)
+    return _ProjectedLinear.apply(x, self.weight, self.bias, self.null_guard)
 
 
 class NullSpaceGuard:
     """Fits the protected input subspaces of a model's trained linear layers and makes their
     weight gradients avoid them."""
 
-    def __init__(self, model: nn.Module, eps: float):
-        self.eps = eps
+    def __init__(self, model: nn.Module, eps: float, on_device: bool = False):
+        """`on_device`: on a GPU, keep the projectors in GPU memory beside the weights
+        (faster) instead of pinned host memory copied in per layer (no GPU memory but two
+        layers' worth in backward)."""
+        self.eps, self.on_device = eps, on_device
         self.layers = {name: m for name, m in model.named_modules()
                        if isinstance(m, nn.Linear) and m.weight.requires_grad
                        and m.weight.dim() == 2}
@@ -130,31 +219,43 @@ class NullSpaceGuard:
         finally:
             for h in handles:
                 h.remove()
-        bases = {}
+        projectors = {}
         for key, c in cov.items():
             with pace():
-                bases[key] = self._basis(c)
-        self._install(key_of, bases)
-        dims = [b.shape for b in bases.values()]
+                projectors[key] = self._projector(c)
+        self._install(key_of, projectors)
         log.info("null-space guard: %d layers, %d distinct inputs, %.0f of %.0f input "
                  "directions protected on average (eps %g), fitted on %d probes in %.1f s",
-                 len(self.layers), len(bases), sum(d[1] for d in dims) / len(dims),
-                 sum(d[0] for d in dims) / len(dims), self.eps, len(sequences),
-                 time.perf_counter() - t0)
+                 len(self.layers), len(projectors),
+                 sum(p.rank for p in projectors.values()) / len(projectors),
+                 sum(p.dim for p in projectors.values()) / len(projectors), self.eps,
+                 len(sequences), time.perf_counter() - t0)
 
-    def _install(self, key_of: dict[str, str], bases: dict[str, torch.Tensor]) -> None:
+    def _install(self, key_of: dict[str, str], projectors: dict[str, Projector]) -> None:
+        staging = None if self.on_device else Staging()
+        first = {}  # distinct inputs in the order forward reads them; backward goes back
         for name, module in self.layers.items():
-            module.null_guard_basis = bases[key_of[name]].to(module.weight.device,
-                                                             torch.float32)
+            p = projectors[key_of[name]]
+            p.place(module.weight.device, staging)
+            module.null_guard = p
             module.forward = types.MethodType(_projected_forward, module)
-        self.key_of, self.bases = key_of, bases
+            first.setdefault(key_of[name], p)
+        order = list(first.values())
+        for p, before in zip(order, [None, *order[:-1]], strict=True):
+            p.before = before
+        self.key_of, self.projectors = key_of, projectors
         self.fitted = True
+
+    def protected(self, name: str) -> torch.Tensor:
+        """The orthonormal basis of what layer (or distinct input) `name` protects (d x r)."""
+        return self.projectors[self.key_of.get(name, name)].protected()
 
     def save(self, path: Path, tag: str) -> None:
         """The fitted bases (fp16: they are orthonormal directions, not values to add);
         `tag` names what they were fitted on."""
         save_atomic({"method": METHOD, "eps": self.eps, "tag": tag, "key_of": self.key_of,
-                     "bases": {k: b.to("cpu", torch.float16) for k, b in self.bases.items()}},
+                     "bases": {k: p.protected().to("cpu", torch.float16)
+                               for k, p in self.projectors.items()}},
                     path)
 
     def load(self, path: Path, tag: str, pace: Pace = contextlib.nullcontext) -> bool:
@@ -164,29 +265,27 @@ class NullSpaceGuard:
         if saved.get("method") != METHOD or saved["eps"] != self.eps or \
                 saved["tag"] != tag or set(saved["key_of"]) != set(self.layers):
             return False
-        # Kept in fp16, a basis is orthonormal to ~1e-3 only, and I - B Bᵀ then lets ~0.1% of
-        # an update into the directions it protects: orthonormalised again (same span).
-        bases = {}
+        projectors = {}
         for k, b in saved["bases"].items():
             with pace():
-                bases[k] = torch.linalg.qr(b.float())[0].contiguous()
-        self._install(saved["key_of"], bases)
+                projectors[k] = Projector.of_basis(b)
+        self._install(saved["key_of"], projectors)
         log.info("null-space guard: %d layers, bases from %s", len(self.layers), path)
         return True
 
-    def _basis(self, cov: torch.Tensor) -> torch.Tensor:
-        """Top eigenvectors holding all but eps of the covariance's energy (d x r, fp32).
+    def _projector(self, cov: torch.Tensor) -> Projector:
+        """Top eigenvectors holding all but eps of the covariance's energy protected (fp32).
         fp32 suffices: only the split at 1 - eps of the energy matters, not the small
         eigenvalues' digits (and it is 3.5x faster than fp64 on a CPU)."""
         values, vectors = torch.linalg.eigh(cov.float())
         values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
         energy = values.cumsum(0) / values.sum().clamp_min(1e-30)
         r = int((energy < 1 - self.eps).sum()) + 1
-        return vectors[:, :r].float().contiguous()
+        return Projector(vectors.float(), min(r, vectors.shape[1]))
 
     def remove(self) -> None:
         for module in self.layers.values():
             if "forward" in module.__dict__:
                 del module.forward
-            module.__dict__.pop("null_guard_basis", None)
+            module.__dict__.pop("null_guard", None)
         self.fitted = False

@@ -233,7 +233,8 @@ def _monitor(settings: Settings, tokenizer, example_log: ExampleLog | None,
     store = example_log.path.parent / "probe-reference.pt" if example_log else None
     return Monitor(tokenizer, settings.probe_file, store, shared=shared,
                    per_batch=max(settings.drift_probes, 1), pad_id=tokenizer.pad_token_id or 0,
-                   null_space_eps=settings.guard_eps if settings.guard == "nullspace" else None)
+                   null_space_eps=settings.guard_eps if settings.guard == "nullspace" else None,
+                   bases_on_device=settings.guard_bases == "device")
 
 
 def _shared_reference(model_path: str, coordinator: Standalone | None) -> Path | None:
