@@ -147,23 +147,31 @@ def agreement_check(device: str) -> tuple[str, str, str]:
 
 
 def guard_staging_check(device: str) -> tuple[str, str, str]:
-    """The null-space guard with its projectors in pinned host memory (the default), copied
-    in one layer ahead of backward on a side stream, against the same projectors kept on the
-    device: equal weight gradients, nothing held on the device between steps, and backward's
-    extra peak bounded by two layers' projectors. The CPU has one memory: n/a."""
+    """The null-space guard on bf16 weights with its projectors in pinned host memory (the
+    default), copied in one layer ahead of backward on a side stream, against the same
+    projectors kept on the device: equal weight gradients, nothing held on the device
+    between steps, backward's extra peak bounded by two layers' projectors; and how much of
+    each gradient lies in the protected span with the fp16 complement (the GPU's path)
+    against the projection in fp32 then rounded to bf16 (the path before). The CPU has one
+    memory: n/a."""
     name = "null-space guard, bases in host memory"
     if not device.startswith("cuda"):
         return name, "n/a", "the dry run's device is the CPU itself: nothing to copy"
     width, layers, tokens = 4096, 8, 1024
     g = torch.Generator().manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False)
-                                  for _ in range(layers)]).to(device)
-    x = torch.randn(tokens, width, generator=g).to(device)
-    ranks = [width // 8 if i % 2 else width - width // 8 for i in range(layers)]
+                                  for _ in range(layers)]).to(device, torch.bfloat16)
+    x = torch.randn(tokens, width, generator=g).to(device, torch.bfloat16)
+    ranks = [width // 4 if i % 2 else width - width // 8 for i in range(layers)]
     vectors = [torch.linalg.qr(torch.randn(width, width, generator=g))[0] for _ in ranks]
+    seen: dict[int, list] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault(i, [a[0]]))
+             for i, m in enumerate(model)]
+    hooks += [m.register_full_backward_hook(lambda m, gi, go, i=i: seen[i].append(go[0]))
+              for i, m in enumerate(model)]
 
     def grads(on_device: bool | None) -> tuple[list[torch.Tensor], int, int]:
-        guard = None
+        guard, held = None, 0
         if on_device is not None:
             guard = NullSpaceGuard(model, eps=1e-2, on_device=on_device)
             free = torch.cuda.memory_allocated()
@@ -171,13 +179,12 @@ def guard_staging_check(device: str) -> tuple[str, str, str]:
                            {str(i): Projector(v, r) for i, (v, r)
                             in enumerate(zip(vectors, ranks, strict=True))})
             held = torch.cuda.memory_allocated() - free
-        else:
-            held = 0
         model.zero_grad(set_to_none=True)
+        seen.clear()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        model(x).pow(2).mean().backward()
+        model(x).float().pow(2).mean().backward()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - start
         out = [m.weight.grad.clone() for m in model]
@@ -188,15 +195,28 @@ def guard_staging_check(device: str) -> tuple[str, str, str]:
     _, _, plain_peak = grads(None)
     on_dev, dev_held, dev_peak = grads(True)
     on_host, host_held, host_peak = grads(False)
+    for h in hooks:
+        h.remove()
     same = all(torch.equal(a, b) for a, b in zip(on_dev, on_host, strict=True))
-    two = 2 * max(min(r, width - r) for r in ranks) * width * 4
-    ok = same and host_held == 0 and host_peak - dev_peak <= two
+    leak, before = [], []
+    for i, (v, r) in enumerate(zip(vectors, ranks, strict=True)):
+        b = v[:, :r].to(device)
+        xi, dy = (t.reshape(-1, t.shape[-1]) for t in seen[i])
+        x32 = xi.float()
+        old = dy.T @ (x32 - (x32 @ b) @ b.T).to(dy.dtype)  # the fp32 path, rounded to bf16
+        before.append(float((old.float() @ b).norm() / old.float().norm()))
+        leak.append(float((on_host[i].float() @ b).norm() / on_host[i].float().norm()))
+    two = 2 * max(width - r for r in ranks) * width * 2
+    ok = same and host_held == 0 and host_peak - dev_peak <= two and \
+        max(leak) <= max(2 * max(before), 1e-3)
     return (name, "ok" if ok else "FAIL",
-            f"{layers} x {width}-wide layers, {tokens} tokens: gradients equal to bases on the "
-            f"device: {same}; held between steps {host_held / 2**20:.0f} MiB (on the device: "
-            f"{dev_held / 2**20:.0f} MiB); backward's peak {host_peak / 2**20:.0f} MiB vs "
-            f"{dev_peak / 2**20:.0f} MiB on the device, {plain_peak / 2**20:.0f} MiB unguarded "
-            f"(bound: +{two / 2**20:.0f} MiB, two layers' projectors)")
+            f"{layers} x {width}-wide bf16 layers, {tokens} tokens: gradients equal to bases on "
+            f"the device: {same}; held between steps {host_held / 2**20:.0f} MiB (on the "
+            f"device: {dev_held / 2**20:.0f} MiB); backward's peak {host_peak / 2**20:.0f} MiB "
+            f"vs {dev_peak / 2**20:.0f} MiB on the device, {plain_peak / 2**20:.0f} MiB "
+            f"unguarded (bound: +{two / 2**20:.0f} MiB, two layers' projectors); gradient in "
+            f"the protected span: at most {max(leak):.1e} (fp16 complement) vs "
+            f"{max(before):.1e} (fp32 projection rounded to bf16)")
 
 
 def tune_projection(device: str, logdir: Path, rows: list) -> list[str]:

@@ -307,6 +307,28 @@ def test_a_projector_holds_the_narrower_of_its_span_and_the_complement_and_remov
         assert torch.allclose(p.protected() @ p.protected().T, basis @ basis.T, atol=1e-5), r
 
 
+def test_the_fp16_complement_keeps_a_gradient_out_of_the_protected_span():
+    """On a GPU with 16-bit weights the projector holds C in fp16 and projects unit rows:
+    an input almost wholly inside the protected span (and thousands of times larger than
+    usual) must still leave in that span only fp16's rounding of what is kept, not fp16's
+    rounding of the whole input."""
+    from server.engine.nullspace import Projector
+
+    torch.manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(256, 200))[0]
+    inside = torch.randn(64, 200) @ basis.T * 3000.0
+    x = inside + 0.05 * 3000.0 * torch.randn(64, 256)  # ~3% of its length outside
+    p = Projector.of_basis(basis)
+    exact = p(x)
+    p.held = p.held.half()
+    assert p.complement
+    kept = p(x)
+    leak = ((kept @ basis).norm(dim=1) / kept.norm(dim=1)).max()
+    assert leak <= 2e-3, f"{leak:.1e} of what is kept lies in the protected span"
+    # within what is kept, fp16's rounding of the unit row (less than the bf16 input's own)
+    assert ((kept - exact).norm(dim=1) <= 1e-3 * x.norm(dim=1)).all()
+
+
 def test_guard_bases_loaded_from_disk_protect_as_exactly_as_fitted(tmp_path):
     """The bases are kept in fp16 (a restart loads them): loaded, they must still make the
     gradient miss the protected span (I - B Bᵀ a projector), not leak ~0.1% into it."""
