@@ -341,7 +341,7 @@ class InPlace(Mode):
         held = (torch.cuda.memory_allocated() - held) if self.ctx.device.type == "cuda" else 0
         kept = sum(p.rank for p in projectors.values()) / sum(p.dim for p in projectors.values())
         pinned = any(p.staging is not None for p in projectors.values())
-        size = sum(p.held.numel() * 4 for p in projectors.values())
+        size = sum(p.held.numel() * p.held.element_size() for p in projectors.values())
         self.note = (f"{len(self.guard.layers)} of {len(trained)} trained matrices guarded; "
                      f"fitted on layer 0 in {fit_s:.1f} s on {GUARD_PROBES} x "
                      f"{GUARD_PROBE_TOKENS} random tokens, {kept:.0%} of input directions "

@@ -164,8 +164,12 @@ def guard_staging_check(device: str) -> tuple[str, str, str]:
     x = torch.randn(tokens, width, generator=g).to(device, torch.bfloat16)
     ranks = [width // 4 if i % 2 else width - width // 8 for i in range(layers)]
     vectors = [torch.linalg.qr(torch.randn(width, width, generator=g))[0] for _ in ranks]
-    seen: dict[int, list] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault(i, [a[0]]))
+    seen: dict[int, list] = {}  # each layer's input and output gradient, last run's
+
+    def keep_input(i: int, args: tuple) -> None:
+        seen[i] = [args[0]]
+
+    hooks = [m.register_forward_pre_hook(lambda m, a, i=i: keep_input(i, a))
              for i, m in enumerate(model)]
     hooks += [m.register_full_backward_hook(lambda m, gi, go, i=i: seen[i].append(go[0]))
               for i, m in enumerate(model)]
@@ -201,7 +205,7 @@ def guard_staging_check(device: str) -> tuple[str, str, str]:
     leak, before = [], []
     for i, (v, r) in enumerate(zip(vectors, ranks, strict=True)):
         b = v[:, :r].to(device)
-        xi, dy = (t.reshape(-1, t.shape[-1]) for t in seen[i])
+        xi, dy = (t.detach().reshape(-1, t.shape[-1]) for t in seen[i])
         x32 = xi.float()
         old = dy.T @ (x32 - (x32 @ b) @ b.T).to(dy.dtype)  # the fp32 path, rounded to bf16
         before.append(float((old.float() @ b).norm() / old.float().norm()))
