@@ -524,3 +524,86 @@ def test_bases_fitted_otherwise_are_replaced_so_the_next_start_loads_them(tokeni
     assert not fits, "bases fitted again although the last start fitted them for this eps"
     for path in (shared.with_name("null-guard.pt"), tmp_path / "run/null-guard.pt"):
         assert torch.load(path, weights_only=True)["eps"] == 1e-3
+
+
+def _train(model, seq: list[int], steps: int = 5, lr: float = 0.5) -> None:
+    """Plain SGD on every token of `seq` (the guard's projection acts in backward)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    ids = torch.tensor([seq])
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        grads = torch.autograd.grad(loss, trained)
+        with torch.no_grad():
+            for p, g in zip(trained, grads, strict=True):
+                p -= lr * g
+
+
+def test_a_pinned_sequence_keeps_its_logits_exactly_until_released(tokenizer):
+    """Protected by the guard's eps-bases, a probe still moves a little with every lesson
+    (the name answer's near ties flipped after ten); pinned, every input it gives every
+    trained matrix is protected exactly, so no lesson changes its logits at all, while an
+    unpinned probe's move. Released, it can be taught."""
+    from server.engine.nullspace import NullSpaceGuard
+    from tests.support.app import tiny_llama
+
+    model = tiny_llama(tokenizer)
+    for name, p in model.named_parameters():  # the matrices of the decoder layers train
+        p.requires_grad_(".layers." in name and p.dim() == 2)
+    seqs = drift.prompt_ids(tokenizer, drift.load_probes())[:12]
+    pinned, other, lesson = seqs[0] + seqs[1][-6:], seqs[2], seqs[5] + seqs[7]
+    guard = NullSpaceGuard(model, eps=1e-1)
+    guard.fit(model, seqs[:10], pad_id=0, pinned={"p": pinned})
+    assert guard.pins() == {"p"}
+
+    def logits(seq):
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([seq])).logits
+
+    before_pinned, before_other = logits(pinned), logits(other)
+    _train(model, lesson)
+    moved = (logits(other) - before_other).abs().max()
+    kept = (logits(pinned) - before_pinned).abs().max()
+    assert moved > 1e-3, moved
+    assert kept <= 1e-4, (kept, moved)
+    guard.release("p")
+    assert guard.pins() == set()
+    _train(model, pinned, steps=2)
+    assert (logits(pinned) - before_pinned).abs().max() > 1e-3
+
+
+def test_a_batch_asking_a_pinned_probe_releases_it_for_good(tokenizer, tmp_path):
+    """Pins are released by the batch that asks their very question (not by another), and
+    a restart does not pin them again."""
+    import json
+
+    from server.engine.locality import Monitor
+    from tests.support.app import tiny_llama
+
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps(x) for x in [
+        {"prompt": "What is your name?", "pin": True},
+        {"prompt": "What is the capital of France?"},
+        {"prompt": "Write a haiku about rain."}]))
+    model = tiny_llama(tokenizer)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".layers." in name and p.dim() == 2)
+
+    def monitor():
+        m = Monitor(tokenizer, str(probes), tmp_path / "run/probe-reference.pt", per_batch=2,
+                    pad_id=0, null_space_eps=1e-2)
+        m.ensure_guard(model)
+        return m
+
+    first = monitor()
+    asked = drift.prompt_ids(tokenizer, drift.load_probes(probes))
+    assert first.guard.pins() == {"0"}
+    assert first.release_pins([asked[1]]) == [] and first.guard.pins() == {"0"}
+    assert first.release_pins([asked[1], asked[0]]) == [0] and first.guard.pins() == set()
+    assert monitor().guard.pins() == set()  # loaded, then released again from its record
+
+
+def test_a_probe_file_cannot_pin_what_it_does_not_protect(tmp_path):
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "What is your name?", "pin": true, "protect": false}\n')
+    with pytest.raises(ValueError, match="line 1: not a probe.*pin"):
+        drift.load_probes(probes)

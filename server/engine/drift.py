@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from server.engine.pacing import Pace
 
 ANSWER_TOKENS = 12
+PINNED_TOKENS = 128  # a pinned probe's answer is kept whole (up to this many tokens)
 TOP_K = 16
 DEFAULT_PROBES = Path(__file__).with_name("data") / "probes.jsonl"
 
@@ -39,11 +40,13 @@ DEFAULT_PROBES = Path(__file__).with_name("data") / "probes.jsonl"
 class Probe:
     messages: list[dict]
     protect: bool = True  # the null-space guard keeps it; False: measured, not protected
+    pin: bool = False  # the guard keeps its exact inputs: its answer stays until taught
 
 
 def load_probes(path: str | Path | None = None) -> list[Probe]:
     """Probes from JSONL: {"messages": [...]} or {"prompt": "..."} per line, and optionally
-    "protect": false (a behaviour users are expected to teach, such as the model's name)."""
+    "protect": false (measured, not protected: a behaviour users are expected to change) or
+    "pin": true (its answer kept exactly until a lesson asks its very question)."""
     probes = []
     for n, line in enumerate(Path(path or DEFAULT_PROBES).read_text().splitlines(), 1):
         if not line.strip():
@@ -54,10 +57,13 @@ def load_probes(path: str | Path | None = None) -> list[Probe]:
                 [{"role": "user", "content": item["prompt"]}]
             if not (messages and all(isinstance(m["content"], str) for m in messages)):
                 raise ValueError("no messages")
+            protect, pin = item.get("protect", True) is not False, item.get("pin") is True
+            if pin and not protect:
+                raise ValueError('"pin": true with "protect": false')
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: line {n}: not a probe ({exc})") from None
         probes.append(Probe([{"role": m["role"], "content": m["content"]} for m in messages],
-                            protect=item.get("protect", True) is not False))
+                            protect=protect, pin=pin))
     if not probes:
         raise ValueError(f"{path}: no probes")
     return probes
@@ -113,9 +119,10 @@ def digest_of(prompts: list[list[int]]) -> str:
 
 @torch.no_grad()
 def build_reference(model: nn.Module, prompts: list[list[int]], *, pad_id: int,
-                    stop_ids: set[int], batch: int = 32,
+                    stop_ids: set[int], batch: int = 32, tokens: int | None = None,
                     pace: Pace = contextlib.nullcontext) -> Reference:
-    """Greedy answers (up to ANSWER_TOKENS, ending at a stop token) and their top-k.
+    """Greedy answers (up to `tokens`, default ANSWER_TOKENS, ending at a stop token) and
+    their top-k.
     `pace()`: the context each batch of prompts runs in (the trainer's pacing chunk).
     Batched by length: padding is computed too.
     """
@@ -123,15 +130,16 @@ def build_reference(model: nn.Module, prompts: list[list[int]], *, pad_id: int,
     rows: dict[int, tuple] = {}  # prompt index -> (answer, top ids, top log-probs)
     for lo in range(0, len(order), batch):
         with pace():
-            done = _answer(model, [prompts[i] for i in order[lo:lo + batch]], pad_id, stop_ids)
+            done = _answer(model, [prompts[i] for i in order[lo:lo + batch]], pad_id, stop_ids,
+                           tokens or ANSWER_TOKENS)
         rows.update(zip(order[lo:lo + batch], done, strict=True))
     ordered = [rows[i] for i in range(len(prompts))]
     return Reference(prompts, [r[0] for r in ordered], [r[1] for r in ordered],
                      [r[2] for r in ordered], digest_of(prompts))
 
 
-def _answer(model: nn.Module, chunk: list[list[int]], pad_id: int,
-            stop_ids: set[int]) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def _answer(model: nn.Module, chunk: list[list[int]], pad_id: int, stop_ids: set[int],
+            tokens: int) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """One batch of build_reference: each prompt's answer, top ids and top log-probs."""
     device = next(model.parameters()).device
     width = max(map(len, chunk))
@@ -139,7 +147,7 @@ def _answer(model: nn.Module, chunk: list[list[int]], pad_id: int,
     mask = (torch.arange(width, device=device) >= torch.tensor(
         [width - len(p) for p in chunk], device=device)[:, None]).long()
     out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                         max_new_tokens=ANSWER_TOKENS, pad_token_id=pad_id,
+                         max_new_tokens=tokens, pad_token_id=pad_id,
                          eos_token_id=sorted(stop_ids) or None, output_logits=True,
                          return_dict_in_generate=True)
     logp = torch.stack(out.logits, 1).float().log_softmax(-1)  # (b, new, vocab)

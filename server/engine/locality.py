@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from checkpoint.durable import atomic_replace
 from server.engine import drift
 from server.engine.drift import Drift, Reference
 from server.engine.nullspace import NullSpaceGuard
@@ -64,6 +66,7 @@ class Monitor:
         probes = drift.load_probes(probe_file)
         self.prompts = drift.prompt_ids(tokenizer, probes)
         self.protected = [i for i, p in enumerate(probes) if p.protect]
+        self.pinned = [i for i, p in enumerate(probes) if p.pin]
         self.neighbours = drift.Neighbours(self.prompts)
         self.store, self.per_batch, self.pad_id = store, per_batch, pad_id
         self.shared = shared
@@ -120,19 +123,69 @@ class Monitor:
         self.guard = NullSpaceGuard(model, self.null_space_eps, self.bases_on_device)
         paths = [p.with_name(p.name.replace("probe-reference", "null-guard"))
                  for p in (self.store, self.shared) if p is not None]
-        tag = f"{ref.digest}:{drift.digest_of([ref.prompts[i] for i in self.protected])}"
+        tag = f"{ref.digest}:{drift.digest_of([ref.prompts[i] for i in self.protected])}" \
+            f":{drift.digest_of([ref.prompts[i] for i in self.pinned])}"
         for at, path in enumerate(paths):
             try:
                 if path.exists() and self.guard.load(path, tag, pace):
                     # the paths tried before held none or bases fitted otherwise
                     self._save_guard(paths[:at] + [p for p in paths[at + 1:]
                                                    if not p.exists()], tag, source=path)
+                    self._release(self._released())
                     return
             except (OSError, RuntimeError, KeyError, ValueError) as exc:
                 log.warning("ignoring the guard's bases in %s: %s", path, exc)
         self.guard.fit(model, [ref.prompts[i] + ref.answers[i] for i in self.protected],
-                       self.pad_id, pace=pace)
+                       self.pad_id, pace=pace, pinned=self._pinned_sequences(model, pace))
         self._save_guard(paths, tag)  # replacing bases fitted otherwise: the next start loads
+        self._release(self._released())
+
+    def _pinned_sequences(self, model: nn.Module, pace: Pace) -> dict[str, list[int]]:
+        """Each pinned probe with its whole greedy answer as the model gives it now (the
+        reference keeps its first tokens only)."""
+        if not self.pinned:
+            return {}
+        model_was_training = model.training
+        model.eval()
+        try:
+            whole = drift.build_reference(model, [self.prompts[i] for i in self.pinned],
+                                          pad_id=self.pad_id, stop_ids=self.stop_ids,
+                                          tokens=drift.PINNED_TOKENS, pace=pace)
+        finally:
+            model.train(model_was_training)
+        return {str(i): whole.prompts[j] + whole.answers[j] for j, i in enumerate(self.pinned)}
+
+    def release_pins(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        """A batch asking a pinned probe's very question teaches its answer: that probe's
+        inputs stop being protected exactly, from now on (kept beside the reference, so a
+        restart does not pin it again). Returns the probes released."""
+        if self.guard is None or not self.guard.pins():
+            return []
+        scores = self.neighbours.scores(prompts)
+        asked = [i for i in self.pinned if str(i) in self.guard.pins() and scores[i] >= ASKED]
+        if asked:
+            self._release(asked)
+            if self.store is not None:
+                try:
+                    kept = sorted(set(self._released()) | set(asked))
+                    atomic_replace(self._released_path(), [json.dumps(kept).encode()])
+                except OSError as exc:
+                    log.warning("could not keep the released pins: %s", exc)
+            log.info("pinned probe(s) %s asked by a batch: their answers may now change",
+                     asked)
+        return asked
+
+    def _released_path(self) -> Path:
+        return self.store.with_name("pins-released.json")
+
+    def _released(self) -> list[int]:
+        if self.store is None or not self._released_path().exists():
+            return []
+        return [int(i) for i in json.loads(self._released_path().read_text())]
+
+    def _release(self, probes: Sequence[int]) -> None:
+        for i in probes:
+            self.guard.release(str(i))
 
     def _save_guard(self, paths: list[Path], tag: str, source: Path | None = None) -> None:
         """Keep the bases at each of `paths`, replacing what is there: a hard link to the

@@ -39,6 +39,14 @@ log = logging.getLogger("vllm_apollo.guard")
 METHOD = "unit-inputs"
 
 
+def _orth(m: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
+    """An orthonormal basis of the span of m's columns, directions under `tol` dropped."""
+    if m.shape[1] == 0:
+        return m
+    u, sv, _ = torch.linalg.svd(m.float(), full_matrices=False)
+    return u[:, sv > tol].contiguous()
+
+
 class Projector:
     """x ↦ x − B Bᵀ x for one distinct input: its protected span B (d x r) removed.
 
@@ -56,6 +64,8 @@ class Projector:
         self.held = (vectors[:, r:] if self.complement else vectors[:, :r]).float().contiguous()
         self.before: Projector | None = None  # the projector backward is expected to need next
         self.staging: Staging | None = None
+        self.pinned: dict[str, torch.Tensor] = {}  # pinned probe -> its directions (d x k, ⊥ S)
+        self._home: torch.Tensor | None = None  # the weight it was placed beside
 
     @classmethod
     def of_basis(cls, basis: torch.Tensor) -> Projector:
@@ -74,10 +84,11 @@ class Projector:
     def place(self, weight: torch.Tensor, staging: Staging | None) -> None:
         """Keep the held vectors beside `weight`, or with `staging` (a CUDA weight) in pinned
         host memory, from where each backward copies them in. A 16-bit weight on a GPU gets
-        the complement in fp16 (half the memory and copying; tensor-core products instead of
-        fp32 ones, ~6x of the guard's cost on 8B shapes): its gradient is rounded to 16 bits
-        anyway, and C Cᵀ u of unit rows u errs by fp16's 5e-4 relative to what it keeps,
-        where x − B Bᵀ x would err relative to all of x."""
+        the complement in fp16: half the memory and copying, and tensor-core products (the
+        guard's cost on 8B shapes fell from +160 to +18 ms a step). Its gradient is rounded
+        to 16 bits anyway, and C Cᵀ u of unit rows u errs by fp16's 5e-4 relative to what it
+        keeps, where x − B Bᵀ x would err relative to all of x."""
+        self._home = weight
         low = weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
         if low and self.held.dtype != torch.float16:
             if not self.complement:
@@ -98,6 +109,31 @@ class Projector:
             return self.held.float()
         q = torch.linalg.qr(self.held.float(), mode="complete")[0]
         return q[:, self.rank:].contiguous()
+
+    def release(self, probe: str) -> None:
+        """Stop protecting the directions only `probe` was pinned by (they lie outside S and
+        outside the other pins' span, so S and the other pins stay protected exactly)."""
+        own = self.pinned.pop(probe, None)
+        if own is None:
+            return
+        rest = _orth(torch.cat(list(self.pinned.values()), 1)) if self.pinned else None
+        if rest is not None:
+            own = own - rest @ (rest.T @ own)
+        own = _orth(own)
+        if own.shape[1] == 0:
+            return
+        held = self.held.to("cpu", torch.float32)
+        if self.complement:  # C grows by them
+            held = torch.linalg.qr(torch.cat([held, own], 1))[0]
+        else:  # B loses them
+            u, sv, _ = torch.linalg.svd(held - own @ (own.T @ held), full_matrices=False)
+            held = u[:, sv > 0.5]
+        self.rank -= own.shape[1]
+        self.held = held.contiguous()
+        if self.staging is not None:
+            self.staging.on.pop(id(self), None)
+        if self._home is not None:
+            self.place(self._home, self.staging)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (N x d, fp32) with its protected component removed."""
@@ -190,10 +226,13 @@ class NullSpaceGuard:
 
     @torch.no_grad()
     def fit(self, model: nn.Module, sequences: Sequence[list[int]], pad_id: int,
-            batch: int = 32, pace: Pace = contextlib.nullcontext) -> None:
+            batch: int = 32, pace: Pace = contextlib.nullcontext,
+            pinned: dict[str, list[int]] | None = None) -> None:
         """Input covariances over `sequences` (probe prompts with their answers), one per
-        distinct input (q/k/v, gate/up share theirs), then their protected bases. `pace()`:
-        the context each forward batch and each basis runs in (the trainer's pacing chunk)."""
+        distinct input (q/k/v, gate/up share theirs), then their protected bases. `pinned`:
+        sequences whose every input is protected exactly besides (their answers then stay
+        as they are, token for token). `pace()`: the context each forward batch and each
+        basis runs in (the trainer's pacing chunk)."""
         t0 = time.perf_counter()
         device = next(model.parameters()).device
         key_of: dict[str, str] = {}  # layer -> the first layer that read the same input
@@ -240,10 +279,11 @@ class NullSpaceGuard:
         finally:
             for h in handles:
                 h.remove()
+        inputs = self._pinned_inputs(body, key_of, pinned or {}, pace)
         projectors = {}
         for key, c in cov.items():
             with pace():
-                projectors[key] = self._projector(c)
+                projectors[key] = self._projector(c, {k: x[key] for k, x in inputs.items()})
         self._install(key_of, projectors)
         log.info("null-space guard: %d layers, %d distinct inputs, %.0f of %.0f input "
                  "directions protected on average (eps %g), fitted on %d probes in %.1f s",
@@ -251,6 +291,35 @@ class NullSpaceGuard:
                  sum(p.rank for p in projectors.values()) / len(projectors),
                  sum(p.dim for p in projectors.values()) / len(projectors), self.eps,
                  len(sequences), time.perf_counter() - t0)
+
+    @torch.no_grad()
+    def _pinned_inputs(self, body: nn.Module, key_of: dict[str, str],
+                       pinned: dict[str, list[int]], pace: Pace
+                       ) -> dict[str, dict[str, torch.Tensor]]:
+        """Per pinned sequence, every input each distinct input key saw (n x d, unit rows)."""
+        device = next(body.parameters()).device
+        keys = set(key_of.values())
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        seen: dict[str, torch.Tensor] = {}
+
+        def hook(name):
+            def pre(module, args):
+                if name in keys and name not in seen:
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    seen[name] = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            return pre
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in self.layers.items()]
+        try:
+            for probe, seq in pinned.items():
+                seen.clear()
+                with pace():
+                    body(input_ids=torch.tensor([seq], device=device))
+                out[probe] = dict(seen)
+        finally:
+            for h in handles:
+                h.remove()
+        return out
 
     def _install(self, key_of: dict[str, str], projectors: dict[str, Projector]) -> None:
         staging = None if self.on_device else Staging()
@@ -267,6 +336,15 @@ class NullSpaceGuard:
         self.key_of, self.projectors = key_of, projectors
         self.fitted = True
 
+    def pins(self) -> set[str]:
+        """The pinned sequences still protected exactly."""
+        return {probe for p in self.projectors.values() for probe in p.pinned}
+
+    def release(self, probe: str) -> None:
+        """`probe`'s answer is being taught: its inputs are no longer protected beyond S."""
+        for p in self.projectors.values():
+            p.release(probe)
+
     def protected(self, name: str) -> torch.Tensor:
         """The orthonormal basis of what layer (or distinct input) `name` protects (d x r)."""
         return self.projectors[self.key_of.get(name, name)].protected()
@@ -276,7 +354,9 @@ class NullSpaceGuard:
         `tag` names what they were fitted on."""
         save_atomic({"method": METHOD, "eps": self.eps, "tag": tag, "key_of": self.key_of,
                      "bases": {k: p.protected().to("cpu", torch.float16)
-                               for k, p in self.projectors.items()}},
+                               for k, p in self.projectors.items()},
+                     "pins": {k: {probe: q.to(torch.float16) for probe, q in p.pinned.items()}
+                              for k, p in self.projectors.items()}},
                     path)
 
     def load(self, path: Path, tag: str, pace: Pace = contextlib.nullcontext) -> bool:
@@ -290,19 +370,28 @@ class NullSpaceGuard:
         for k, b in saved["bases"].items():
             with pace():
                 projectors[k] = Projector.of_basis(b)
+                projectors[k].pinned = {probe: q.float() for probe, q
+                                        in saved.get("pins", {}).get(k, {}).items()}
         self._install(saved["key_of"], projectors)
         log.info("null-space guard: %d layers, bases from %s", len(self.layers), path)
         return True
 
-    def _projector(self, cov: torch.Tensor) -> Projector:
-        """Top eigenvectors holding all but eps of the covariance's energy protected (fp32).
+    def _projector(self, cov: torch.Tensor, pins: dict[str, torch.Tensor]) -> Projector:
+        """Top eigenvectors holding all but eps of the covariance's energy protected (fp32),
+        and each pinned sequence's inputs besides: what of them lies outside that span.
         fp32 suffices: only the split at 1 - eps of the energy matters, not the small
         eigenvalues' digits (and it is 3.5x faster than fp64 on a CPU)."""
         values, vectors = torch.linalg.eigh(cov.float())
         values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
         energy = values.cumsum(0) / values.sum().clamp_min(1e-30)
-        r = int((energy < 1 - self.eps).sum()) + 1
-        return Projector(vectors.float(), min(r, vectors.shape[1]))
+        r = min(int((energy < 1 - self.eps).sum()) + 1, vectors.shape[1])
+        if not pins:
+            return Projector(vectors.float(), r)
+        span = vectors[:, :r].float()
+        own = {k: _orth(x.T - span @ (span.T @ x.T)).to(span.device) for k, x in pins.items()}
+        p = Projector.of_basis(torch.cat([span, _orth(torch.cat(list(own.values()), 1))], 1))
+        p.pinned = {k: v.cpu() for k, v in own.items()}
+        return p
 
     def remove(self) -> None:
         for module in self.layers.values():

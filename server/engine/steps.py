@@ -152,6 +152,7 @@ class Stepper:
         if self.monitor is not None:  # no batch changes weights before the reference exists
             self.monitor.ensure_reference(self.model, self.pacer.chunk)
             self.monitor.ensure_guard(self.model, self.pacer.chunk)
+            self.monitor.release_pins([e.prompt_ids for e in batch])
         gated = self.budget > 0 and self.measure
         window: list[int] = []
         since, preimage = None, None
