@@ -70,8 +70,10 @@ class Settings:
     drift_probes: int = _opt(16, "probes evaluated after each batch (half the nearest to its "
                                  "prompts, half a rotating window; 0: no drift monitor)")
     probe_file: str | None = _opt(None, "JSONL of probes ({\"messages\": [...]} or "
-                                        "{\"prompt\": ...} per line); default: the 230 "
-                                        "shipped prompts")
+                                        "{\"prompt\": ...} per line, optionally "
+                                        "\"pin\": true to keep that answer exactly until "
+                                        "a lesson asks it); default: the 230 shipped "
+                                        "prompts, \"What is your name?\" pinned")
     strict_drift: bool = _opt(False, "hold vLLM's engine steps off from a batch's first write "
                                      "until its drift is measured (never serves over budget; "
                                      "serving stalls for the batch)")

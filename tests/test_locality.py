@@ -607,3 +607,17 @@ def test_a_probe_file_cannot_pin_what_it_does_not_protect(tmp_path):
     probes.write_text('{"prompt": "What is your name?", "pin": true, "protect": false}\n')
     with pytest.raises(ValueError, match="line 1: not a probe.*pin"):
         drift.load_probes(probes)
+
+
+def test_status_lists_the_pinned_probes_until_a_lesson_asks_one(tokenizer):
+    """Through the server with the shipped probe set: "What is your name?" is pinned (in
+    /status), a lesson asking it releases the pin and is learned, and /status says so."""
+    client, _ = app_client(tokenizer, lr=1e-2, max_steps_per_batch=40, learned_prob=0.5,
+                           guard="nullspace", drift_probes=4, drift_budget=0)
+    with client:
+        assert client.get("/status").json()["pinned_probes"] == ["What is your name?"]
+        r = client.post("/train", json=LESSON)
+        st = wait_idle(client, 1, timeout=300)
+        record = client.get(f"/examples/{r.json()['ids'][0]}").json()
+    assert record["state"] == "trained" and st["optimizer_steps"] > 0, record
+    assert st["pinned_probes"] == []

@@ -38,6 +38,8 @@ def status(engine: EngineDep) -> Status:
                   last_checkpoint=engine.checkpoints.last if engine.checkpoints else None,
                   checkpointing_disabled=engine.checkpointing_disabled,
                   drift=_drift(engine), drift_budget=engine.settings.drift_budget or None,
+                  pinned_probes=(engine.trainer.monitor.pinned_questions()
+                                 if engine.trainer.monitor is not None else []),
                   undone_batches=s.undone_batches,
                   learned_without_steps=s.learned_without_steps,
                   **_weights(engine), **_pacing(engine))

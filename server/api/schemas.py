@@ -366,6 +366,7 @@ class Status(BaseModel):
     checkpointing_disabled: str | None = None  # why no checkpoint can be written, if so
     drift: DriftState | None = None  # after the last batch that changed weights
     drift_budget: float | None = None
+    pinned_probes: list[str] = []  # probes whose answers are kept exactly (until taught)
     undone_batches: int = 0
     learned_without_steps: int = 0  # examples the model already answered as taught
     weight_version: int = 0  # bumped by every change of the live weights

@@ -67,6 +67,8 @@ class Monitor:
         self.prompts = drift.prompt_ids(tokenizer, probes)
         self.protected = [i for i, p in enumerate(probes) if p.protect]
         self.pinned = [i for i, p in enumerate(probes) if p.pin]
+        self.questions = [p.messages[-1]["content"] for p in probes]
+        self.pins_held: frozenset[int] = frozenset()  # replaced whole: read by /status
         self.neighbours = drift.Neighbours(self.prompts)
         self.store, self.per_batch, self.pad_id = store, per_batch, pad_id
         self.shared = shared
@@ -186,6 +188,11 @@ class Monitor:
     def _release(self, probes: Sequence[int]) -> None:
         for i in probes:
             self.guard.release(str(i))
+        self.pins_held = frozenset(int(i) for i in self.guard.pins())
+
+    def pinned_questions(self) -> list[str]:
+        """The pinned probes whose answers are still kept exactly."""
+        return [self.questions[i] for i in sorted(self.pins_held)]
 
     def _save_guard(self, paths: list[Path], tag: str, source: Path | None = None) -> None:
         """Keep the bases at each of `paths`, replacing what is there: a hard link to the
