@@ -600,6 +600,8 @@ def test_a_batch_asking_a_pinned_probe_releases_it_for_good(tokenizer, tmp_path)
     assert first.release_pins([asked[1]]) == [] and first.guard.pins() == {"0"}
     assert first.release_pins([asked[1], asked[0]]) == [0] and first.guard.pins() == set()
     assert monitor().guard.pins() == set()  # loaded, then released again from its record
+    (tmp_path / "run/pins-released.json").write_text('{"not": "a list"')
+    assert monitor().guard.pins() == {"0"}  # a damaged record is ignored, not fatal
 
 
 def test_a_probe_file_cannot_pin_what_it_does_not_protect(tmp_path):

@@ -168,22 +168,36 @@ class Monitor:
         if asked:
             self._release(asked)
             if self.store is not None:
-                try:
-                    kept = sorted(set(self._released()) | set(asked))
+                try:  # by prompt, not by line: a probe file edited later keeps its meaning
+                    kept = sorted({*self._released_digests(),
+                                   *(drift.digest_of([self.prompts[i]]) for i in asked)})
                     atomic_replace(self._released_path(), [json.dumps(kept).encode()])
                 except OSError as exc:
                     log.warning("could not keep the released pins: %s", exc)
             log.info("pinned probe(s) %s asked by a batch: their answers may now change",
-                     asked)
+                     [self.questions[i] for i in asked])
         return asked
 
     def _released_path(self) -> Path:
         return self.store.with_name("pins-released.json")
 
-    def _released(self) -> list[int]:
+    def _released_digests(self) -> list[str]:
         if self.store is None or not self._released_path().exists():
             return []
-        return [int(i) for i in json.loads(self._released_path().read_text())]
+        try:
+            digests = json.loads(self._released_path().read_text())
+            if isinstance(digests, list) and all(isinstance(d, str) for d in digests):
+                return digests
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring %s: %s", self._released_path(), exc)
+            return []
+        log.warning("ignoring %s: not a list of probe digests", self._released_path())
+        return []
+
+    def _released(self) -> list[int]:
+        """The pinned probes a batch asked before (this server's record)."""
+        digests = set(self._released_digests())
+        return [i for i in self.pinned if drift.digest_of([self.prompts[i]]) in digests]
 
     def _release(self, probes: Sequence[int]) -> None:
         for i in probes:
