@@ -623,3 +623,26 @@ def test_status_lists_the_pinned_probes_until_a_lesson_asks_one(tokenizer):
         record = client.get(f"/examples/{r.json()['ids'][0]}").json()
     assert record["state"] == "trained" and st["optimizer_steps"] > 0, record
     assert st["pinned_probes"] == []
+
+
+@pytest.mark.parametrize("r", [4, 40])  # B held (r + pins < d/2), C held
+def test_releasing_a_pin_leaves_exactly_the_other_pins_and_the_fitted_span(r):
+    """What stays protected after a release is the fitted span and the other pins' inputs
+    (which may overlap the released one's), whichever of B or C the projector holds."""
+    from server.engine.nullspace import Projector, _orth
+
+    torch.manual_seed(0)
+    d = 64
+    whole = torch.linalg.qr(torch.randn(d, d))[0]
+    span = whole[:, :r]
+    a, b = torch.randn(d, 5), torch.randn(d, 3)  # two pins' directions, outside the span
+    a, b = _orth(a - span @ (span.T @ a)), _orth(b - span @ (span.T @ b))
+    p = Projector.of_basis(torch.cat([span, _orth(torch.cat([a, b], 1))], 1))
+    p.pinned = {"a": a, "b": b}
+    assert p.complement == (r + 8 > d - r - 8)
+    p.release("a")
+    kept = torch.cat([span, b], 1)
+    assert p.rank == r + 3 and list(p.pinned) == ["b"]
+    got = p.protected()
+    assert got.shape[1] == r + 3
+    assert torch.allclose(got @ got.T, kept @ torch.linalg.pinv(kept), atol=1e-4)

@@ -40,11 +40,16 @@ METHOD = "unit-inputs"
 
 
 def _orth(m: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
-    """An orthonormal basis of the span of m's columns, directions under `tol` dropped."""
+    """An orthonormal basis of the span of m's columns (d x k, k small), directions along
+    which they reach less than `tol` dropped. From the k x k Gram matrix in fp64: an SVD of
+    m fails to converge when its singular values are all 0 or 1, as a projected basis's are."""
     if m.shape[1] == 0:
-        return m
-    u, sv, _ = torch.linalg.svd(m.float(), full_matrices=False)
-    return u[:, sv > tol].contiguous()
+        return m.float()
+    m64 = m.double()
+    values, vectors = torch.linalg.eigh(m64.T @ m64)
+    keep = values > tol * tol
+    u = (m64 @ vectors[:, keep]) / values[keep].sqrt()
+    return torch.linalg.qr(u)[0].float().contiguous()
 
 
 class Projector:
@@ -126,8 +131,7 @@ class Projector:
         if self.complement:  # C grows by them
             held = torch.linalg.qr(torch.cat([held, own], 1))[0]
         else:  # B loses them
-            u, sv, _ = torch.linalg.svd(held - own @ (own.T @ held), full_matrices=False)
-            held = u[:, sv > 0.5]
+            held = _orth(held - own @ (own.T @ held), tol=0.5)
         self.rank -= own.shape[1]
         self.held = held.contiguous()
         if self.staging is not None:
