@@ -2,8 +2,10 @@
 
     .venv/bin/python -m bench.checkpoint [MODEL_DIR]   (default: the default model)
 
-Touches 10% of the tensors, then every tensor training changes (all but the embeddings, the
-default), then 100% (as training would: every element moves), syncs, and times
+Touches 10% of the tensors, then the tensors training with the server's defaults changes
+(the feed-forward matrices), then every tensor but the embeddings (`--train-matrices all`
+without the guard, which freezes norms), then 100% (as training would: every element
+moves), syncs, and times
 save_pretrained of the same model; with the history store off (the redo journal for a few
 chunks, a mostly-changed file written whole and renamed) and on (the bytes a sync overwrites
 kept as its undo record). Prints seconds, bytes and ratios.
@@ -26,6 +28,8 @@ from transformers import AutoModelForCausalLM
 from checkpoint import Checkpointer, Retention
 from checkpoint.history import Store
 from server.default_model import build
+from server.engine.wiring import make_optimizer
+from server.settings import Settings
 
 
 def dir_bytes(path: Path) -> int:
@@ -65,8 +69,12 @@ def main() -> None:
             names = list(dict(model.named_parameters()))
             random.Random(0).shuffle(names)  # 10% of tensors, not the 10% that start the file
             embeddings = {n for n in names if "embed" in n or "lm_head" in n}
+            make_optimizer(model, Settings(export_dir="unused"))  # freezes what they don't train
+            default = [n for n in names if live[n].requires_grad]
             for label, touched in (("10%", names[: max(1, round(0.1 * len(names)))]),
-                                   ("trained", [n for n in names if n not in embeddings]),
+                                   ("trained (defaults)", default),
+                                   ("all but embeddings", [n for n in names
+                                                           if n not in embeddings]),
                                    ("100%", names)):
                 ours, saves = [], []
                 for _ in range(repeats):  # medians: this machine is shared

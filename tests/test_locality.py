@@ -571,10 +571,13 @@ def test_a_pinned_sequence_keeps_its_logits_exactly_until_released(tokenizer):
     assert (logits(pinned) - before_pinned).abs().max() > 1e-3
 
 
-def test_a_batch_asking_a_pinned_probe_releases_it_for_good(tokenizer, tmp_path):
+def test_a_batch_asking_a_pinned_probe_releases_it_for_good(tokenizer, tmp_path,
+                                                           monkeypatch):
     """Pins are released by the batch that asks their very question (not by another), and
     a restart does not pin them again."""
     import json
+
+    monkeypatch.setattr(drift, "PINNED_TOKENS", 8)  # a random model never ends its answer
 
     from server.engine.locality import Monitor
     from tests.support.app import tiny_llama
@@ -611,11 +614,13 @@ def test_a_probe_file_cannot_pin_what_it_does_not_protect(tmp_path):
         drift.load_probes(probes)
 
 
-def test_status_lists_the_pinned_probes_until_a_lesson_asks_one(tokenizer):
+def test_status_lists_the_pinned_probes_until_a_lesson_asks_one(tokenizer, monkeypatch):
     """Through the server with the shipped probe set: "What is your name?" is pinned (in
     /status), a lesson asking it releases the pin and is learned, and /status says so."""
+    monkeypatch.setattr(drift, "PINNED_TOKENS", 8)  # a random model never ends its answer
+    # a random model's inputs are near isotropic: a wide eps leaves the pin room
     client, _ = app_client(tokenizer, lr=1e-2, max_steps_per_batch=40, learned_prob=0.5,
-                           guard="nullspace", drift_probes=4, drift_budget=0)
+                           guard="nullspace", guard_eps=0.5, drift_probes=4, drift_budget=0)
     with client:
         assert client.get("/status").json()["pinned_probes"] == ["What is your name?"]
         r = client.post("/train", json=LESSON)
@@ -646,3 +651,21 @@ def test_releasing_a_pin_leaves_exactly_the_other_pins_and_the_fitted_span(r):
     got = p.protected()
     assert got.shape[1] == r + 3
     assert torch.allclose(got @ got.T, kept @ torch.linalg.pinv(kept), atol=1e-4)
+
+
+def test_a_pin_that_would_fill_a_layer_is_not_made(tokenizer, caplog):
+    """A pinned answer as long as a layer is wide would leave no direction for lessons: it
+    is not pinned (with a warning), and the other pins still are."""
+    from server.engine.nullspace import NullSpaceGuard
+    from tests.support.app import tiny_llama
+
+    model = tiny_llama(tokenizer)  # hidden size 128
+    for name, p in model.named_parameters():
+        p.requires_grad_(".layers." in name and p.dim() == 2)
+    seqs = drift.prompt_ids(tokenizer, drift.load_probes())[:12]
+    long = [t for s in seqs[3:9] for t in s][:150]
+    guard = NullSpaceGuard(model, eps=1e-1)
+    with caplog.at_level("WARNING", logger="vllm_apollo.guard"):
+        guard.fit(model, seqs[:10], pad_id=0, pinned={"long": long, "short": seqs[0]})
+    assert guard.pins() == {"short"}
+    assert "not pinning probe long" in caplog.text

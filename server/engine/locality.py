@@ -126,7 +126,7 @@ class Monitor:
         paths = [p.with_name(p.name.replace("probe-reference", "null-guard"))
                  for p in (self.store, self.shared) if p is not None]
         tag = f"{ref.digest}:{drift.digest_of([ref.prompts[i] for i in self.protected])}" \
-            f":{drift.digest_of([ref.prompts[i] for i in self.pinned])}"
+            f":{drift.digest_of([ref.prompts[i] for i in self.pinned])}:{drift.PINNED_TOKENS}"
         for at, path in enumerate(paths):
             try:
                 if path.exists() and self.guard.load(path, tag, pace):

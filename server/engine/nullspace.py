@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm_apollo.guard")
 # How the bases are fitted, kept with them: bases saved by another method are fitted again.
 METHOD = "unit-inputs"
+# A pinned input's part outside the fitted span is protected down to this share of it.
+PIN_TOL = 1e-3
+FREE_SHARE = 1 / 8  # pins never leave less than this share of an input's directions free
 
 
 def _orth(m: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
@@ -283,11 +286,20 @@ class NullSpaceGuard:
         finally:
             for h in handles:
                 h.remove()
-        inputs = self._pinned_inputs(body, key_of, pinned or {}, pace)
-        projectors = {}
+        spans = {}
         for key, c in cov.items():
             with pace():
-                projectors[key] = self._projector(c, {k: x[key] for k, x in inputs.items()})
+                spans[key] = self._span(c)
+        pins = self._accept_pins(spans, self._pinned_inputs(body, key_of, pinned or {}, pace))
+        projectors = {}
+        for key, (vectors, r) in spans.items():
+            with pace():
+                if pins[key]:
+                    projectors[key] = Projector.of_basis(torch.cat(
+                        [vectors[:, :r], _orth(torch.cat(list(pins[key].values()), 1))], 1))
+                    projectors[key].pinned = {k: q.cpu() for k, q in pins[key].items()}
+                else:
+                    projectors[key] = Projector(vectors, r)
         self._install(key_of, projectors)
         log.info("null-space guard: %d layers, %d distinct inputs, %.0f of %.0f input "
                  "directions protected on average (eps %g), fitted on %d probes in %.1f s",
@@ -380,22 +392,42 @@ class NullSpaceGuard:
         log.info("null-space guard: %d layers, bases from %s", len(self.layers), path)
         return True
 
-    def _projector(self, cov: torch.Tensor, pins: dict[str, torch.Tensor]) -> Projector:
-        """Top eigenvectors holding all but eps of the covariance's energy protected (fp32),
-        and each pinned sequence's inputs besides: what of them lies outside that span.
-        fp32 suffices: only the split at 1 - eps of the energy matters, not the small
-        eigenvalues' digits (and it is 3.5x faster than fp64 on a CPU)."""
+    def _span(self, cov: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The covariance's eigenvectors (d x d, by falling eigenvalue) and how many of them
+        hold all but eps of its energy: the span protected. fp32 suffices: only the split at
+        1 - eps of the energy matters, not the small eigenvalues' digits (and it is 3.5x
+        faster than fp64 on a CPU)."""
         values, vectors = torch.linalg.eigh(cov.float())
         values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
         energy = values.cumsum(0) / values.sum().clamp_min(1e-30)
-        r = min(int((energy < 1 - self.eps).sum()) + 1, vectors.shape[1])
-        if not pins:
-            return Projector(vectors.float(), r)
-        span = vectors[:, :r].float()
-        own = {k: _orth(x.T - span @ (span.T @ x.T)).to(span.device) for k, x in pins.items()}
-        p = Projector.of_basis(torch.cat([span, _orth(torch.cat(list(own.values()), 1))], 1))
-        p.pinned = {k: v.cpu() for k, v in own.items()}
-        return p
+        return vectors.float(), min(int((energy < 1 - self.eps).sum()) + 1, vectors.shape[1])
+
+    def _accept_pins(self, spans: dict[str, tuple[torch.Tensor, int]],
+                     inputs: dict[str, dict[str, torch.Tensor]]
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+        """Per distinct input, each pinned sequence's own directions: what of its inputs lies
+        outside the fitted span. A sequence that would leave less than FREE_SHARE of some
+        input's directions unprotected (a long answer, a narrow layer) is not pinned: a
+        lesson could no longer be learned through that layer. Pins come in file order."""
+        pins: dict[str, dict[str, torch.Tensor]] = {key: {} for key in spans}
+        joint = {key: v.new_zeros(v.shape[0], 0) for key, (v, _) in spans.items()}
+        for probe, seen in inputs.items():
+            own, merged, short = {}, {}, []
+            for key, x in seen.items():
+                vectors, r = spans[key]
+                span = vectors[:, :r]
+                own[key] = _orth(x.T - span @ (span.T @ x.T), PIN_TOL)
+                merged[key] = _orth(torch.cat([joint[key], own[key]], 1))
+                if r + merged[key].shape[1] > (1 - FREE_SHARE) * vectors.shape[0]:
+                    short.append(key)
+            if short:
+                log.warning("not pinning probe %s: its %d inputs would leave less than %.0f%% "
+                            "of the input directions of %s free for lessons", probe,
+                            next(iter(seen.values())).shape[0], 100 * FREE_SHARE, short[0])
+                continue
+            for key in own:
+                pins[key][probe], joint[key] = own[key], merged[key]
+        return pins
 
     def remove(self) -> None:
         for module in self.layers.values():

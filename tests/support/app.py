@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from checkpoint import Checkpointer
 from server.app import create_app
+from server.engine import drift
 from server.engine.wiring import assemble, retention
 from server.settings import Settings
 from tests.support.tiny_models import CONFIGS
@@ -27,7 +28,8 @@ MONITOR_CACHE: Path | None = None
 def _cache_key(model: torch.nn.Module, settings: Settings) -> str:
     """The starting weights, bit for bit, and the settings the reference and guard depend
     on."""
-    h = hashlib.sha256(repr((settings.guard, settings.guard_eps, settings.probe_file)).encode())
+    h = hashlib.sha256(repr((settings.guard, settings.guard_eps, settings.probe_file,
+                             drift.PINNED_TOKENS)).encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
