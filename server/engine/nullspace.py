@@ -39,7 +39,7 @@ log = logging.getLogger("vllm_apollo.guard")
 METHOD = "unit-inputs"
 # A pinned input's part outside the fitted span is protected down to this share of it.
 PIN_TOL = 1e-3
-FREE_SHARE = 1 / 8  # pins never leave less than this share of an input's directions free
+FREE_SHARE = 1 / 16  # pins never leave less than this share of an input's directions free
 
 
 def _orth(m: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
@@ -53,6 +53,23 @@ def _orth(m: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
     keep = values > tol * tol
     u = (m64 @ vectors[:, keep]) / values[keep].sqrt()
     return torch.linalg.qr(u)[0].float().contiguous()
+
+
+def _trade(vectors: torch.Tensor, r: int, pinned: dict[str, torch.Tensor]
+           ) -> tuple[int, dict[str, torch.Tensor]]:
+    """How many of the fitted span's directions (`vectors`' first r, strongest first) to
+    keep beside the pinned inputs (n x d each, unit rows) so that together they protect no
+    more than r directions where they can, and each pin's own directions: what of its
+    inputs lies outside the kept span. Dropping weak directions can uncover more of a pin's
+    inputs, hence the loop (two or three rounds)."""
+    kept = r
+    while True:
+        span = vectors[:, :kept]
+        own = {k: _orth(x.T - span @ (span.T @ x.T), PIN_TOL) for k, x in pinned.items()}
+        extra = kept + _orth(torch.cat(list(own.values()), 1)).shape[1] - r
+        if extra <= 0 or kept == 0:
+            return kept, own
+        kept = max(0, kept - extra)
 
 
 class Projector:
@@ -290,16 +307,19 @@ class NullSpaceGuard:
         for key, c in cov.items():
             with pace():
                 spans[key] = self._span(c)
-        pins = self._accept_pins(spans, self._pinned_inputs(body, key_of, pinned or {}, pace))
+        inputs = self._pinned_inputs(body, key_of, pinned or {}, pace)
+        accepted = self._accept_pins(spans, inputs)
         projectors = {}
         for key, (vectors, r) in spans.items():
             with pace():
-                if pins[key]:
-                    projectors[key] = Projector.of_basis(torch.cat(
-                        [vectors[:, :r], _orth(torch.cat(list(pins[key].values()), 1))], 1))
-                    projectors[key].pinned = {k: q.cpu() for k, q in pins[key].items()}
-                else:
+                xs = {probe: inputs[probe][key] for probe in accepted if key in inputs[probe]}
+                if not xs:
                     projectors[key] = Projector(vectors, r)
+                    continue
+                kept, own = _trade(vectors, r, xs)
+                projectors[key] = Projector.of_basis(torch.cat(
+                    [vectors[:, :kept], _orth(torch.cat(list(own.values()), 1))], 1))
+                projectors[key].pinned = {k: q.cpu() for k, q in own.items()}
         self._install(key_of, projectors)
         log.info("null-space guard: %d layers, %d distinct inputs, %.0f of %.0f input "
                  "directions protected on average (eps %g), fitted on %d probes in %.1f s",
@@ -403,31 +423,28 @@ class NullSpaceGuard:
         return vectors.float(), min(int((energy < 1 - self.eps).sum()) + 1, vectors.shape[1])
 
     def _accept_pins(self, spans: dict[str, tuple[torch.Tensor, int]],
-                     inputs: dict[str, dict[str, torch.Tensor]]
-                     ) -> dict[str, dict[str, torch.Tensor]]:
-        """Per distinct input, each pinned sequence's own directions: what of its inputs lies
-        outside the fitted span. A sequence that would leave less than FREE_SHARE of some
-        input's directions unprotected (a long answer, a narrow layer) is not pinned: a
-        lesson could no longer be learned through that layer. Pins come in file order."""
-        pins: dict[str, dict[str, torch.Tensor]] = {key: {} for key in spans}
-        joint = {key: v.new_zeros(v.shape[0], 0) for key, (v, _) in spans.items()}
+                     inputs: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+        """The pinned sequences that fit, in file order. A pin takes the place of the fitted
+        span's weakest directions (`_trade`), so lessons keep the room they had; one whose
+        inputs would still leave less than FREE_SHARE of some input's directions free (an
+        answer longer than a layer is wide) is not pinned, with a warning."""
+        accepted: list[str] = []
         for probe, seen in inputs.items():
-            own, merged, short = {}, {}, []
+            short = []
             for key, x in seen.items():
                 vectors, r = spans[key]
-                span = vectors[:, :r]
-                own[key] = _orth(x.T - span @ (span.T @ x.T), PIN_TOL)
-                merged[key] = _orth(torch.cat([joint[key], own[key]], 1))
-                if r + merged[key].shape[1] > (1 - FREE_SHARE) * vectors.shape[0]:
+                xs = {p: inputs[p][key] for p in accepted if key in inputs[p]} | {probe: x}
+                kept, own = _trade(vectors, r, xs)
+                total = kept + _orth(torch.cat(list(own.values()), 1)).shape[1]
+                if total > (1 - FREE_SHARE) * vectors.shape[0]:
                     short.append(key)
             if short:
                 log.warning("not pinning probe %s: its %d inputs would leave less than %.0f%% "
                             "of the input directions of %s free for lessons", probe,
                             next(iter(seen.values())).shape[0], 100 * FREE_SHARE, short[0])
                 continue
-            for key in own:
-                pins[key][probe], joint[key] = own[key], merged[key]
-        return pins
+            accepted.append(probe)
+        return accepted
 
     def remove(self) -> None:
         for module in self.layers.values():
