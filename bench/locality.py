@@ -42,8 +42,8 @@ APPROACHES = {
     # name: (settings overrides, what it is). Bench only: "end_of_turn": False leaves the
     # lessons' end-of-turn token out of their targets; "distill_probes": N adds KL to the
     # reference on N probes to every step under the null-space guard; "augment": N teaches
-    # each lesson with N more phrasings of its question; "unpinned": True uses the shipped
-    # probes with no pin.
+    # each lesson with N more phrasings of its question; "pinned": True pins the shipped
+    # probe "What is your name?".
     "fixed-5": ({**EARLIER, "learned_prob": 1.0, "max_steps_per_batch": 5, "lr": 1e-4,
                  "guard": "none"}, "5 steps per lesson, lr 1e-4, no guard (before)"),
     "stop": ({**EARLIER, "lr": 1e-4, "guard": "none"}, "learn, then stop (p >= 0.5), lr 1e-4"),
@@ -70,12 +70,10 @@ APPROACHES = {
     "nullspace-augment": ({"train_matrices": "all", "augment": 1},
                           "the default before (every matrix, gated), each lesson taught with "
                           "its question asked one more way (one batch)"),
-    "nullspace-unpinned": ({"unpinned": True},
-                           "the server's defaults with no probe pinned (\"What is your "
-                           "name?\" kept by the fitted span only, as before)"),
+    "nullspace-pinned": ({"pinned": True},
+                         "the server's defaults with the probe \"What is your name?\" pinned"),
     "nullspace": ({}, "learn, then stop, lr 3e-4, null-space guard (eps 1e-2), MLP matrices "
-                      "only, --drift-budget 0.02, \"What is your name?\" pinned (the "
-                      "server's defaults)"),
+                      "only, --drift-budget 0.02 (the server's defaults)"),
 }
 
 
@@ -166,17 +164,17 @@ class Bench:
         return [self.example(x) for x in [lesson, *more]]
 
     def engine(self, end_of_turn: bool = True, distill_probes: int = 0, augment: int = 0,
-               unpinned: bool = False, **overrides):
+               pinned: bool = False, **overrides):
         """The engine with `overrides` of the settings; the bench-only keys of APPROACHES
-        (`end_of_turn`, `distill_probes`, `augment`, `unpinned`) are taken here."""
+        (`end_of_turn`, `distill_probes`, `augment`, `pinned`) are taken here."""
         self.end_of_turn, self.augment = end_of_turn, augment
-        if unpinned:  # the same prompts (and reference), no "pin"
+        if pinned:  # the same prompts (and reference), the name probe pinned
             lines = [json.loads(line) for line in drift.DEFAULT_PROBES.read_text().splitlines()
                      if line.strip()]
-            plain = self.cache / "probes-unpinned.jsonl"
-            plain.write_text("".join(json.dumps({k: v for k, v in x.items() if k != "pin"})
-                                     + "\n" for x in lines))
-            overrides["probe_file"] = str(plain)
+            path = self.cache / "probes-pinned.jsonl"
+            path.write_text("".join(json.dumps({**x, "pin": True} if x["messages"][-1]["content"]
+                                               == NAME else x) + "\n" for x in lines))
+            overrides["probe_file"] = str(path)
         for p in self.model.parameters():  # the engine freezes what its settings do not train
             p.requires_grad_(True)
         engine = assemble(replace(self.settings, **overrides), self.model, self.tokenizer,

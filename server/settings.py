@@ -73,7 +73,7 @@ class Settings:
                                         "{\"prompt\": ...} per line, optionally "
                                         "\"pin\": true to keep that answer exactly until "
                                         "a lesson asks it); default: the 230 shipped "
-                                        "prompts, \"What is your name?\" pinned")
+                                        "prompts")
     strict_drift: bool = _opt(False, "hold vLLM's engine steps off from a batch's first write "
                                      "until its drift is measured (never serves over budget; "
                                      "serving stalls for the batch)")

@@ -614,13 +614,20 @@ def test_a_probe_file_cannot_pin_what_it_does_not_protect(tmp_path):
         drift.load_probes(probes)
 
 
-def test_status_lists_the_pinned_probes_until_a_lesson_asks_one(tokenizer, monkeypatch):
-    """Through the server with the shipped probe set: "What is your name?" is pinned (in
-    /status), a lesson asking it releases the pin and is learned, and /status says so."""
+def test_status_lists_the_pinned_probes_until_a_lesson_asks_one(tokenizer, monkeypatch,
+                                                                tmp_path):
+    """Through the server: "What is your name?" pinned in the probe file is listed in
+    /status, a lesson asking it releases the pin and is trained, and /status says so."""
+    import json
+
     monkeypatch.setattr(drift, "PINNED_TOKENS", 8)  # a random model never ends its answer
-    # a random model's inputs are near isotropic: a wide eps leaves the pin room
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("\n".join(json.dumps(x) for x in [
+        {"prompt": "What is your name?", "pin": True},
+        {"prompt": "What is the capital of France?"}, {"prompt": "Name three colours."}]))
     client, _ = app_client(tokenizer, lr=1e-2, max_steps_per_batch=40, learned_prob=0.5,
-                           guard="nullspace", guard_eps=0.5, drift_probes=4, drift_budget=0)
+                           guard="nullspace", drift_probes=2, drift_budget=0,
+                           probe_file=str(probes))
     with client:
         assert client.get("/status").json()["pinned_probes"] == ["What is your name?"]
         r = client.post("/train", json=LESSON)
