@@ -22,7 +22,8 @@ from bench.optimizer import graphed
 from checkpoint import Checkpointer
 from optimizer import Apollo, ApolloMini
 from server.engine.coordination import VllmCoordinator
-from server.engine.nullspace import NullSpaceGuard, Projector
+from server.engine.nullspace import NullSpaceGuard
+from server.engine.projection import Projector
 from server.engine.tokenization import Encoded
 from server.engine.trainer import Trainer
 from server.engine.wiring import param_groups

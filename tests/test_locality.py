@@ -271,13 +271,13 @@ def test_null_space_guard_leaves_protected_inputs_unchanged():
     """A step with the guard's gradient changes W x only for x off the protected span."""
     import types
 
-    from server.engine.nullspace import Projector, _projected_forward
+    from server.engine.projection import Projector, projected_forward
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(8, 4, bias=False)
     basis, _ = torch.linalg.qr(torch.randn(8, 3))
     layer.null_guard = Projector.of_basis(basis)
-    layer.forward = types.MethodType(_projected_forward, layer)
+    layer.forward = types.MethodType(projected_forward, layer)
     x = torch.randn(5, 8)
     layer(x).pow(2).sum().backward()
     projected = x - (x @ basis) @ basis.T
@@ -295,7 +295,7 @@ def test_a_projector_holds_the_narrower_of_its_span_and_the_complement_and_remov
     """Most input directions are protected (70% for the default model): the projector then
     holds the complement C and computes x − B Bᵀ x as C Cᵀ x — the same result, from less
     memory, copying and arithmetic."""
-    from server.engine.nullspace import Projector
+    from server.engine.projection import Projector
 
     torch.manual_seed(0)
     x = torch.randn(50, 32)
@@ -312,7 +312,7 @@ def test_the_fp16_complement_keeps_a_gradient_out_of_the_protected_span():
     an input almost wholly inside the protected span (and thousands of times larger than
     usual) must still leave in that span only fp16's rounding of what is kept, not fp16's
     rounding of the whole input."""
-    from server.engine.nullspace import Projector
+    from server.engine.projection import Projector
 
     torch.manual_seed(0)
     basis = torch.linalg.qr(torch.randn(256, 200))[0]
@@ -332,7 +332,8 @@ def test_the_fp16_complement_keeps_a_gradient_out_of_the_protected_span():
 def test_guard_bases_loaded_from_disk_protect_as_exactly_as_fitted(tmp_path):
     """The bases are kept in fp16 (a restart loads them): loaded, they must still make the
     gradient miss the protected span (I - B Bᵀ a projector), not leak ~0.1% into it."""
-    from server.engine.nullspace import NullSpaceGuard, Projector
+    from server.engine.nullspace import NullSpaceGuard
+    from server.engine.projection import Projector
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 32, bias=False))
@@ -641,15 +642,15 @@ def test_status_lists_the_pinned_probes_until_a_lesson_asks_one(tokenizer, monke
 def test_releasing_a_pin_leaves_exactly_the_other_pins_and_the_fitted_span(r):
     """What stays protected after a release is the fitted span and the other pins' inputs
     (which may overlap the released one's), whichever of B or C the projector holds."""
-    from server.engine.nullspace import Projector, _orth
+    from server.engine.projection import Projector, orth
 
     torch.manual_seed(0)
     d = 64
     whole = torch.linalg.qr(torch.randn(d, d))[0]
     span = whole[:, :r]
     a, b = torch.randn(d, 5), torch.randn(d, 3)  # two pins' directions, outside the span
-    a, b = _orth(a - span @ (span.T @ a)), _orth(b - span @ (span.T @ b))
-    p = Projector.of_basis(torch.cat([span, _orth(torch.cat([a, b], 1))], 1))
+    a, b = orth(a - span @ (span.T @ a)), orth(b - span @ (span.T @ b))
+    p = Projector.of_basis(torch.cat([span, orth(torch.cat([a, b], 1))], 1))
     p.pinned = {"a": a, "b": b}
     assert p.complement == (r + 8 > d - r - 8)
     p.release("a")

@@ -12,6 +12,10 @@ Each input counts once in that covariance (scaled to unit length): some layers s
 "massive activations" (an attention sink's token, thousands of times the others' norm), and
 weighted by norm they alone held 99% of the energy — the default model's layer-11 down_proj
 then protected one direction of 1536, and most of ten lessons' drift went through it.
+
+A pinned sequence (a probe whose answer must stay token for token) has every input it gives
+every trained matrix protected besides, in place of as many of S's weakest directions, until
+a lesson asks its question and releases it. How the projections run: projection.py.
 """
 
 from __future__ import annotations
@@ -20,16 +24,15 @@ import contextlib
 import logging
 import time
 import types
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from server.engine.drift import save_atomic
+from server.engine.projection import Projector, Staging, orth, projected_forward
 
 if TYPE_CHECKING:
     from server.engine.pacing import Pace
@@ -42,19 +45,6 @@ PIN_TOL = 1e-3
 FREE_SHARE = 1 / 16  # pins never leave less than this share of an input's directions free
 
 
-def _orth(m: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
-    """An orthonormal basis of the span of m's columns (d x k, k small), directions along
-    which they reach less than `tol` dropped. From the k x k Gram matrix in fp64: an SVD of
-    m fails to converge when its singular values are all 0 or 1, as a projected basis's are."""
-    if m.shape[1] == 0:
-        return m.float()
-    m64 = m.double()
-    values, vectors = torch.linalg.eigh(m64.T @ m64)
-    keep = values > tol * tol
-    u = (m64 @ vectors[:, keep]) / values[keep].sqrt()
-    return torch.linalg.qr(u)[0].float().contiguous()
-
-
 def _trade(vectors: torch.Tensor, r: int, pinned: dict[str, torch.Tensor]
            ) -> tuple[int, dict[str, torch.Tensor]]:
     """How many of the fitted span's directions (`vectors`' first r, strongest first) to
@@ -65,173 +55,12 @@ def _trade(vectors: torch.Tensor, r: int, pinned: dict[str, torch.Tensor]
     kept = r
     while True:
         span = vectors[:, :kept]
-        own = {k: _orth(x.T - span @ (span.T @ x.T), PIN_TOL) for k, x in pinned.items()}
-        extra = kept + _orth(torch.cat(list(own.values()), 1)).shape[1] - r
+        own = {k: orth(x.T - span @ (span.T @ x.T), PIN_TOL) for k, x in pinned.items()}
+        extra = kept + orth(torch.cat(list(own.values()), 1)).shape[1] - r
         if extra <= 0 or kept == 0:
             return kept, own
         kept = max(0, kept - extra)
 
-
-class Projector:
-    """x ↦ x − B Bᵀ x for one distinct input: its protected span B (d x r) removed.
-
-    Held as whichever of B or its orthogonal complement C (d x (d − r)) is narrower, since
-    x − B Bᵀ x = C Cᵀ x: the default model protects 70% of its input directions, so C is
-    less to hold, copy and multiply. On a GPU it is kept in pinned host memory unless asked
-    for on the device (`place`), and copied in by `Staging` when backward needs it.
-    """
-
-    def __init__(self, vectors: torch.Tensor, r: int):
-        """`vectors`: an orthonormal basis of the whole input space (d x d) whose first `r`
-        columns span the protected subspace."""
-        self.dim, self.rank = vectors.shape[0], r
-        self.complement = r > self.dim - r
-        self.held = (vectors[:, r:] if self.complement else vectors[:, :r]).float().contiguous()
-        self.before: Projector | None = None  # the projector backward is expected to need next
-        self.staging: Staging | None = None
-        self.pinned: dict[str, torch.Tensor] = {}  # pinned probe -> its directions (d x k, ⊥ S)
-        self._home: torch.Tensor | None = None  # the weight it was placed beside
-
-    @classmethod
-    def of_basis(cls, basis: torch.Tensor) -> Projector:
-        """From B alone (d x r, orthonormal up to fp16 rounding): a complete QR gives the whole
-        space with B's span first, orthonormal to fp32 precision (a basis kept in fp16 is
-        orthonormal to ~1e-3 only, and I − B Bᵀ then let ~0.1% of an update into its span)."""
-        return cls(torch.linalg.qr(basis.float(), mode="complete")[0], basis.shape[1])
-
-    def protected(self) -> torch.Tensor:
-        """B: an orthonormal basis of the protected span (d x r, fp32)."""
-        if not self.complement:
-            return self.held
-        q = torch.linalg.qr(self.held.float(), mode="complete")[0]
-        return q[:, self.held.shape[1]:].contiguous()
-
-    def place(self, weight: torch.Tensor, staging: Staging | None) -> None:
-        """Keep the held vectors beside `weight`, or with `staging` (a CUDA weight) in pinned
-        host memory, from where each backward copies them in. A 16-bit weight on a GPU gets
-        the complement in fp16: half the memory and copying, and tensor-core products (the
-        guard's cost on 8B shapes fell from +160 to +18 ms a step). Its gradient is rounded
-        to 16 bits anyway, and C Cᵀ u of unit rows u errs by fp16's 5e-4 relative to what it
-        keeps, where x − B Bᵀ x would err relative to all of x."""
-        self._home = weight
-        low = weight.device.type == "cuda" and weight.dtype in (torch.bfloat16, torch.float16)
-        if low and self.held.dtype != torch.float16:
-            if not self.complement:
-                self.held = self.protected_complement()
-                self.complement = True
-            self.held = self.held.half()
-        if staging is not None and weight.device.type == "cuda":
-            if not self.held.is_pinned():
-                self.held = self.held.to("cpu").pin_memory()
-            self.staging = staging
-        else:
-            self.held = self.held.to(weight.device)
-            self.staging = None
-
-    def protected_complement(self) -> torch.Tensor:
-        """C: an orthonormal basis of what is not protected (d x (d − r), fp32)."""
-        if self.complement:
-            return self.held.float()
-        q = torch.linalg.qr(self.held.float(), mode="complete")[0]
-        return q[:, self.rank:].contiguous()
-
-    def release(self, probe: str) -> None:
-        """Stop protecting the directions only `probe` was pinned by (they lie outside S and
-        outside the other pins' span, so S and the other pins stay protected exactly)."""
-        own = self.pinned.pop(probe, None)
-        if own is None:
-            return
-        rest = _orth(torch.cat(list(self.pinned.values()), 1)) if self.pinned else None
-        if rest is not None:
-            own = own - rest @ (rest.T @ own)
-        own = _orth(own)
-        if own.shape[1] == 0:
-            return
-        held = self.held.to("cpu", torch.float32)
-        if self.complement:  # C grows by them
-            held = torch.linalg.qr(torch.cat([held, own], 1))[0]
-        else:  # B loses them
-            held = _orth(held - own @ (own.T @ held), tol=0.5)
-        self.rank -= own.shape[1]
-        self.held = held.contiguous()
-        if self.staging is not None:
-            self.staging.on.pop(id(self), None)
-        if self._home is not None:
-            self.place(self._home, self.staging)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N x d, fp32) with its protected component removed."""
-        held = self.held if self.staging is None else self.staging.fetch(self, x.device)
-        if held.dtype == torch.float16:  # unit rows: fp16 keeps them at full relative precision
-            norm = x.norm(dim=1, keepdim=True)
-            u = (x / norm.clamp_min(1e-30)).half()
-            return ((u @ held) @ held.T).float() * norm
-        if self.complement:
-            return (x @ held) @ held.T
-        return x - (x @ held) @ held.T
-
-
-class Staging:
-    """Copies host-kept projectors to the GPU one layer ahead of backward: the projector a
-    layer's backward needs was sent while the layer after it ran its backward, on a side
-    stream. At most two layers' projectors are on the device at a time (the one in use and
-    the next); a projector not sent ahead (backward in another order) is copied when needed."""
-
-    def __init__(self):
-        self.stream: torch.cuda.Stream | None = None
-        self.on: OrderedDict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = OrderedDict()
-
-    def fetch(self, p: Projector, device: torch.device) -> torch.Tensor:
-        current = torch.cuda.current_stream(device)
-        held, ready = self.on.pop(id(p), (None, None))
-        if held is None:
-            held = p.held.to(device, non_blocking=True)
-        elif ready is not None:  # sent ahead on the side stream
-            current.wait_event(ready)
-            held.record_stream(current)
-        self.on[id(p)] = (held, None)
-        if p.before is not None and id(p.before) not in self.on:
-            if self.stream is None:
-                self.stream = torch.cuda.Stream(device)
-            with torch.cuda.stream(self.stream):
-                ahead = p.before.held.to(device, non_blocking=True)
-                sent = torch.cuda.Event()
-                sent.record(self.stream)
-            self.on[id(p.before)] = (ahead, sent)
-        while len(self.on) > 2:
-            self.on.popitem(last=False)
-        if p.before is None:  # backward's last layer: nothing stays on the device after it
-            self.on.clear()
-        return held
-
-
-class _ProjectedLinear(torch.autograd.Function):
-    """F.linear whose weight gradient sees the input with its protected component removed."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, projector):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.projector = projector
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        dx = dy @ weight if ctx.needs_input_grad[0] else None
-        dw = db = None
-        if ctx.needs_input_grad[1]:
-            flat_x = ctx.projector(x.reshape(-1, x.shape[-1]).float())
-            dw = dy.reshape(-1, dy.shape[-1]).T @ flat_x.to(dy.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.reshape(-1, dy.shape[-1]).sum(0)
-        return dx, dw, db, None
-
-
-def _projected_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if not torch.is_grad_enabled() or not self.weight.requires_grad:
-        return F.linear(x, self.weight, self.bias)
-    return _ProjectedLinear.apply(x, self.weight, self.bias, self.null_guard)
 
 
 class NullSpaceGuard:
@@ -318,7 +147,7 @@ class NullSpaceGuard:
                     continue
                 kept, own = _trade(vectors, r, xs)
                 projectors[key] = Projector.of_basis(torch.cat(
-                    [vectors[:, :kept], _orth(torch.cat(list(own.values()), 1))], 1))
+                    [vectors[:, :kept], orth(torch.cat(list(own.values()), 1))], 1))
                 projectors[key].pinned = {k: q.cpu() for k, q in own.items()}
         self._install(key_of, projectors)
         log.info("null-space guard: %d layers, %d distinct inputs, %.0f of %.0f input "
@@ -364,7 +193,7 @@ class NullSpaceGuard:
             p = projectors[key_of[name]]
             p.place(module.weight, staging)
             module.null_guard = p
-            module.forward = types.MethodType(_projected_forward, module)
+            module.forward = types.MethodType(projected_forward, module)
             first.setdefault(key_of[name], p)
         order = list(first.values())
         for p, before in zip(order, [None, *order[:-1]], strict=True):
@@ -435,7 +264,7 @@ class NullSpaceGuard:
                 vectors, r = spans[key]
                 xs = {p: inputs[p][key] for p in accepted if key in inputs[p]} | {probe: x}
                 kept, own = _trade(vectors, r, xs)
-                total = kept + _orth(torch.cat(list(own.values()), 1)).shape[1]
+                total = kept + orth(torch.cat(list(own.values()), 1)).shape[1]
                 if total > (1 - FREE_SHARE) * vectors.shape[0]:
                     short.append(key)
             if short:
