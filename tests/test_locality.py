@@ -613,6 +613,9 @@ def test_a_probe_file_cannot_pin_what_it_does_not_protect(tmp_path):
     probes.write_text('{"prompt": "What is your name?", "pin": true, "protect": false}\n')
     with pytest.raises(ValueError, match="line 1: not a probe.*pin"):
         drift.load_probes(probes)
+    probes.write_text('{"prompt": "Hi"}\n{"prompt": "What is your name?", "pin": "yes"}\n')
+    with pytest.raises(ValueError, match="line 2: not a probe.*true or false"):
+        drift.load_probes(probes)
 
 
 def test_status_lists_the_pinned_probes_until_a_lesson_asks_one(tokenizer, monkeypatch,

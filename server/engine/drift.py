@@ -57,7 +57,9 @@ def load_probes(path: str | Path | None = None) -> list[Probe]:
                 [{"role": "user", "content": item["prompt"]}]
             if not (messages and all(isinstance(m["content"], str) for m in messages)):
                 raise ValueError("no messages")
-            protect, pin = item.get("protect", True) is not False, item.get("pin") is True
+            protect, pin = item.get("protect", True) is not False, item.get("pin", False)
+            if not isinstance(pin, bool):
+                raise ValueError('"pin" must be true or false')
             if pin and not protect:
                 raise ValueError('"pin": true with "protect": false')
         except (ValueError, KeyError, TypeError) as exc:
