@@ -5,7 +5,7 @@ in whichever form is smaller and, on a GPU, in host memory unless asked otherwis
 On a GPU the projectors of a large model are GiBs (5.6 GiB for Llama-3-8B's MLP matrices in
 fp16); kept beside the weights they are extra GPU memory for as long as the server runs, so
 by default they stay in pinned host memory and each layer's is copied in one layer ahead of
-backward (bench/RESULTS.md "GPU check": no GPU memory between steps, ~+45 ms a step at 8B).
+backward (bench/RESULTS.md "GPU check": no GPU memory between steps, ~+40-65 ms a step at 8B).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Projector:
         """Keep the held vectors beside `weight`, or with `staging` (a CUDA weight) in pinned
         host memory, from where each backward copies them in. A 16-bit weight on a GPU gets
         the complement in fp16: half the memory and copying, and tensor-core products (the
-        guard's cost on 8B shapes fell from +160 to +18 ms a step). Its gradient is rounded
+        guard's cost on 8B shapes fell from ~+160 to ~+20-45 ms a step). Its gradient is rounded
         to 16 bits anyway, and C Cᵀ u of unit rows u errs by fp16's 5e-4 relative to what it
         keeps, where x − B Bᵀ x would err relative to all of x."""
         self._home = weight
