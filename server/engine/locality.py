@@ -147,30 +147,24 @@ class Monitor:
         reference keeps its first tokens only)."""
         if not self.pinned:
             return {}
-        model_was_training = model.training
-        model.eval()
-        try:
-            whole = drift.build_reference(model, [self.prompts[i] for i in self.pinned],
-                                          pad_id=self.pad_id, stop_ids=self.stop_ids,
-                                          tokens=drift.PINNED_TOKENS, pace=pace)
-        finally:
-            model.train(model_was_training)
+        whole = self._answer([self.prompts[i] for i in self.pinned], model, pace,
+                             tokens=drift.PINNED_TOKENS)
         return {str(i): whole.prompts[j] + whole.answers[j] for j, i in enumerate(self.pinned)}
 
     def release_pins(self, prompts: Sequence[Sequence[int]]) -> list[int]:
         """A batch asking a pinned probe's very question teaches its answer: that probe's
-        inputs stop being protected exactly, from now on (kept beside the reference, so a
-        restart does not pin it again). Returns the probes released."""
-        if self.guard is None or not self.guard.pins():
+        inputs stop being protected exactly, from now on (recorded by prompt beside the
+        reference, so a restart, or an edited probe file, does not pin it again). Returns
+        the probes released."""
+        if not self.pins_held:  # the default: nothing pinned, nothing to score
             return []
         scores = self.neighbours.scores(prompts)
-        asked = [i for i in self.pinned if str(i) in self.guard.pins() and scores[i] >= ASKED]
+        asked = [i for i in sorted(self.pins_held) if scores[i] >= ASKED]
         if asked:
             self._release(asked)
             if self.store is not None:
-                try:  # by prompt, not by line: a probe file edited later keeps its meaning
-                    kept = sorted({*self._released_digests(),
-                                   *(drift.digest_of([self.prompts[i]]) for i in asked)})
+                try:
+                    kept = sorted(self._released_record() | {self._digest(i) for i in asked})
                     atomic_replace(self._released_path(), [json.dumps(kept).encode()])
                 except OSError as exc:
                     log.warning("could not keep the released pins: %s", exc)
@@ -178,26 +172,31 @@ class Monitor:
                      [self.questions[i] for i in asked])
         return asked
 
+    def _digest(self, i: int) -> str:
+        return drift.digest_of([self.prompts[i]])
+
     def _released_path(self) -> Path:
         return self.store.with_name("pins-released.json")
 
-    def _released_digests(self) -> list[str]:
-        if self.store is None or not self._released_path().exists():
-            return []
+    def _released_record(self) -> set[str]:
+        """The prompts of the pinned probes batches asked before (a damaged record: none)."""
+        path = self._released_path() if self.store is not None else None
+        if path is None or not path.exists():
+            return set()
         try:
-            digests = json.loads(self._released_path().read_text())
-            if isinstance(digests, list) and all(isinstance(d, str) for d in digests):
-                return digests
+            digests = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
-            log.warning("ignoring %s: %s", self._released_path(), exc)
-            return []
-        log.warning("ignoring %s: not a list of probe digests", self._released_path())
-        return []
+            log.warning("ignoring %s: %s", path, exc)
+            return set()
+        if not (isinstance(digests, list) and all(isinstance(d, str) for d in digests)):
+            log.warning("ignoring %s: not a list of probe digests", path)
+            return set()
+        return set(digests)
 
     def _released(self) -> list[int]:
         """The pinned probes a batch asked before (this server's record)."""
-        digests = set(self._released_digests())
-        return [i for i in self.pinned if drift.digest_of([self.prompts[i]]) in digests]
+        record = self._released_record()
+        return [i for i in self.pinned if self._digest(i) in record]
 
     def _release(self, probes: Sequence[int]) -> None:
         for i in probes:
@@ -225,17 +224,22 @@ class Monitor:
     def rebase(self, model: nn.Module, pace: Pace = contextlib.nullcontext) -> None:
         """The live model's answers become the reference (an explicit request, or the first
         start)."""
-        model_was_training = model.training
-        model.eval()
-        try:
-            self.reference = drift.build_reference(model, self.prompts, pad_id=self.pad_id,
-                                                   stop_ids=self.stop_ids, pace=pace)
-        finally:
-            model.train(model_was_training)
+        self.reference = self._answer(self.prompts, model, pace)
         self.last = None
         self._save(self.store)
         log.info("drift reference: %d probes answered (%d tokens each at most)",
                  len(self.reference), drift.ANSWER_TOKENS)
+
+    def _answer(self, prompts: list[list[int]], model: nn.Module, pace: Pace,
+                tokens: int | None = None) -> Reference:
+        """Greedy answers as the served model gives them (eval mode: no dropout)."""
+        model_was_training = model.training
+        model.eval()
+        try:
+            return drift.build_reference(model, prompts, pad_id=self.pad_id,
+                                         stop_ids=self.stop_ids, tokens=tokens, pace=pace)
+        finally:
+            model.train(model_was_training)
 
     def window(self, near: Sequence[Sequence[int]] = ()) -> list[int]:
         """The probes a batch with prompts `near` is judged on: half of them the nearest to

@@ -38,29 +38,29 @@ if TYPE_CHECKING:
     from server.engine.pacing import Pace
 
 log = logging.getLogger("vllm_apollo.guard")
-# How the bases are fitted, kept with them: bases saved by another method are fitted again.
-METHOD = "unit-inputs"
 # A pinned input's part outside the fitted span is protected down to this share of it.
 PIN_TOL = 1e-3
 FREE_SHARE = 1 / 16  # pins never leave less than this share of an input's directions free
+# How the bases are fitted, kept with them: bases saved by another method are fitted again.
+METHOD = f"unit-inputs; pins {PIN_TOL:g} {FREE_SHARE:g}"
 
 
 def _trade(vectors: torch.Tensor, r: int, pinned: dict[str, torch.Tensor]
-           ) -> tuple[int, dict[str, torch.Tensor]]:
+           ) -> tuple[int, dict[str, torch.Tensor], torch.Tensor]:
     """How many of the fitted span's directions (`vectors`' first r, strongest first) to
     keep beside the pinned inputs (n x d each, unit rows) so that together they protect no
-    more than r directions where they can, and each pin's own directions: what of its
-    inputs lies outside the kept span. Dropping weak directions can uncover more of a pin's
-    inputs, hence the loop (two or three rounds)."""
+    more than r directions where they can; each pin's own directions (what of its inputs
+    lies outside the kept span) and all pins' span. Dropping weak directions can uncover
+    more of a pin's inputs, hence the loop (two or three rounds)."""
     kept = r
     while True:
         span = vectors[:, :kept]
         own = {k: orth(x.T - span @ (span.T @ x.T), PIN_TOL) for k, x in pinned.items()}
-        extra = kept + orth(torch.cat(list(own.values()), 1)).shape[1] - r
+        joint = orth(torch.cat(list(own.values()), 1))
+        extra = kept + joint.shape[1] - r
         if extra <= 0 or kept == 0:
-            return kept, own
+            return kept, own, joint
         kept = max(0, kept - extra)
-
 
 
 class NullSpaceGuard:
@@ -136,18 +136,16 @@ class NullSpaceGuard:
         for key, c in cov.items():
             with pace():
                 spans[key] = self._span(c)
-        inputs = self._pinned_inputs(body, key_of, pinned or {}, pace)
-        accepted = self._accept_pins(spans, inputs)
+        trades = self._accept_pins(spans, self._pinned_inputs(body, key_of, pinned or {},
+                                                              pace))
         projectors = {}
         for key, (vectors, r) in spans.items():
             with pace():
-                xs = {probe: inputs[probe][key] for probe in accepted if key in inputs[probe]}
-                if not xs:
+                if key not in trades:
                     projectors[key] = Projector(vectors, r)
                     continue
-                kept, own = _trade(vectors, r, xs)
-                projectors[key] = Projector.of_basis(torch.cat(
-                    [vectors[:, :kept], orth(torch.cat(list(own.values()), 1))], 1))
+                kept, own, joint = trades[key]
+                projectors[key] = Projector.of_basis(torch.cat([vectors[:, :kept], joint], 1))
                 projectors[key].pinned = {k: q.cpu() for k, q in own.items()}
         self._install(key_of, projectors)
         log.info("null-space guard: %d layers, %d distinct inputs, %.0f of %.0f input "
@@ -252,28 +250,29 @@ class NullSpaceGuard:
         return vectors.float(), min(int((energy < 1 - self.eps).sum()) + 1, vectors.shape[1])
 
     def _accept_pins(self, spans: dict[str, tuple[torch.Tensor, int]],
-                     inputs: dict[str, dict[str, torch.Tensor]]) -> list[str]:
-        """The pinned sequences that fit, in file order. A pin takes the place of the fitted
-        span's weakest directions (`_trade`), so lessons keep the room they had; one whose
-        inputs would still leave less than FREE_SHARE of some input's directions free (an
-        answer longer than a layer is wide) is not pinned, with a warning."""
-        accepted: list[str] = []
+                     inputs: dict[str, dict[str, torch.Tensor]]
+                     ) -> dict[str, tuple[int, dict[str, torch.Tensor], torch.Tensor]]:
+        """Per distinct input, the trade (`_trade`) of the pinned sequences that fit, taken
+        in file order: a pin takes the place of the fitted span's weakest directions, so
+        lessons keep the room they had. One whose inputs would still leave less than
+        FREE_SHARE of some input's directions free (an answer longer than a layer is wide)
+        is not pinned, with a warning."""
+        trades: dict[str, tuple[int, dict[str, torch.Tensor], torch.Tensor]] = {}
         for probe, seen in inputs.items():
-            short = []
+            tried = {}
             for key, x in seen.items():
                 vectors, r = spans[key]
-                xs = {p: inputs[p][key] for p in accepted if key in inputs[p]} | {probe: x}
-                kept, own = _trade(vectors, r, xs)
-                total = kept + orth(torch.cat(list(own.values()), 1)).shape[1]
-                if total > (1 - FREE_SHARE) * vectors.shape[0]:
-                    short.append(key)
+                pins = {p: inputs[p][key] for p in trades.get(key, (0, {}))[1]} | {probe: x}
+                tried[key] = _trade(vectors, r, pins)
+            short = [key for key, (kept, _, joint) in tried.items()
+                     if kept + joint.shape[1] > (1 - FREE_SHARE) * spans[key][0].shape[0]]
             if short:
                 log.warning("not pinning probe %s: its %d inputs would leave less than %.0f%% "
                             "of the input directions of %s free for lessons", probe,
                             next(iter(seen.values())).shape[0], 100 * FREE_SHARE, short[0])
                 continue
-            accepted.append(probe)
-        return accepted
+            trades.update(tried)
+        return trades
 
     def remove(self) -> None:
         for module in self.layers.values():
