@@ -199,20 +199,18 @@ class Transaction:
         journal.apply({f: self.fds[f] for f in {w.file for w in self.writes}}, self.writes,
                       self.durable)
 
-    def commit(self, entry: dict, whole_chunks: Mapping[str, list[tuple[int, int, int | None]]]
-               ) -> dict:
+    def commit(self, entry: dict, whole_chunks: Mapping[str, list[tuple[int, int]]]) -> dict:
         """List the new version: from here it is the head. `whole_chunks`: for each file
-        written whole, the chunks that actually changed (offset, length, CRC-32 of the
-        previous bytes, None: read it from the kept file)."""
+        written whole, the chunks that actually changed (offset, length); the CRC-32 of
+        their previous bytes is read from the kept file."""
         entry = self._entry(entry)
         if self.history:
             chunks = list(self.pack)
             for name, spans in sorted(whole_chunks.items()):
                 fd = open_blob(self.store.segment(self.seg) / name)
                 try:
-                    for offset, length, crc in spans:
-                        if crc is None:
-                            crc = zlib.crc32(os.pread(fd, length, offset))
+                    for offset, length in spans:
+                        crc = zlib.crc32(os.pread(fd, length, offset))
                         chunks.append(Chunk(name, offset, length, name, offset, crc))
                 finally:
                     os.close(fd)

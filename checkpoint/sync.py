@@ -1,7 +1,7 @@
 """Write only the changed chunks of the live weights back into the safetensors files.
 
-Change detection keeps one 64-bit checksum pair per chunk (default 1 MiB), computed where the
-tensor lives (GPU or CPU) with integer arithmetic, so it needs no second copy of the weights.
+Change detection keeps two 64-bit checksums per chunk (default 1 MiB), computed where the
+tensor lives (GPU: integer sums; CPU: a fast hash), so it needs no second copy of the weights.
 The baseline is computed from the files themselves when the checkpointer starts, so the first
 sync writes exactly what differs from disk. Checksums detect change; they are not a MAC.
 Each sync first checks that the files are still the ones whose layout it read (guard.py).
@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,14 +72,17 @@ def _words(t: torch.Tensor) -> torch.Tensor:
 def chunk_checksums(t: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
     """Two 32/64-bit checksums per chunk of `t`'s bytes, shape (chunks, 2), on t's device.
 
-    CPU: zlib's crc32 and adler32 over the bytes in place (GB/s, no copy). CUDA: two
-    position-weighted integer sums computed on the GPU (only the sums cross to the host).
+    CPU: XXH3-128 over the bytes in place, split into two int64 (~12 GB/s on one core, no
+    copy; zlib's crc32 and adler32 together ran at ~0.9 GB/s and were most of a sync's time
+    for a mostly-changed file). CUDA: two position-weighted integer sums computed on the GPU
+    (only the sums cross to the host).
     """
     if t.device.type == "cpu":
+        import xxhash  # only here: a GPU-only install checksums on the device
         raw = memoryview(_words(t).numpy()).cast("B")
-        sums = [(zlib.crc32(raw[i:i + chunk_bytes]), zlib.adler32(raw[i:i + chunk_bytes]))
-                for i in range(0, len(raw), chunk_bytes)]
-        return torch.tensor(sums, dtype=torch.int64)
+        digests = [xxhash.xxh3_128_digest(raw[i:i + chunk_bytes])
+                   for i in range(0, len(raw), chunk_bytes)]
+        return torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.int64).view(-1, 2)
     words = _words(t)
     per_chunk = chunk_bytes // words.element_size()
     n_chunks = -(-words.numel() // per_chunk)
@@ -171,9 +173,15 @@ class Checkpointer:
         return out
 
     def _file_tensor(self, slot: TensorSlot) -> torch.Tensor:
-        with open(slot.file, "rb") as f:
+        data = bytearray(slot.nbytes)  # read into once (f.read and a copy cost twice)
+        view, done = memoryview(data), 0
+        with open(slot.file, "rb", buffering=0) as f:
             f.seek(slot.offset)
-            data = bytearray(f.read(slot.nbytes))
+            while done < slot.nbytes:  # one read returns at most ~2 GiB
+                n = f.readinto(view[done:])
+                if not n:
+                    raise LayoutError(f"{slot.file.name}: shorter than its header says")
+                done += n
         return torch.frombuffer(data, dtype=slot.dtype).view(slot.shape)
 
     def _as_saved(self, name: str) -> torch.Tensor:
@@ -345,18 +353,13 @@ class Checkpointer:
                           dropped_versions=tuple(dropped))
 
     def _whole_chunks(self, whole: set[str], changed: dict[str, list[int]]
-                      ) -> dict[str, list[tuple[int, int, int | None]]]:
-        """Per file written whole: its changed chunks and the CRC-32 of their previous bytes
-        (the CPU baseline is that CRC; on CUDA it is read back from the kept file)."""
-        out: dict[str, list[tuple[int, int, int | None]]] = {f: [] for f in whole}
+                      ) -> dict[str, list[tuple[int, int]]]:
+        """Per file written whole: the (offset, length) of its changed chunks."""
+        out: dict[str, list[tuple[int, int]]] = {f: [] for f in whole}
         for n, idx in changed.items():
             f = self.slots[n].file.name
-            if f not in whole:
-                continue
-            base = self.baseline[n]
-            for c, (offset, length) in zip(idx, self._chunks(n, idx), strict=True):
-                crc = int(base[c, 0]) if base.device.type == "cpu" else None
-                out[f].append((offset, length, crc))
+            if f in whole:
+                out[f].extend(self._chunks(n, idx))
         return out
 
     def _retain(self, tx: Transaction) -> list[int]:

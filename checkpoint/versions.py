@@ -156,7 +156,7 @@ def _commit(model_dir: Path, store: Store, versions: Versions, slots, writes, ta
             tx.add_writes(w for w in writes if w.file not in whole)
             tx.prepare(meta)
             tx.apply()
-            entry = tx.commit(meta, {f: [(w.offset, len(w.data), None) for w in per_file[f]]
+            entry = tx.commit(meta, {f: [(w.offset, len(w.data)) for w in per_file[f]]
                                      for f in whole})
         except BaseException:
             tx.abort()
