@@ -1,8 +1,9 @@
 """The GPU check: the export / map / train-in-place / checkpoint path on one CUDA device, with
 a stand-in owner process where vLLM would be (bench/gpu_check.sh runs it).
 
-Needs torch, transformers and safetensors only (no vLLM, no network). ``--device cpu`` is the
-dry run CI uses so the kit cannot rot; a check it cannot perform there says "n/a", not "ok".
+Needs torch, transformers and safetensors only (no vLLM, no network; the ``--device cpu`` dry
+run also xxhash, the checkpointer's CPU checksums). The dry run is what CI uses so the kit
+cannot rot; a check it cannot perform there says "n/a", not "ok".
 """
 
 from __future__ import annotations
