@@ -70,7 +70,7 @@ def _words(t: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_checksums(t: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """Two 32/64-bit checksums per chunk of `t`'s bytes, shape (chunks, 2), on t's device.
+    """Two 64-bit checksums per chunk of `t`'s bytes, shape (chunks, 2), on t's device.
 
     CPU: XXH3-128 over the bytes in place, split into two int64 (~12 GB/s on one core, no
     copy; zlib's crc32 and adler32 together ran at ~0.9 GB/s and were most of a sync's time
@@ -80,9 +80,11 @@ def chunk_checksums(t: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Te
     if t.device.type == "cpu":
         import xxhash  # only here: a GPU-only install checksums on the device
         raw = memoryview(_words(t).numpy()).cast("B")
-        digests = [xxhash.xxh3_128_digest(raw[i:i + chunk_bytes])
-                   for i in range(0, len(raw), chunk_bytes)]
-        return torch.frombuffer(bytearray(b"".join(digests)), dtype=torch.int64).view(-1, 2)
+        digests = b"".join(xxhash.xxh3_128_digest(raw[i:i + chunk_bytes])
+                           for i in range(0, len(raw), chunk_bytes))
+        if not digests:  # an empty tensor: no chunks
+            return torch.empty((0, 2), dtype=torch.int64)
+        return torch.frombuffer(bytearray(digests), dtype=torch.int64).view(-1, 2)
     words = _words(t)
     per_chunk = chunk_bytes // words.element_size()
     n_chunks = -(-words.numel() // per_chunk)
@@ -173,6 +175,8 @@ class Checkpointer:
         return out
 
     def _file_tensor(self, slot: TensorSlot) -> torch.Tensor:
+        if not slot.nbytes:  # torch.frombuffer refuses an empty buffer
+            return torch.empty(slot.shape, dtype=slot.dtype)
         data = bytearray(slot.nbytes)  # read into once (f.read and a copy cost twice)
         view, done = memoryview(data), 0
         with open(slot.file, "rb", buffering=0) as f:

@@ -75,6 +75,18 @@ def test_dtype_of_the_file_is_kept(tmp_path):
                        live["w"].to(torch.bfloat16))
 
 
+def test_an_empty_tensor_in_the_files_is_no_obstacle(tmp_path):
+    """A model file may hold a tensor with no elements: it has no chunks to compare or write."""
+    tensors = {"empty": torch.zeros(0, 8), "w": torch.randn(64, 64)}
+    model_dir = _model_dir(tmp_path, tensors)
+    live = {k: v.clone() for k, v in tensors.items()}
+    ck = Checkpointer(model_dir, live, chunk_bytes=4096)
+    assert ck.sync().bytes_written == 0
+    live["w"].add_(1.0)
+    assert ck.sync().bytes_written == live["w"].nbytes
+    assert torch.equal(load_file(model_dir / "model.safetensors")["w"], live["w"])
+
+
 def test_verify_reports_damage(tmp_path, capsys):
     model_dir = _model_dir(tmp_path, {"w": torch.randn(64, 64)})
     path = model_dir / "model.safetensors"
