@@ -3,9 +3,9 @@
     .venv/bin/python -m bench.drift_probes [--approaches nullspace,nullspace-pinned]
 
 The budget gate judges a batch on a window of 16 probes (half the nearest to its prompts).
-This measures, per batch and over all probes, KL(before the batch ‖ after) per answer token:
-the mean, how many probes moved by more than 0.05 nats per token, and the three that moved
-most. Batches, each on the original weights unless said: the bench's dozen wrong answers
+This measures, per batch and probe, KL(before the batch ‖ after) per answer token, and over
+all probes: its mean, how many probes moved by more than 0.05 nats per token, and the three
+that moved most. Batches, each on the original weights unless said: the bench's dozen wrong answers
 (bench/locality.py's gate), the ten lessons one after another and then "What is your
 name?" → "My name is Apollo.", and the three thumbs-down/up batches of bench/preferences.py.
 Gate off (budget 0), so every batch is kept and measured.
