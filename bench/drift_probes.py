@@ -25,6 +25,7 @@ from server.engine.locality import ASKED
 from server.engine.tokenization import encode_lesson
 
 MOVED = 0.05  # nats per token: a probe that moved this much changed its answer's odds
+PROMPTS = [p.messages[-1]["content"] for p in drift.load_probes()]  # the shipped probes
 
 
 @torch.no_grad()
@@ -52,7 +53,7 @@ def measured(bench: Bench, engine, label: str, examples: list) -> dict:
     top = sorted((i for i in range(len(kls)) if i not in asked), key=lambda i: -kls[i])[:3]
     row = {"batch": label, "steps": engine.trainer.stats.optimizer_steps - before,
            "mean_kl": sum(rest) / len(rest), "moved": sum(k > MOVED for k in rest),
-           "top": [(bench.prompts[i], round(kls[i], 3)) for i in top]}
+           "top": [(PROMPTS[i], round(kls[i], 3)) for i in top]}
     print(json.dumps(row), flush=True)
     return row
 
@@ -102,7 +103,6 @@ def main() -> None:
     args = ap.parse_args()
     bench = Bench(argparse.Namespace(threads=args.threads, lessons=10, controls=0,
                                      drift_probes=16))
-    bench.prompts = [m.messages[-1]["content"] for m in drift.load_probes()]
     results = {name: run(bench, APPROACHES[name][0]) for name in args.approaches.split(",")}
     names = list(results)
     head = " | ".join(f"{n}: steps, mean KL, probes moved > {MOVED}, most moved" for n in names)
