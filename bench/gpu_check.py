@@ -182,7 +182,7 @@ def guard_staging_check(device: str) -> tuple[str, str, str]:
             guard = NullSpaceGuard(model, eps=1e-2, on_device=on_device)
             free = torch.cuda.memory_allocated()
             guard._install({str(i): str(i) for i in range(layers)},
-                           {str(i): Projector(v, r) for i, (v, r)
+                           {str(i): Projector.of_vectors(v, r) for i, (v, r)
                             in enumerate(zip(vectors, ranks, strict=True))})
             held = torch.cuda.memory_allocated() - free
         model.zero_grad(set_to_none=True)

@@ -142,7 +142,7 @@ class NullSpaceGuard:
         for key, (vectors, r) in spans.items():
             with pace():
                 if key not in trades:
-                    projectors[key] = Projector(vectors, r)
+                    projectors[key] = Projector.of_vectors(vectors, r)
                     continue
                 kept, own, joint = trades[key]
                 projectors[key] = Projector.of_basis(torch.cat([vectors[:, :kept], joint], 1))
@@ -213,26 +213,29 @@ class NullSpaceGuard:
         return self.projectors[self.key_of.get(name, name)].protected()
 
     def save(self, path: Path, tag: str) -> None:
-        """The fitted bases (fp16: they are orthonormal directions, not values to add);
-        `tag` names what they were fitted on."""
+        """What each projector holds, the narrower of its basis and its complement (fp16:
+        orthonormal directions, not values to add); `tag` names what they were fitted on."""
         save_atomic({"method": METHOD, "eps": self.eps, "tag": tag, "key_of": self.key_of,
-                     "bases": {k: p.protected().to("cpu", torch.float16)
-                               for k, p in self.projectors.items()},
+                     "held": {k: p.held.to("cpu", torch.float16)
+                              for k, p in self.projectors.items()},
+                     "complement": {k: p.complement for k, p in self.projectors.items()},
                      "pins": {k: {probe: q.to(torch.float16) for probe, q in p.pinned.items()}
                               for k, p in self.projectors.items()}},
                     path)
 
     def load(self, path: Path, tag: str, pace: Pace = contextlib.nullcontext) -> bool:
         """Install bases fitted earlier on `tag` for these layers and this eps; False if they
-        do not fit (another model, probe set, eps or way of fitting). `pace()`: as in fit."""
+        do not fit (another model, probe set, eps, way of fitting or file layout). `pace()`:
+        as in fit."""
         saved = torch.load(path, weights_only=True)
         if saved.get("method") != METHOD or saved["eps"] != self.eps or \
-                saved["tag"] != tag or set(saved["key_of"]) != set(self.layers):
+                saved["tag"] != tag or set(saved["key_of"]) != set(self.layers) or \
+                "held" not in saved:
             return False
         projectors = {}
-        for k, b in saved["bases"].items():
+        for k, held in saved["held"].items():
             with pace():
-                projectors[k] = Projector.of_basis(b)
+                projectors[k] = Projector.of_held(held, saved["complement"][k])
                 projectors[k].pinned = {probe: q.float() for probe, q
                                         in saved.get("pins", {}).get(k, {}).items()}
         self._install(saved["key_of"], projectors)

@@ -30,6 +30,10 @@ def orth(m: torch.Tensor, tol: float = 1e-3) -> torch.Tensor:
     return torch.linalg.qr(u)[0].float().contiguous()
 
 
+def complement_of(m: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of what m's (orthonormal) columns do not span (d x (d − k))."""
+    return torch.linalg.qr(m.float(), mode="complete")[0][:, m.shape[1]:].contiguous()
+
 
 class Projector:
     """x ↦ x − B Bᵀ x for one distinct input: its protected span B (d x r) removed.
@@ -40,30 +44,40 @@ class Projector:
     for on the device (`place`), and copied in by `Staging` when backward needs it.
     """
 
-    def __init__(self, vectors: torch.Tensor, r: int):
-        """`vectors`: an orthonormal basis of the whole input space (d x d) whose first `r`
-        columns span the protected subspace."""
-        self.dim, self.rank = vectors.shape[0], r
-        self.complement = r > self.dim - r
-        self.held = (vectors[:, r:] if self.complement else vectors[:, :r]).float().contiguous()
+    def __init__(self, held: torch.Tensor, complement: bool):
+        """`held`: orthonormal columns (d x k), C if `complement`, else B."""
+        self.dim, self.complement = held.shape[0], complement
+        self.rank = self.dim - held.shape[1] if complement else held.shape[1]
+        self.held = held.float().contiguous()
         self.before: Projector | None = None  # the projector backward is expected to need next
         self.staging: Staging | None = None
         self.pinned: dict[str, torch.Tensor] = {}  # pinned probe -> its directions (d x k, ⊥ S)
         self._home: torch.Tensor | None = None  # the weight it was placed beside
 
     @classmethod
+    def of_vectors(cls, vectors: torch.Tensor, r: int) -> Projector:
+        """`vectors`: an orthonormal basis of the whole input space (d x d) whose first `r`
+        columns span the protected subspace; the narrower part is held."""
+        complement = r > vectors.shape[0] - r
+        return cls(vectors[:, r:] if complement else vectors[:, :r], complement)
+
+    @classmethod
     def of_basis(cls, basis: torch.Tensor) -> Projector:
         """From B alone (d x r, orthonormal up to fp16 rounding): a complete QR gives the whole
         space with B's span first, orthonormal to fp32 precision (a basis kept in fp16 is
         orthonormal to ~1e-3 only, and I − B Bᵀ then let ~0.1% of an update into its span)."""
-        return cls(torch.linalg.qr(basis.float(), mode="complete")[0], basis.shape[1])
+        return cls.of_vectors(torch.linalg.qr(basis.float(), mode="complete")[0],
+                              basis.shape[1])
+
+    @classmethod
+    def of_held(cls, held: torch.Tensor, complement: bool) -> Projector:
+        """From what a projector held, kept in fp16 on disk: a reduced QR makes it orthonormal
+        to fp32 precision again (no complete QR: it is held in the form it was saved in)."""
+        return cls(torch.linalg.qr(held.float())[0], complement)
 
     def protected(self) -> torch.Tensor:
         """B: an orthonormal basis of the protected span (d x r, fp32)."""
-        if not self.complement:
-            return self.held
-        q = torch.linalg.qr(self.held.float(), mode="complete")[0]
-        return q[:, self.held.shape[1]:].contiguous()
+        return complement_of(self.held) if self.complement else self.held.float()
 
     def place(self, weight: torch.Tensor, staging: Staging | None) -> None:
         """Keep the held vectors beside `weight`, or with `staging` (a CUDA weight) in pinned
@@ -89,10 +103,7 @@ class Projector:
 
     def protected_complement(self) -> torch.Tensor:
         """C: an orthonormal basis of what is not protected (d x (d − r), fp32)."""
-        if self.complement:
-            return self.held.float()
-        q = torch.linalg.qr(self.held.float(), mode="complete")[0]
-        return q[:, self.rank:].contiguous()
+        return self.held.float() if self.complement else complement_of(self.held)
 
     def release(self, probe: str) -> None:
         """Stop protecting the directions only `probe` was pinned by (they lie outside S and
