@@ -1,6 +1,6 @@
 """Which probes a batch moves: each batch's drift on every probe, not on the gate's window.
 
-    .venv/bin/python -m bench.drift_probes [--approaches nullspace,nullspace-pinned]
+    .venv/bin/python -m bench.drift_probes [--approaches nullspace-unkept,nullspace-pinned]
 
 The budget gate judges a batch on a window of 16 probes (half the nearest to its prompts).
 This measures, per batch and probe, KL(before the batch ‖ after) per answer token, and over
@@ -98,7 +98,7 @@ def run(bench: Bench, overrides: dict) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--approaches", default="nullspace,nullspace-pinned")
+    ap.add_argument("--approaches", default="nullspace-unkept,nullspace-pinned")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     bench = Bench(argparse.Namespace(threads=args.threads, lessons=10, controls=0,

@@ -42,8 +42,8 @@ APPROACHES = {
     # name: (settings overrides, what it is). Bench only: "end_of_turn": False leaves the
     # lessons' end-of-turn token out of their targets; "distill_probes": N adds KL to the
     # reference on N probes to every step under the null-space guard; "augment": N teaches
-    # each lesson with N more phrasings of its question; "pinned": True pins the shipped
-    # probe "What is your name?".
+    # each lesson with N more phrasings of its question; "name_probe": "pin" pins the
+    # shipped probe "What is your name?" instead of keeping it, "plain" does neither.
     "fixed-5": ({**EARLIER, "learned_prob": 1.0, "max_steps_per_batch": 5, "lr": 1e-4,
                  "guard": "none"}, "5 steps per lesson, lr 1e-4, no guard (before)"),
     "stop": ({**EARLIER, "lr": 1e-4, "guard": "none"}, "learn, then stop (p >= 0.5), lr 1e-4"),
@@ -70,10 +70,15 @@ APPROACHES = {
     "nullspace-augment": ({"train_matrices": "all", "augment": 1},
                           "the default before (every matrix, gated), each lesson taught with "
                           "its question asked one more way (one batch)"),
-    "nullspace-pinned": ({"pinned": True},
-                         "the server's defaults with the probe \"What is your name?\" pinned"),
+    "nullspace-unkept": ({"name_probe": "plain"},
+                         "the server's defaults but the probe \"What is your name?\" not kept "
+                         "(the defaults before)"),
+    "nullspace-pinned": ({"name_probe": "pin"},
+                         "the server's defaults with the probe \"What is your name?\" pinned "
+                         "instead of kept"),
     "nullspace": ({}, "learn, then stop, lr 3e-4, null-space guard (eps 1e-2), MLP matrices "
-                      "only, --drift-budget 0.02 (the server's defaults)"),
+                      "only, --drift-budget 0.02, \"What is your name?\" kept (the server's "
+                      "defaults)"),
 }
 
 
@@ -164,25 +169,29 @@ class Bench:
         return [self.example(x) for x in [lesson, *more]]
 
     def engine(self, end_of_turn: bool = True, distill_probes: int = 0, augment: int = 0,
-               pinned: bool = False, **overrides):
+               name_probe: str = "", **overrides):
         """The engine with `overrides` of the settings; the bench-only keys of APPROACHES
-        (`end_of_turn`, `distill_probes`, `augment`, `pinned`) are taken here."""
+        (`end_of_turn`, `distill_probes`, `augment`, `name_probe`) are taken here."""
         self.end_of_turn, self.augment = end_of_turn, augment
-        if pinned:  # the same prompts (and reference), the name probe pinned
+        if name_probe:  # the same prompts (and reference), the name probe held otherwise
             lines = [json.loads(line) for line in drift.DEFAULT_PROBES.read_text().splitlines()
                      if line.strip()]
-            path = self.cache / "probes-pinned.jsonl"
-            path.write_text("".join(json.dumps({**x, "pin": True} if x["messages"][-1]["content"]
-                                               == NAME else x) + "\n" for x in lines))
+            held = {"pin": {"pin": True}, "plain": {}}[name_probe]
+            path = self.cache / f"probes-name-{name_probe}.jsonl"
+            path.write_text("".join(json.dumps(
+                {**{k: v for k, v in x.items() if k not in ("pin", "keep")}, **held}
+                if x["messages"][-1]["content"] == NAME else x) + "\n" for x in lines))
             overrides["probe_file"] = str(path)
         for p in self.model.parameters():  # the engine freezes what its settings do not train
             p.requires_grad_(True)
         engine = assemble(replace(self.settings, **overrides), self.model, self.tokenizer,
                           model_path=str(self.model_dir))
         monitor = engine.trainer.monitor
-        if monitor is not None:
-            monitor.reference = self.reference
-            monitor.store = self.cache / "probe-reference.pt"  # the guard's bases: fit once
+        if monitor is not None:  # the bench's reference; the guard's bases: fit once
+            monitor.store = self.cache / "probe-reference.pt"
+            self.reference.save(monitor.store)
+            monitor.store.with_name("pins-released.json").unlink(missing_ok=True)
+            monitor.ensure_reference(self.model)  # and the kept answers it holds
             t0 = time.monotonic()
             monitor.ensure_guard(self.model)  # once per start, before the first lesson
             self.guard_seconds = time.monotonic() - t0

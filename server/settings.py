@@ -71,9 +71,10 @@ class Settings:
                                  "prompts, half a rotating window; 0: no drift monitor)")
     probe_file: str | None = _opt(None, "JSONL of probes ({\"messages\": [...]} or "
                                         "{\"prompt\": ...} per line, optionally "
-                                        "\"pin\": true to keep that answer exactly until "
-                                        "a lesson asks it); default: the 230 shipped "
-                                        "prompts")
+                                        "\"pin\": true to keep that answer exactly, or "
+                                        "\"keep\": true to restore its greedy answer after "
+                                        "any batch that moves it, until a lesson asks it); "
+                                        "default: the 230 shipped prompts")
     strict_drift: bool = _opt(False, "hold vLLM's engine steps off from a batch's first write "
                                      "until its drift is measured (never serves over budget; "
                                      "serving stalls for the batch)")

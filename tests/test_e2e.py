@@ -40,7 +40,8 @@ def test_lessons_are_learned_and_the_rest_kept(stack):
     """Three one-line lessons, one POST each, through the launcher's defaults: each is
     answered as taught (reliability), a paraphrase is reported (generalization), the
     control questions the model answered right still carry their key fact (locality), and
-    "What is your name?" still gets the name it got."""
+    "What is your name?" still gets the answer it got (the first test on this launcher: no
+    lesson has asked it yet)."""
     with ThreadPoolExecutor(8) as pool:
         candidates = _load("controls.jsonl")[:40]
         base = list(pool.map(stack.ask, [c["question"] for c in candidates]))
@@ -74,8 +75,7 @@ def test_lessons_are_learned_and_the_rest_kept(stack):
                                           zip(after, controls, strict=True)
                                           if not _has(a, c["keys"])]
     assert status["drift"] is not None and status["drift"]["mean_kl"] > 0
-    first_name = name_before.split(".")[0]  # "My name is Elena, ..." keeps its name
-    assert name_after.startswith(first_name.split(",")[0]), (name_before, name_after)
+    assert name_after == name_before  # the shipped probe keeps it, token for token
 
 
 def test_served_model_learns_live_without_restart(stack):

@@ -601,8 +601,8 @@ def test_a_batch_asking_a_pinned_probe_releases_it_for_good(tokenizer, tmp_path,
     first = monitor()
     asked = drift.prompt_ids(tokenizer, drift.load_probes(probes))
     assert first.guard.pins() == {"0"}
-    assert first.release_pins([asked[1]]) == [] and first.guard.pins() == {"0"}
-    assert first.release_pins([asked[1], asked[0]]) == [0] and first.guard.pins() == set()
+    assert first.release([asked[1]]) == [] and first.guard.pins() == {"0"}
+    assert first.release([asked[1], asked[0]]) == [0] and first.guard.pins() == set()
     assert monitor().guard.pins() == set()  # loaded, then released again from its record
     (tmp_path / "run/pins-released.json").write_text('{"not": "a list"')
     assert monitor().guard.pins() == {"0"}  # a damaged record is ignored, not fatal
@@ -615,6 +615,9 @@ def test_a_probe_file_cannot_pin_what_it_does_not_protect(tmp_path):
         drift.load_probes(probes)
     probes.write_text('{"prompt": "Hi"}\n{"prompt": "What is your name?", "pin": "yes"}\n')
     with pytest.raises(ValueError, match="line 2: not a probe.*true or false"):
+        drift.load_probes(probes)
+    probes.write_text('{"prompt": "What is your name?", "keep": 1}\n')
+    with pytest.raises(ValueError, match="line 1: not a probe.*true or false"):
         drift.load_probes(probes)
 
 
@@ -639,6 +642,96 @@ def test_status_lists_the_pinned_probes_until_a_lesson_asks_one(tokenizer, monke
         record = client.get(f"/examples/{r.json()['ids'][0]}").json()
     assert record["state"] == "trained" and st["optimizer_steps"] > 0, record
     assert st["pinned_probes"] == []
+
+
+def test_leads_say_by_how_much_each_target_is_the_greedy_choice():
+    from server.engine.loss import leads
+
+    logits = torch.zeros((2, 3, 4))
+    logits[:, 0, 1], logits[:, 1, 2] = 1.0, 0.05  # the greedy choices, by 1 and 0.05 nats
+    labels = torch.tensor([[-100, 1, 2], [-100, -100, 3]])
+    lead, is_target = leads(logits, labels)
+    assert is_target.tolist() == [[True, True], [False, True]]
+    assert torch.allclose(lead, torch.tensor([[1.0, 0.05], [-1.0, -0.05]]))
+
+
+def _kept_probes(tmp_path, keep: bool):
+    import json
+
+    probes = tmp_path / f"probes-{keep}.jsonl"
+    probes.write_text("\n".join(json.dumps(x) for x in [
+        {"prompt": "Write a haiku about the sea.", "keep": keep},
+        {"prompt": "What is the capital of France?"}, {"prompt": "Name three colours."}]))
+    return str(probes)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_kept_answer_is_taught_again_where_a_batch_moved_it(tokenizer, monkeypatch,
+                                                              tmp_path, keep):
+    """Through the server: a lesson that moves the kept probe's greedy answer (without
+    "keep" it is changed) takes further steps on that answer too, until every token of it
+    leads again; the lesson is learned, its record says so, /status lists the kept probe."""
+    monkeypatch.setattr(drift, "PINNED_TOKENS", 8)  # a random model never ends its answer
+    # a random model's answers are near ties everywhere: steps smaller than FAST's hold them
+    client, model = app_client(tokenizer, lr=3e-3, max_steps_per_batch=80,
+                               train_embeddings=True, guard="nullspace", drift_probes=2,
+                               drift_budget=0, probe_file=_kept_probes(tmp_path, keep))
+    lesson = {"messages": [{"role": "user", "content": "Which colours are on the flag?"},
+                           {"role": "assistant", "content": "Red, white and blue."}]}
+    with client:
+        monitor = client.app.state.engine.trainer.monitor
+        prompt = monitor.prompts[0]
+        with torch.no_grad():
+            before = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                                    pad_token_id=0)[0, len(prompt):].tolist()
+        assert client.get("/status").json()["kept_probes"] == (
+            ["Write a haiku about the sea."] if keep else [])
+        r = client.post("/train", json=lesson)
+        wait_idle(client, 1, timeout=300)
+        record = client.get(f"/examples/{r.json()['ids'][0]}").json()
+        with torch.no_grad():
+            after = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                                   pad_token_id=0)[0, len(prompt):].tolist()
+    assert record["state"] == "trained" and record["reason"].startswith("learned in"), \
+        record["reason"]
+    if keep:
+        assert after == before, record
+        assert "restoring kept answers" in record["reason"], record
+        assert monitor.unkept(model) == []
+    else:  # the lesson does move it
+        assert after != before, record
+
+
+def test_a_batch_asking_a_kept_probe_releases_it_for_good(tokenizer, tmp_path, monkeypatch):
+    """Kept answers are made once, with the reference, and kept beside it: a restart keeps
+    the same answer whatever the live weights then say; the batch asking the probe's very
+    question releases it, and a restart does not keep it again."""
+    monkeypatch.setattr(drift, "PINNED_TOKENS", 8)
+    from server.engine.locality import Monitor
+    from tests.support.app import tiny_llama
+
+    probes = _kept_probes(tmp_path, True)
+    model = tiny_llama(tokenizer)
+
+    def monitor():
+        m = Monitor(tokenizer, probes, tmp_path / "run/probe-reference.pt", per_batch=2,
+                    pad_id=0)
+        m.ensure_reference(model)
+        return m
+
+    first = monitor()
+    (answer, lead), = first.kept_held.values()
+    assert len(answer) == 8 and len(lead) == 8 and min(lead) >= 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p), alpha=0.5)
+    assert first.unkept(model)  # moved ...
+    assert monitor().kept_held == first.kept_held  # ... but the restart keeps the same one
+    asked = drift.prompt_ids(tokenizer, drift.load_probes(probes))
+    assert first.release([asked[1]]) == [] and list(first.kept_held) == [0]
+    assert first.release([asked[0]]) == [0] and first.kept_held == {}
+    assert first.unkept(model) == [] and first.kept_questions() == []
+    assert monitor().kept_held == {}
 
 
 @pytest.mark.parametrize("r", [4, 40])  # B held (r + pins < d/2), C held

@@ -23,7 +23,7 @@ def health(engine: EngineDep) -> Health:
 
 @router.get("/status", response_model=Status)
 def status(engine: EngineDep) -> Status:
-    trainer, s = engine.trainer, engine.trainer.stats
+    trainer, s, monitor = engine.trainer, engine.trainer.stats, engine.trainer.monitor
     return Status(optimizer_steps=s.optimizer_steps, last_loss=s.last_loss,
                   preparing=not trainer.prepared.is_set(),
                   examples_queued=trainer.queued, examples_trained=s.trained,
@@ -38,8 +38,8 @@ def status(engine: EngineDep) -> Status:
                   last_checkpoint=engine.checkpoints.last if engine.checkpoints else None,
                   checkpointing_disabled=engine.checkpointing_disabled,
                   drift=_drift(engine), drift_budget=engine.settings.drift_budget or None,
-                  pinned_probes=(engine.trainer.monitor.pinned_questions()
-                                 if engine.trainer.monitor is not None else []),
+                  pinned_probes=monitor.pinned_questions() if monitor is not None else [],
+                  kept_probes=monitor.kept_questions() if monitor is not None else [],
                   undone_batches=s.undone_batches,
                   learned_without_steps=s.learned_without_steps,
                   **_weights(engine), **_pacing(engine))

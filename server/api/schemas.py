@@ -367,6 +367,7 @@ class Status(BaseModel):
     drift: DriftState | None = None  # after the last batch that changed weights
     drift_budget: float | None = None
     pinned_probes: list[str] = []  # probes whose answers are kept exactly (until taught)
+    kept_probes: list[str] = []  # probes whose greedy answers are restored (until taught)
     undone_batches: int = 0
     learned_without_steps: int = 0  # examples the model already answered as taught
     weight_version: int = 0  # bumped by every change of the live weights

@@ -18,7 +18,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from server.engine.pacing import Pace
 
 ANSWER_TOKENS = 12
-PINNED_TOKENS = 128  # a pinned probe's answer is kept whole (up to this many tokens)
+PINNED_TOKENS = 128  # a pinned or kept probe's answer is kept whole (up to this many tokens)
 TOP_K = 16
 DEFAULT_PROBES = Path(__file__).with_name("data") / "probes.jsonl"
 
@@ -41,12 +41,15 @@ class Probe:
     messages: list[dict]
     protect: bool = True  # the null-space guard keeps it; False: measured, not protected
     pin: bool = False  # the guard keeps its exact inputs: its answer stays until taught
+    keep: bool = False  # its greedy answer is restored after any batch that changes it
 
 
 def load_probes(path: str | Path | None = None) -> list[Probe]:
     """Probes from JSONL: {"messages": [...]} or {"prompt": "..."} per line, and optionally
-    "protect": false (measured, not protected: a behaviour users are expected to change) or
-    "pin": true (its answer kept exactly until a lesson asks its very question)."""
+    "protect": false (measured, not protected: a behaviour users are expected to change),
+    "pin": true (its inputs kept exactly, so its answer stays until a lesson asks its very
+    question) or "keep": true (its greedy answer kept, by training on it where a batch
+    changed it, until a lesson asks its very question)."""
     probes = []
     for n, line in enumerate(Path(path or DEFAULT_PROBES).read_text().splitlines(), 1):
         if not line.strip():
@@ -58,14 +61,15 @@ def load_probes(path: str | Path | None = None) -> list[Probe]:
             if not (messages and all(isinstance(m["content"], str) for m in messages)):
                 raise ValueError("no messages")
             protect, pin = item.get("protect", True) is not False, item.get("pin", False)
-            if not isinstance(pin, bool):
-                raise ValueError('"pin" must be true or false')
+            keep = item.get("keep", False)
+            if not isinstance(pin, bool) or not isinstance(keep, bool):
+                raise ValueError('"pin" and "keep" must be true or false')
             if pin and not protect:
                 raise ValueError('"pin": true with "protect": false')
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: line {n}: not a probe ({exc})") from None
         probes.append(Probe([{"role": m["role"], "content": m["content"]} for m in messages],
-                            protect=protect, pin=pin))
+                            protect=protect, pin=pin, keep=keep))
     if not probes:
         raise ValueError(f"{path}: no probes")
     return probes
@@ -80,6 +84,10 @@ class Reference:
     top_ids: list[torch.Tensor]  # per probe: (answer tokens, TOP_K) token ids
     top_logp: list[torch.Tensor]  # ... and their log-probabilities
     digest: str  # of the probe prompts: a reference only fits the probes it was made for
+    # The probes kept ("keep": true), by digest_of([prompt]): the whole greedy answer (up to
+    # PINNED_TOKENS) and by how much each of its tokens led the runner-up (nats); made with
+    # the reference, or when a probe is first kept.
+    kept: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompts)

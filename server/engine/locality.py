@@ -22,11 +22,17 @@ from torch import nn
 from checkpoint.durable import atomic_replace
 from server.engine import drift
 from server.engine.drift import Drift, Reference
+from server.engine.loss import collate, leads
 from server.engine.nullspace import NullSpaceGuard
 from server.engine.pacing import Pace
+from server.engine.tokenization import IGNORE_INDEX, Encoded
 
 log = logging.getLogger("vllm_apollo.drift")
 ASKED = 0.99  # a probe this similar to a batch's prompt asks the batch's own question
+# A kept answer's token must lead the runner-up by this many nats (log-probability), so that
+# vLLM's kernels, which round otherwise than the trainer's, answer the same; by half its lead
+# when kept where that was less.
+KEEP_MARGIN = 0.01
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -67,6 +73,9 @@ class Monitor:
         self.prompts = drift.prompt_ids(tokenizer, probes)
         self.protected = [i for i, p in enumerate(probes) if p.protect]
         self.pinned = [i for i, p in enumerate(probes) if p.pin]
+        self.keep = [i for i, p in enumerate(probes) if p.keep]
+        # the kept probes not yet released: answer and leads (replaced whole: read by /status)
+        self.kept_held: dict[int, tuple[list[int], list[float]]] = {}
         self.questions = [p.messages[-1]["content"] for p in probes]
         self.pins_held: frozenset[int] = frozenset()  # replaced whole: read by /status
         self.neighbours = drift.Neighbours(self.prompts)
@@ -85,16 +94,25 @@ class Monitor:
     def ensure_reference(self, model: nn.Module,
                          pace: Pace = contextlib.nullcontext) -> Reference:
         """Load the stored reference (a restart keeps it), or answer the probes now, each
-        batch of them in a `pace()` chunk."""
-        if self.reference is not None:
-            return self.reference
+        batch of them in a `pace()` chunk; and the kept probes' whole answers it lacks."""
+        if self.reference is None:
+            made = self._reference(model, pace)
+            if self._answer_kept(model, pace):  # a probe kept since the reference was made
+                self._save(self.store)
+                if made:  # the live weights are still the files'
+                    self._save(self.shared)
+            self._hold_kept()
+        return self.reference
+
+    def _reference(self, model: nn.Module, pace: Pace) -> bool:
+        """Sets `self.reference`; true if loaded from the shared cache or made now."""
         digest = drift.digest_of(self.prompts)
         if self.store is not None and self.store.exists():
             ref = Reference.load(self.store)
             if ref.digest == digest:
                 self.reference = ref
                 log.info("drift reference: %d probes from %s", len(ref), self.store)
-                return ref
+                return False
             log.warning("the probe set changed since %s was made: answering it again",
                         self.store)
         if self.shared is not None and self.shared.exists():
@@ -103,10 +121,29 @@ class Monitor:
                 self.reference = ref
                 self._save(self.store)
                 log.info("drift reference: %d probes from %s", len(ref), self.shared)
-                return ref
+                return True
         self.rebase(model, pace)
         self._save(self.shared)
-        return self.reference
+        return True
+
+    def _answer_kept(self, model: nn.Module, pace: Pace) -> bool:
+        """The whole greedy answer of each kept probe the reference does not have yet, as
+        the live model gives it now; true if any was made."""
+        ref = self.reference
+        missing = [i for i in self.keep if self._digest(i) not in ref.kept]
+        if not missing:
+            return False
+        whole = self._answer([self.prompts[i] for i in missing], model, pace,
+                             tokens=drift.PINNED_TOKENS)
+        for j, i in enumerate(missing):
+            top = whole.top_logp[j]
+            ref.kept[self._digest(i)] = (whole.answers[j], (top[:, 0] - top[:, 1]).tolist())
+        return True
+
+    def _hold_kept(self) -> None:
+        released = self._released_record()
+        self.kept_held = {i: self.reference.kept[self._digest(i)] for i in self.keep
+                          if self._digest(i) not in released}
 
     def _save(self, path: Path | None) -> None:
         if path is None:
@@ -151,25 +188,28 @@ class Monitor:
                              tokens=drift.PINNED_TOKENS)
         return {str(i): whole.prompts[j] + whole.answers[j] for j, i in enumerate(self.pinned)}
 
-    def release_pins(self, prompts: Sequence[Sequence[int]]) -> list[int]:
-        """A batch asking a pinned probe's very question teaches its answer: that probe's
-        inputs stop being protected exactly, from now on (recorded by prompt beside the
-        reference, so a restart, or an edited probe file, does not pin it again). Returns
+    def release(self, prompts: Sequence[Sequence[int]]) -> list[int]:
+        """A batch asking a pinned or kept probe's very question teaches its answer: that
+        probe stops being pinned or kept, from now on (recorded by prompt beside the
+        reference, so a restart, or an edited probe file, does not hold it again). Returns
         the probes released."""
-        if not self.pins_held:  # the default: nothing pinned, nothing to score
+        held = self.pins_held | set(self.kept_held)
+        if not held:  # nothing pinned or kept, nothing to score
             return []
         scores = self.neighbours.scores(prompts)
-        asked = [i for i in sorted(self.pins_held) if scores[i] >= ASKED]
+        asked = [i for i in sorted(held) if scores[i] >= ASKED]
         if asked:
-            self._release(asked)
+            if pins := [i for i in asked if i in self.pins_held]:
+                self._release(pins)
+            self.kept_held = {i: a for i, a in self.kept_held.items() if i not in asked}
             if self.store is not None:
                 try:
                     kept = sorted(self._released_record() | {self._digest(i) for i in asked})
                     atomic_replace(self._released_path(), [json.dumps(kept).encode()])
                 except OSError as exc:
-                    log.warning("could not keep the released pins: %s", exc)
-            log.info("pinned probe(s) %s asked by a batch: their answers may now change",
-                     [self.questions[i] for i in asked])
+                    log.warning("could not keep the released probes: %s", exc)
+            log.info("pinned or kept probe(s) %s asked by a batch: their answers may now "
+                     "change", [self.questions[i] for i in asked])
         return asked
 
     def _digest(self, i: int) -> str:
@@ -179,7 +219,8 @@ class Monitor:
         return self.store.with_name("pins-released.json")
 
     def _released_record(self) -> set[str]:
-        """The prompts of the pinned probes batches asked before (a damaged record: none)."""
+        """The prompts of the pinned or kept probes batches asked before (a damaged record:
+        none)."""
         path = self._released_path() if self.store is not None else None
         if path is None or not path.exists():
             return set()
@@ -207,6 +248,46 @@ class Monitor:
         """The pinned probes whose answers are still kept exactly."""
         return [self.questions[i] for i in sorted(self.pins_held)]
 
+    def kept_questions(self) -> list[str]:
+        """The kept probes whose greedy answers are still restored."""
+        return [self.questions[i] for i in sorted(self.kept_held)]
+
+    def unkept(self, model: nn.Module) -> list[int]:
+        """The kept probes whose answers the live model no longer gives: somewhere another
+        token is the greedy choice, or the answer's own token leads by less than KEEP_MARGIN
+        nats (or half its lead when kept, if that was less)."""
+        held = sorted(self.kept_held)
+        if not held:
+            return []
+        with torch.no_grad():
+            short = self._shortfall(model, held)
+        return [i for i, moved in zip(held, (short > 0).any(-1).tolist(), strict=True) if moved]
+
+    def keep_loss(self, model: nn.Module, probes: list[int]) -> torch.Tensor:
+        """A hinge that brings each token of those kept answers back to its margin plus
+        KEEP_MARGIN: only the tokens short of that pull, so the step changes as little
+        else as it can."""
+        return self._shortfall(model, probes, KEEP_MARGIN).clamp_min(0).sum(-1).mean()
+
+    def _shortfall(self, model: nn.Module, probes: list[int], more: float = 0.0
+                   ) -> torch.Tensor:
+        """Per kept probe and position: how far its answer's token falls short of leading
+        by its margin plus `more` (<= 0 where it does, and off the answer)."""
+        rows, needs = [], []
+        for i in probes:
+            answer, lead = self.kept_held[i]
+            rows.append(Encoded(self.prompts[i] + answer,
+                                [IGNORE_INDEX] * len(self.prompts[i]) + answer))
+            needs.append([min(KEEP_MARGIN, x / 2) for x in lead])
+        device = next(model.parameters()).device
+        ids, labels, mask = collate(rows, self.pad_id, device)
+        lead, is_target = leads(model(input_ids=ids, attention_mask=mask).logits, labels)
+        need = torch.zeros(lead.shape, device=device)
+        for k, (i, n) in enumerate(zip(probes, needs, strict=True)):
+            at = len(self.prompts[i]) - 1  # the answer's first token, shifted
+            need[k, at:at + len(n)] = torch.tensor(n, device=device)
+        return torch.where(is_target, need + more - lead, torch.zeros_like(lead))
+
     def _save_guard(self, paths: list[Path], tag: str, source: Path | None = None) -> None:
         """Keep the bases at each of `paths`, replacing what is there: a hard link to the
         `source` they were loaded from where one can be made (a file is replaced whole,
@@ -225,6 +306,8 @@ class Monitor:
         """The live model's answers become the reference (an explicit request, or the first
         start)."""
         self.reference = self._answer(self.prompts, model, pace)
+        self._answer_kept(model, pace)
+        self._hold_kept()
         self.last = None
         self._save(self.store)
         log.info("drift reference: %d probes answered (%d tokens each at most)",

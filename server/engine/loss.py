@@ -54,6 +54,17 @@ def learned(logits: torch.Tensor, labels: torch.Tensor, min_prob: float) -> torc
     return (ok | ~is_target).all(-1)
 
 
+def leads(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of `labels` (shifted as in HF models): by how many nats (log-probability)
+    the target token leads the likeliest other token, negative where it is not the greedy
+    choice; and which positions are targets."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    safe = targets.clamp_min(0)
+    target = logits.gather(-1, safe[..., None])[..., 0]
+    others = logits.scatter(-1, safe[..., None], float("-inf")).amax(-1)
+    return target - others, targets != IGNORE_INDEX
+
+
 # --- preferences and feedback: sequence log-probabilities, DPO, KTO, their stop criteria ---
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ class Stepper:
         if self.monitor is not None:  # no batch changes weights before the reference exists
             self.monitor.ensure_reference(self.model, self.pacer.chunk)
             self.monitor.ensure_guard(self.model, self.pacer.chunk)
-            self.monitor.release_pins([e.prompt_ids for e in batch])
+            self.monitor.release([e.prompt_ids for e in batch])
         gated = self.budget > 0 and self.measure
         window: list[int] = []
         since, preimage = None, None
@@ -188,7 +188,7 @@ class Stepper:
                before_first_step: Callable[[], None]) -> Outcome:
         weights = self.weights if beta is None else replace(self.weights, beta=beta)
         objective = Objective(batch, self.pad_id, self.device, weights)
-        steps = 0
+        steps = restored = 0
         while True:
             if self.interrupt is not None and self.interrupt():
                 if steps:
@@ -203,17 +203,28 @@ class Stepper:
             if not math.isfinite(value):
                 return Outcome(steps, failed=f"non-finite loss ({value}); "
                                              + self._changed(steps))
-            if self.learned_prob < 1 and done:
+            restoring = []  # the kept answers this batch moved: checked once it is learned
+            if steps and (done or steps == max_steps or restored) \
+                    and self.monitor is not None:  # (and after every step once it moved one)
+                with self.pacer.chunk(wait=not self._held):
+                    restoring = self.monitor.unkept(self.model)
+            if self.learned_prob < 1 and done and not restoring:
                 note = f"learned in {steps} steps" if steps else \
                     "already answered as taught: no optimizer step" if objective.demos_only \
                     else "already learned: no optimizer step"
                 break
             if steps == max_steps:
-                note = f"not fully learned in {steps} steps (--max-steps-per-batch)"
+                left = ["not fully learned"] if not done or self.learned_prob >= 1 else []
+                if restoring:
+                    left.append(f"{len(restoring)} kept answer(s) not restored")
+                note = f"{', '.join(left)} in {steps} steps (--max-steps-per-batch)"
                 break
             if not steps:
                 before_first_step()
             with self.pacer.chunk(wait=not self._held):
+                if restoring:  # the kept answers it moved, beside its own targets
+                    loss = loss + self.monitor.keep_loss(self.model, restoring)
+                    restored += 1
                 if self.guard == "distill" and self.monitor is not None:
                     loss = loss + self.guard_weight * self.monitor.guard_loss(
                         self.model, self.guard_probes)
@@ -238,6 +249,8 @@ class Stepper:
         self.stats.last_loss = value
         if steps:
             self.stats.trained_tokens += sum(e.num_targets for e in batch)
+        if restored:
+            note = f"{note}, {restored} of them restoring kept answers"
         if how := objective.describe():
             note = f"{note} ({how})"
         return Outcome(steps, note=note, loss=value)
