@@ -18,7 +18,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,10 +84,10 @@ class Reference:
     top_ids: list[torch.Tensor]  # per probe: (answer tokens, TOP_K) token ids
     top_logp: list[torch.Tensor]  # ... and their log-probabilities
     digest: str  # of the probe prompts: a reference only fits the probes it was made for
-    # The probes kept ("keep": true), by digest_of([prompt]): the whole greedy answer (up to
+    # The pinned and kept probes, by digest_of([prompt]): the whole greedy answer (up to
     # PINNED_TOKENS) and by how much each of its tokens led the runner-up (nats); made with
-    # the reference, or when a probe is first kept.
-    kept: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    # the reference, or when a probe is first pinned or kept.
+    whole: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -97,7 +97,8 @@ class Reference:
 
     @classmethod
     def load(cls, path: Path) -> Reference:
-        return cls(**torch.load(path, weights_only=True))
+        saved = torch.load(path, weights_only=True)
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
 def save_atomic(obj: object, path: Path) -> None:

@@ -97,7 +97,7 @@ class Monitor:
         batch of them in a `pace()` chunk; and the kept probes' whole answers it lacks."""
         if self.reference is None:
             made = self._reference(model, pace)
-            if self._answer_kept(model, pace):  # a probe kept since the reference was made
+            if self._answer_whole(model, pace):  # pinned or kept since it was made
                 self._save(self.store)
                 if made:  # the live weights are still the files'
                     self._save(self.shared)
@@ -126,23 +126,24 @@ class Monitor:
         self._save(self.shared)
         return True
 
-    def _answer_kept(self, model: nn.Module, pace: Pace) -> bool:
-        """The whole greedy answer of each kept probe the reference does not have yet, as
-        the live model gives it now; true if any was made."""
+    def _answer_whole(self, model: nn.Module, pace: Pace) -> bool:
+        """The whole greedy answer of each pinned or kept probe the reference does not have
+        yet, as the live model gives it now; true if any was made."""
         ref = self.reference
-        missing = [i for i in self.keep if self._digest(i) not in ref.kept]
+        missing = [i for i in sorted({*self.pinned, *self.keep})
+                   if self._digest(i) not in ref.whole]
         if not missing:
             return False
-        whole = self._answer([self.prompts[i] for i in missing], model, pace,
-                             tokens=drift.PINNED_TOKENS)
+        answered = self._answer([self.prompts[i] for i in missing], model, pace,
+                                tokens=drift.PINNED_TOKENS)
         for j, i in enumerate(missing):
-            top = whole.top_logp[j]
-            ref.kept[self._digest(i)] = (whole.answers[j], (top[:, 0] - top[:, 1]).tolist())
+            top = answered.top_logp[j]
+            ref.whole[self._digest(i)] = (answered.answers[j], (top[:, 0] - top[:, 1]).tolist())
         return True
 
     def _hold_kept(self) -> None:
         released = self._released_record()
-        self.kept_held = {i: self.reference.kept[self._digest(i)] for i in self.keep
+        self.kept_held = {i: self.reference.whole[self._digest(i)] for i in self.keep
                           if self._digest(i) not in released}
 
     def _save(self, path: Path | None) -> None:
@@ -175,18 +176,14 @@ class Monitor:
             except (OSError, RuntimeError, KeyError, ValueError) as exc:
                 log.warning("ignoring the guard's bases in %s: %s", path, exc)
         self.guard.fit(model, [ref.prompts[i] + ref.answers[i] for i in self.protected],
-                       self.pad_id, pace=pace, pinned=self._pinned_sequences(model, pace))
+                       self.pad_id, pace=pace, pinned=self._pinned_sequences())
         self._save_guard(paths, tag)  # replacing bases fitted otherwise: the next start loads
         self._release(self._released())
 
-    def _pinned_sequences(self, model: nn.Module, pace: Pace) -> dict[str, list[int]]:
-        """Each pinned probe with its whole greedy answer as the model gives it now (the
-        reference keeps its first tokens only)."""
-        if not self.pinned:
-            return {}
-        whole = self._answer([self.prompts[i] for i in self.pinned], model, pace,
-                             tokens=drift.PINNED_TOKENS)
-        return {str(i): whole.prompts[j] + whole.answers[j] for j, i in enumerate(self.pinned)}
+    def _pinned_sequences(self) -> dict[str, list[int]]:
+        """Each pinned probe with its whole answer (the reference keeps it)."""
+        return {str(i): self.prompts[i] + self.reference.whole[self._digest(i)][0]
+                for i in self.pinned}
 
     def release(self, prompts: Sequence[Sequence[int]]) -> list[int]:
         """A batch asking a pinned or kept probe's very question teaches its answer: that
@@ -252,27 +249,26 @@ class Monitor:
         """The kept probes whose greedy answers are still restored."""
         return [self.questions[i] for i in sorted(self.kept_held)]
 
-    def unkept(self, model: nn.Module) -> list[int]:
-        """The kept probes whose answers the live model no longer gives: somewhere another
+    def unkept(self, model: nn.Module) -> tuple[list[int], torch.Tensor | None]:
+        """The kept probes whose answers the live model no longer gives (somewhere another
         token is the greedy choice, or the answer's own token leads by less than KEEP_MARGIN
-        nats (or half its lead when kept, if that was less)."""
+        nats, or half its lead when kept if that was less); and, from the same forward pass,
+        the loss that brings them back: a hinge on their tokens short of that margin plus
+        KEEP_MARGIN, so only those tokens pull and the step changes as little else as it can
+        (None when none moved)."""
         held = sorted(self.kept_held)
         if not held:
-            return []
-        with torch.no_grad():
-            short = self._shortfall(model, held)
-        return [i for i, moved in zip(held, (short > 0).any(-1).tolist(), strict=True) if moved]
+            return [], None
+        short = self._shortfall(model, held)
+        moved = (short.detach() > 0).any(-1)
+        if not moved.any():
+            return [], None
+        return ([i for i, m in zip(held, moved.tolist(), strict=True) if m],
+                (short[moved] + KEEP_MARGIN).clamp_min(0).sum(-1).mean())
 
-    def keep_loss(self, model: nn.Module, probes: list[int]) -> torch.Tensor:
-        """A hinge that brings each token of those kept answers back to its margin plus
-        KEEP_MARGIN: only the tokens short of that pull, so the step changes as little
-        else as it can."""
-        return self._shortfall(model, probes, KEEP_MARGIN).clamp_min(0).sum(-1).mean()
-
-    def _shortfall(self, model: nn.Module, probes: list[int], more: float = 0.0
-                   ) -> torch.Tensor:
+    def _shortfall(self, model: nn.Module, probes: list[int]) -> torch.Tensor:
         """Per kept probe and position: how far its answer's token falls short of leading
-        by its margin plus `more` (<= 0 where it does, and off the answer)."""
+        by its margin (<= 0 where it does, and off the answer)."""
         rows, needs = [], []
         for i in probes:
             answer, lead = self.kept_held[i]
@@ -286,7 +282,7 @@ class Monitor:
         for k, (i, n) in enumerate(zip(probes, needs, strict=True)):
             at = len(self.prompts[i]) - 1  # the answer's first token, shifted
             need[k, at:at + len(n)] = torch.tensor(n, device=device)
-        return torch.where(is_target, need + more - lead, torch.zeros_like(lead))
+        return torch.where(is_target, need - lead, torch.zeros_like(lead))
 
     def _save_guard(self, paths: list[Path], tag: str, source: Path | None = None) -> None:
         """Keep the bases at each of `paths`, replacing what is there: a hard link to the
@@ -306,7 +302,7 @@ class Monitor:
         """The live model's answers become the reference (an explicit request, or the first
         start)."""
         self.reference = self._answer(self.prompts, model, pace)
-        self._answer_kept(model, pace)
+        self._answer_whole(model, pace)
         self._hold_kept()
         self.last = None
         self._save(self.store)

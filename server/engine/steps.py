@@ -203,11 +203,11 @@ class Stepper:
             if not math.isfinite(value):
                 return Outcome(steps, failed=f"non-finite loss ({value}); "
                                              + self._changed(steps))
-            restoring = []  # the kept answers this batch moved: checked once it is learned
+            restoring, keep_loss = [], None  # the kept answers this batch moved: checked
             if steps and (done or steps == max_steps or restored) \
-                    and self.monitor is not None:  # (and after every step once it moved one)
+                    and self.monitor is not None:  # once learned, then after every step
                 with self.pacer.chunk(wait=not self._held):
-                    restoring = self.monitor.unkept(self.model)
+                    restoring, keep_loss = self.monitor.unkept(self.model)
             if self.learned_prob < 1 and done and not restoring:
                 note = f"learned in {steps} steps" if steps else \
                     "already answered as taught: no optimizer step" if objective.demos_only \
@@ -222,9 +222,8 @@ class Stepper:
             if not steps:
                 before_first_step()
             with self.pacer.chunk(wait=not self._held):
-                if restoring:  # the kept answers it moved, beside its own targets
-                    loss = loss + self.monitor.keep_loss(self.model, restoring)
-                    restored += 1
+                if keep_loss is not None:  # the kept answers it moved, beside its targets
+                    loss, restored = loss + keep_loss, restored + 1
                 if self.guard == "distill" and self.monitor is not None:
                     loss = loss + self.guard_weight * self.monitor.guard_loss(
                         self.model, self.guard_probes)
