@@ -7,16 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.engine.distributed import free_port
 from tests.support import ROOT
 from tests.support.health import wait_healthy
+from tests.support.ports import listen_port
 
 
 def start_server(export_dir: Path, *args: str, env: dict | None = None, wait: bool = True,
                  stderr=subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
     """`python -m server` on `export_dir` (one thread) with `args`; the process and its URL,
     healthy unless `wait` is False."""
-    port = free_port()
+    port = listen_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--export-dir", str(export_dir), "--port", str(port),
          "--threads", "1", *args],

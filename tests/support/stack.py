@@ -14,9 +14,9 @@ import httpx
 import psutil
 
 from hooks.leftovers import vllm_dist_files
-from server.engine.distributed import free_port
 from tests.support import ROOT
 from tests.support.health import wait_healthy
+from tests.support.ports import listen_port
 
 
 def model_copy(source: Path, target: Path) -> Path:
@@ -45,8 +45,8 @@ class Stack:
         nocurl.mkdir(exist_ok=True)
         (nocurl / "curl").write_text("#!/bin/sh\necho 'curl: not installed' >&2\nexit 127\n")
         (nocurl / "curl").chmod(0o755)
-        self.vllm = f"http://127.0.0.1:{free_port()}"
-        self.train = f"http://127.0.0.1:{free_port()}"
+        self.vllm = f"http://127.0.0.1:{listen_port()}"
+        self.train = f"http://127.0.0.1:{listen_port()}"
         env = {**os.environ, "VLLM_PORT": self.vllm.rsplit(":", 1)[1],
                "TRAIN_PORT": self.train.rsplit(":", 1)[1],
                "PATH": f"{nocurl}:{os.environ['PATH']}", "VLLM_APOLLO_RUN_DIR": str(run_dir),

@@ -9,14 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.engine.distributed import free_port
 from tests.support import ROOT
 from tests.support.health import wait_healthy
+from tests.support.ports import listen_port
 
 
 class TrainServer:
     def __init__(self, export_dir: Path, journal: Path, *args: str, env: dict | None = None):
-        self.port = free_port()
+        self.port = listen_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = journal.with_name(journal.name + ".server.log")
         self.cmd = [sys.executable, "-m", "server", "--export-dir", str(export_dir),
